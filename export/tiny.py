@@ -1,0 +1,122 @@
+"""Tiny Stable Diffusion pipelines with the real architecture, built offline for tests and demos.
+
+The parts are the SD 1.x classes (CLIP text encoder, cross-attention UNet, KL autoencoder with
+a latent downscale of 8) at a few hundred thousand parameters, saved in diffusers format so
+the export stage treats them exactly like a real checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from sdonnx.export.clip_vocab import write_tokenizer_files
+
+# Stable Diffusion 1.5's scheduler configuration.
+SD15_SCHEDULER = dict(
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    num_train_timesteps=1000,
+    set_alpha_to_one=False,
+    skip_prk_steps=True,
+    steps_offset=1,
+)
+
+
+def build_tiny_pipeline(
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    prediction_type: str = "epsilon",
+    timestep_spacing: str | None = None,
+    output_gain: float = 1.0,
+    sample_size: int = 64,
+) -> Path:
+    """Write a randomly initialised tiny SD pipeline to `out_dir` (diffusers format).
+
+    A random UNet's prediction barely depends on its input; `output_gain` scales its output
+    convolution so that a wrong timestep or guidance scale visibly changes the image.
+    """
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        PNDMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    out_dir = Path(out_dir)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=sample_size // 8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=16,
+    )
+    with torch.no_grad():
+        unet.conv_out.weight.mul_(output_gain)
+        unet.conv_out.bias.mul_(output_gain)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(16, 16, 32, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=sample_size,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+            projection_dim=32,
+        )
+    )
+    tokenizer_dir = out_dir / "tokenizer"
+    write_tokenizer_files(tokenizer_dir)
+    tokenizer = CLIPTokenizer(
+        tokenizer_dir / "vocab.json",
+        tokenizer_dir / "merges.txt",
+        pad_token="<|endoftext|>",
+        model_max_length=77,
+    )
+    scheduler_config = dict(SD15_SCHEDULER, prediction_type=prediction_type)
+    if timestep_spacing is not None:
+        scheduler_config["timestep_spacing"] = timestep_spacing
+    scheduler = PNDMScheduler(**scheduler_config)
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(out_dir)
+    # PNDMScheduler does not take SD 1.5's `clip_sample: false`, but DDIMScheduler reads it
+    # (and defaults to True), so write it as real checkpoints carry it.
+    config_file = out_dir / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_file.read_text())
+    config["clip_sample"] = False
+    config_file.write_text(json.dumps(config, indent=2))
+    return out_dir

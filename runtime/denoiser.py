@@ -1,0 +1,42 @@
+"""The one adapter between samplers and the UNet, after k-diffusion's `external.py`.
+
+Samplers see `denoised = denoise(x, sigma)` only. Here live the sigma -> timestep mapping,
+the input scaling, classifier-free guidance with the negative prompt, and the conversion of
+epsilon or v predictions into the clean-latent estimate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+UNetFn = Callable[[np.ndarray, float, np.ndarray], np.ndarray]
+
+
+@dataclass(frozen=True)
+class Denoiser:
+    unet: UNetFn  # (scaled sample, timestep, text embeddings) -> eps or v
+    context: np.ndarray  # (n, 77, d) prompt embeddings, or (2n, 77, d) [negative; prompt]
+    guidance: float
+    prediction_type: str
+    sigma_to_t: Callable[[float], float]
+
+    @property
+    def uses_guidance(self) -> bool:
+        """Guidance scale <= 1 skips the unconditional pass, as diffusers does."""
+        return self.guidance > 1.0
+
+    def __call__(self, x: np.ndarray, sigma: float) -> np.ndarray:
+        sigma = float(sigma)
+        c_in = 1.0 / np.sqrt(sigma**2 + 1.0)
+        sample = np.concatenate([x, x]) if self.uses_guidance else x
+        out = self.unet((sample * c_in).astype(np.float32), self.sigma_to_t(sigma), self.context)
+        if self.uses_guidance:
+            uncond, cond = np.split(out, 2)
+            out = uncond + self.guidance * (cond - uncond)
+        if self.prediction_type == "v_prediction":
+            # Salimans & Ho (2022): x0 = c_skip x + c_out v.
+            return x / (sigma**2 + 1.0) - out * (sigma * c_in)
+        return x - sigma * out

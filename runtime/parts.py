@@ -1,0 +1,50 @@
+"""The model folder contract shared by the export stage and the runtime.
+
+The layout is the one `optimum-cli export onnx` writes for Stable Diffusion, so folders made
+by either tool load in both. This module must import nothing heavier than the standard
+library: the export stage (torch) and the runtime (numpy + onnxruntime) both import it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MODEL_INDEX = "model_index.json"
+RECORD = "sdonnx.json"
+TOKENIZER_DIR = "tokenizer"
+SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
+ONNX_FILE = "model.onnx"
+# ONNX's protobuf limit: larger models keep their weights in an external data file.
+EXTERNAL_DATA_FILE = "model.onnx_data"
+PROTOBUF_LIMIT = 2 * 1024**3
+
+
+@dataclass(frozen=True)
+class Part:
+    """One ONNX model of the pipeline: its folder, and the names of its inputs and outputs."""
+
+    name: str
+    inputs: tuple[str, ...]
+    output: str
+    required: bool = True
+
+    @property
+    def onnx_path(self) -> str:
+        return f"{self.name}/{ONNX_FILE}"
+
+
+TEXT_ENCODER = Part("text_encoder", ("input_ids",), "last_hidden_state")
+UNET = Part("unet", ("sample", "timestep", "encoder_hidden_states"), "out_sample")
+VAE_DECODER = Part("vae_decoder", ("latent_sample",), "sample")
+# Needed only for img2img; optimum names its output latent_parameters (mean and log-variance),
+# older exporters latent_sample.
+VAE_ENCODER = Part("vae_encoder", ("sample",), "latent_parameters", required=False)
+
+PARTS = (TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER)
+PARTS_BY_NAME = {part.name: part for part in PARTS}
+
+# Stable Diffusion 1.x's VAE latent scaling, used when a folder's VAE config does not say.
+DEFAULT_VAE_SCALING_FACTOR = 0.18215
+LATENT_CHANNELS = 4
+# Spatial downscale of the VAE: latents are (H/8, W/8).
+VAE_SCALE = 8
