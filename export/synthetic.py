@@ -1,8 +1,9 @@
-"""Tiny Stable Diffusion pipelines with the real architecture, built offline for tests and demos.
+"""Randomly initialised Stable Diffusion pipelines, built offline for tests and benchmarks.
 
 The parts are the SD 1.x classes (CLIP text encoder, cross-attention UNet, KL autoencoder with
-a latent downscale of 8) at a few hundred thousand parameters, saved in diffusers format so
-the export stage treats them exactly like a real checkpoint.
+a latent downscale of 8), saved in diffusers format so the export stage treats them exactly
+like a real checkpoint. `tiny` has about 2.7 M parameters; `sd15` is the exact SD 1.5
+architecture (860 M-parameter UNet) for memory and speed measurements.
 """
 
 from __future__ import annotations
@@ -24,19 +25,54 @@ SD15_SCHEDULER = dict(
 )
 
 
-def build_tiny_pipeline(
+# Architecture of each preset: (UNet, VAE, CLIP text encoder) keyword arguments.
+PRESETS = {
+    "tiny": (
+        dict(
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=8,
+            norm_num_groups=16,
+        ),
+        dict(block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=8),
+        dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+             projection_dim=32),
+    ),
+    "sd15": (
+        dict(
+            block_out_channels=(320, 640, 1280, 1280),
+            layers_per_block=2,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            cross_attention_dim=768,
+            attention_head_dim=8,
+            norm_num_groups=32,
+        ),
+        dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32),
+        dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+             num_attention_heads=12, projection_dim=768),
+    ),
+}
+
+
+def build_random_pipeline(
     out_dir: str | Path,
     *,
+    preset: str = "tiny",
     seed: int = 0,
     prediction_type: str = "epsilon",
     timestep_spacing: str | None = None,
     output_gain: float = 1.0,
-    sample_size: int = 64,
+    sample_size: int | None = None,
 ) -> Path:
-    """Write a randomly initialised tiny SD pipeline to `out_dir` (diffusers format).
+    """Write a randomly initialised SD pipeline to `out_dir` (diffusers format).
 
     A random UNet's prediction barely depends on its input; `output_gain` scales its output
     convolution so that a wrong timestep or guidance scale visibly changes the image.
+    `sample_size` is the image side in pixels (64 for tiny, 512 for sd15 by default).
     """
     import torch
     from diffusers import (
@@ -49,18 +85,9 @@ def build_tiny_pipeline(
 
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=sample_size // 8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=16,
-    )
+    unet_args, vae_args, text_args = PRESETS[preset]
+    sample_size = sample_size or (64 if preset == "tiny" else 512)
+    unet = UNet2DConditionModel(sample_size=sample_size // 8, in_channels=4, out_channels=4, **unet_args)
     with torch.no_grad():
         unet.conv_out.weight.mul_(output_gain)
         unet.conv_out.bias.mul_(output_gain)
@@ -69,25 +96,19 @@ def build_tiny_pipeline(
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(16, 16, 32, 32),
-        layers_per_block=1,
         latent_channels=4,
-        norm_num_groups=8,
         sample_size=sample_size,
+        **vae_args,
     )
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=49408,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
             max_position_embeddings=77,
             hidden_act="quick_gelu",
             bos_token_id=49406,
             eos_token_id=49407,
             pad_token_id=49407,
-            projection_dim=32,
+            **text_args,
         )
     )
     tokenizer_dir = out_dir / "tokenizer"

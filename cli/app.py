@@ -1,0 +1,196 @@
+"""The `sdonnx` command line: export once, generate fast, inspect a model folder."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from sdonnx.runtime.errors import InputError, SdonnxError
+
+app = typer.Typer(
+    help="Export Stable Diffusion to ONNX once, then generate images fast without torch.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+DEFAULT_OUT = Path("outputs")
+
+
+def fail(message: str, code: int = 2) -> None:
+    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
+    raise typer.Exit(code)
+
+
+def parse_size(size: str) -> tuple[int, int]:
+    match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", size)
+    if not match:
+        raise InputError(f"--size must look like 512x512 (width x height), got {size!r}")
+    return int(match[1]), int(match[2])
+
+
+def default_model_path() -> Path:
+    """$SDONNX_MODEL, else the model embedded in a source checkout (models/default)."""
+    if os.environ.get("SDONNX_MODEL"):
+        return Path(os.environ["SDONNX_MODEL"])
+    return Path(__file__).resolve().parent.parent / "models" / "default"
+
+
+def output_paths(out: Path, n: int, seeds: list[int]) -> list[Path] | None:
+    """Explicit file names for `--out x.png` (None: number files inside the folder `out`)."""
+    if out.suffix.lower() != ".png":
+        return None
+    if n == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(n)]
+
+
+def _next_number(folder: Path) -> int:
+    numbers = [int(m[1]) for f in folder.glob("*.png") if (m := re.match(r"(\d+)-", f.name))]
+    return max(numbers, default=-1) + 1
+
+
+def save_png(image, path: Path | None, folder: Path, seed: int) -> Path:
+    """Write via a temporary file and a hard link, which fails rather than overwrite."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("parameters", image.info["parameters"])
+    target_dir = path.parent if path else folder
+    fd, tmp = tempfile.mkstemp(suffix=".png.tmp", dir=target_dir)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format="PNG", pnginfo=info)
+        while True:
+            final = path or folder / f"{_next_number(folder):05d}-{seed}.png"
+            try:
+                os.link(tmp, final)
+                return final
+            except FileExistsError:
+                if path:
+                    raise InputError(f"{final} already exists; it was not overwritten") from None
+    finally:
+        os.unlink(tmp)
+
+
+def _prepare_out_dir(out: Path) -> Path:
+    folder = out.parent if out.suffix.lower() == ".png" else out
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"cannot create output folder {folder}: {e.strerror}") from None
+    if not os.access(folder, os.W_OK):
+        raise InputError(f"cannot write in output folder {folder} (permission denied)")
+    return folder
+
+
+@app.command()
+def generate(
+    prompt: str = typer.Argument(..., help="What to draw."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="ONNX model folder (default: the embedded model)."),
+    negative: str = typer.Option("", "--negative", help="Negative prompt: what to steer away from."),
+    steps: int = typer.Option(20, "--steps", help="Sampler steps."),
+    guidance: float = typer.Option(7.5, "--guidance", "-g", help="Classifier-free guidance scale; <= 1 disables it."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed (random when omitted); image i uses seed + i."),
+    size: str = typer.Option("512x512", "--size", help="WIDTHxHEIGHT in pixels, multiples of 8."),
+    sampler: str = typer.Option("euler", "--sampler", help="euler, ddim or plms."),
+    n: int = typer.Option(1, "-n", help="Images per call."),
+    out: Path = typer.Option(DEFAULT_OUT, "--out", "-o", help="Output folder, or a .png file name."),
+    provider: str = typer.Option("auto", "--provider", help="cpu, cuda, openvino or auto."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: onnxruntime's)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Print load and per-step times."),
+) -> None:
+    """Generate images from a prompt and write them as PNGs with their parameters."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from sdonnx.runtime import GenerationConfig, Pipeline
+
+    width, height = parse_size(size)
+    GenerationConfig(prompt, negative, steps, guidance, seed, width, height, sampler, n).validate()
+    folder = _prepare_out_dir(out)
+    model_path = model or default_model_path()
+    if model is None and not model_path.exists():
+        fail(f"no --model given and no default model at {model_path}; "
+             "export one with `sdonnx export SOURCE OUT` and pass --model OUT")
+    start = time.perf_counter()
+    pipe = Pipeline.load(model_path, provider=provider, threads=threads)
+    if verbose:
+        typer.echo(f"loaded {model_path} on {pipe.config.provider} in {time.perf_counter() - start:.2f} s")
+    step_times: list[float] = []
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeRemainingColumn(), transient=not verbose) as progress:
+        task = progress.add_task("sampling", total=None)
+        last = time.perf_counter()
+
+        def on_step(step: int, total: int) -> None:
+            nonlocal last
+            now = time.perf_counter()
+            step_times.append(now - last)
+            last = now
+            progress.update(task, completed=step, total=total)
+
+        images = pipe.generate(prompt, negative_prompt=negative, steps=steps, guidance=guidance,
+                               seed=seed, width=width, height=height, sampler=sampler, n=n,
+                               callback=on_step)
+    if verbose and step_times:
+        typer.echo(f"{len(step_times)} steps, {sum(step_times) / len(step_times):.3f} s per step")
+    seeds = [int(re.search(r"Seed: (\d+)", im.info["parameters"])[1]) for im in images]
+    paths = output_paths(out, n, seeds)
+    for i, image in enumerate(images):
+        written = save_png(image, paths[i] if paths else None, folder, seeds[i])
+        typer.echo(f"wrote {written} (seed {seeds[i]})")
+
+
+@app.command()
+def export(
+    source: Path = typer.Argument(..., help="A diffusers-format Stable Diffusion folder."),
+    out: Path = typer.Argument(..., help="Folder to write the ONNX models to."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+    opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset (default: optimum's)."),
+    check: bool = typer.Option(True, "--check/--no-check", help="Compare every part with torch."),
+) -> None:
+    """Export a checkpoint to a folder of ONNX models, checked against torch."""
+    try:
+        from sdonnx.export.exporter import ExportConfig, export as run_export
+    except ImportError as e:
+        fail(f"the export stage needs the export extra ({e.name} is missing): "
+             "pip install 'sdonnx[export]'")
+    result = run_export(ExportConfig(source, out, force, opset, check), log=typer.echo)
+    typer.echo(f"wrote {result.out} in {result.seconds:.1f} s")
+
+
+@app.command()
+def info(model: Path = typer.Argument(..., help="An ONNX model folder.")) -> None:
+    """Show a model folder's parts, their inputs, precision and size on disk."""
+    from sdonnx.runtime.info import describe
+
+    typer.echo(describe(model))
+
+
+def _terminate(signum, frame):
+    # Turn SIGTERM into an exception so temporary files and folders are cleaned up.
+    raise KeyboardInterrupt
+
+
+def main() -> None:
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        app()
+    except SdonnxError as e:
+        typer.secho(f"error: {e}", err=True, fg=typer.colors.RED)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.secho("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,199 @@
+"""Diffusers folder -> ONNX model folder, checked against torch, written atomically.
+
+optimum's exporter writes the parts in the layout `optimum-cli export onnx` uses; sdonnx then
+runs each part in torch and in ONNX Runtime on the same inputs, refuses an export whose parts
+disagree, records how the folder was made in `sdonnx.json`, and only then renames the
+temporary folder into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import warnings
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Callable
+
+from sdonnx.export.parity import PartParity, check_parts
+from sdonnx.runtime import parts
+from sdonnx.runtime.errors import InputError, ModelFolderError, SdonnxError
+
+# What a diffusers Stable Diffusion folder must hold for an export.
+SOURCE_FILES = (
+    "model_index.json",
+    "text_encoder/config.json",
+    "unet/config.json",
+    "vae/config.json",
+    "tokenizer/vocab.json",
+    "tokenizer/merges.txt",
+    "scheduler/scheduler_config.json",
+)
+WEIGHT_NAMES = ("model.safetensors", "diffusion_pytorch_model.safetensors",
+                "pytorch_model.bin", "diffusion_pytorch_model.bin")
+VERSIONED = ("torch", "diffusers", "transformers", "optimum-onnx", "onnx", "onnxruntime")
+
+
+class ExportFailed(SdonnxError):
+    """The export ran but its result did not pass the checks."""
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    source: Path
+    out: Path
+    force: bool = False
+    opset: int | None = None
+    check: bool = True
+
+
+@dataclass
+class ExportResult:
+    out: Path
+    seconds: float
+    parity: list[PartParity] = field(default_factory=list)
+
+
+def check_source(source: Path) -> None:
+    """Fail naming what is missing before any heavy work starts."""
+    if not source.exists():
+        raise ModelFolderError(f"source not found: {source}")
+    if not source.is_dir():
+        raise ModelFolderError(
+            f"{source} is a file; sdonnx export takes a diffusers-format folder "
+            "(model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)"
+        )
+    missing = [name for name in SOURCE_FILES if not (source / name).is_file()]
+    for sub in ("text_encoder", "unet", "vae"):
+        if (source / sub).is_dir() and not any((source / sub / w).is_file() for w in WEIGHT_NAMES):
+            missing.append(f"{sub}/ weights ({' or '.join(WEIGHT_NAMES[:2])})")
+    if missing:
+        raise ModelFolderError(
+            f"{source} is not a complete diffusers Stable Diffusion folder; missing: "
+            + ", ".join(missing)
+        )
+
+
+def check_out(out: Path, force: bool) -> None:
+    if out.exists() and not force:
+        raise InputError(f"{out} already exists; choose another OUT or pass --force to replace it")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out} exists and is not a folder; it will not be replaced")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise InputError(f"the folder {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK):
+        raise InputError(f"cannot write in {parent} (permission denied)")
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for name in VERSIONED:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _opset(path: Path) -> int | None:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
+def _folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _run_optimum(source: Path, tmp: Path, opset: int | None) -> None:
+    from optimum.exporters.onnx import main_export
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        main_export(
+            str(source),
+            str(tmp),
+            task="text-to-image",
+            opset=opset,
+            library_name="diffusers",
+            local_files_only=True,
+            # sdonnx runs its own, stricter check below and records the figures.
+            do_validation=False,
+        )
+
+
+def _write_record(tmp: Path, config: ExportConfig, seconds: float, parity: list[PartParity]) -> None:
+    by_part = {p.part: p for p in parity}
+    record = {
+        "format": 1,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "source": {"path": str(config.source.resolve()), "format": "diffusers"},
+        "opset": _opset(tmp / parts.UNET.onnx_path),
+        "versions": {"sdonnx": "0.1.0", **_versions()},
+        "export_seconds": round(seconds, 1),
+        "parts": {
+            part.name: {
+                "precision": "fp32",
+                "bytes": _folder_bytes(tmp / part.name),
+                "external_data": (tmp / part.name / parts.EXTERNAL_DATA_FILE).is_file(),
+                **({"parity": by_part[part.name].as_dict()} if part.name in by_part else {}),
+            }
+            for part in parts.PARTS
+            if (tmp / part.onnx_path).is_file()
+        },
+    }
+    (tmp / parts.RECORD).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    """Rename the finished folder to OUT; a replaced OUT is removed only after that."""
+    old = out.with_name(f".{out.name}.sdonnx-old-{os.getpid()}")
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def export(config: ExportConfig, log: Callable[[str], None] = lambda msg: None) -> ExportResult:
+    """Export `config.source` to `config.out`; nothing appears at OUT unless all checks pass."""
+    source, out = config.source, config.out
+    check_source(source)
+    check_out(out, config.force)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    tmp = out.with_name(f".{out.name}.sdonnx-tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    start = time.perf_counter()
+    try:
+        log(f"exporting {source} with optimum's ONNX exporter")
+        _run_optimum(source, tmp, config.opset)
+        missing = [p.onnx_path for p in parts.PARTS if not (tmp / p.onnx_path).is_file()]
+        if missing:
+            raise ExportFailed(f"the exporter did not write {', '.join(missing)}")
+        parity = []
+        if config.check:
+            log("checking each part against torch on the same inputs")
+            parity = check_parts(source, tmp)
+            for p in parity:
+                log(f"  {p.part}: max abs diff {p.max_abs_diff:.2e} (tolerance {p.tolerance:.1e})")
+            bad = [p for p in parity if not p.ok]
+            if bad:
+                raise ExportFailed(
+                    "ONNX output disagrees with torch: "
+                    + "; ".join(f"{p.part} max abs diff {p.max_abs_diff:.3g} > {p.tolerance:.3g}" for p in bad)
+                    + ". The export was not written."
+                )
+        seconds = time.perf_counter() - start
+        _write_record(tmp, config, seconds, parity)
+        _swap_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ExportResult(out, seconds, parity)

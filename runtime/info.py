@@ -1,0 +1,70 @@
+"""A readable summary of a model folder: parts, inputs, precision, size on disk."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import onnxruntime as ort
+
+from sdonnx.runtime import parts
+from sdonnx.runtime.errors import ModelFolderError
+from sdonnx.runtime.pipeline import check_model_folder
+from sdonnx.runtime.schedules import SchedulerConfig
+
+_PRECISION = {"tensor(float)": "fp32", "tensor(float16)": "fp16", "tensor(bfloat16)": "bf16"}
+
+
+def _size(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+def describe(path: Path) -> str:
+    check_model_folder(path)
+    record_file = path / parts.RECORD
+    record = json.loads(record_file.read_text()) if record_file.is_file() else {}
+    scheduler = SchedulerConfig.from_file(path / parts.SCHEDULER_CONFIG)
+    lines = [f"model folder: {path.resolve()}"]
+    if record:
+        lines.append(f"made by: sdonnx from {record['source']['path']} (opset {record.get('opset')}, "
+                     f"{record.get('created', '?')})")
+    else:
+        lines.append("made by: another exporter (no sdonnx.json)")
+    lines.append(f"prediction: {scheduler.prediction_type}, beta schedule {scheduler.beta_schedule}, "
+                 f"{scheduler.num_train_timesteps} training timesteps")
+    total = 0
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    for part in parts.PARTS:
+        model_file = path / part.onnx_path
+        if not model_file.is_file():
+            lines.append(f"{part.name}: absent")
+            continue
+        size = _size(model_file.parent)
+        total += size
+        try:
+            session = ort.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
+        except Exception as e:
+            raise ModelFolderError(f"{part.name}: cannot load {model_file}: {e}") from e
+        inputs = session.get_inputs()
+        recorded = record.get("parts", {}).get(part.name, {})
+        precision = recorded.get("precision") or _PRECISION.get(inputs[0].type, "fp32")
+        if part.name == parts.TEXT_ENCODER.name:
+            precision = recorded.get("precision") or _PRECISION.get(session.get_outputs()[0].type, "fp32")
+        lines.append(f"{part.name}: {precision}, {_human(size)}")
+        for i in inputs:
+            lines.append(f"    in  {i.name}: {i.type} {i.shape}")
+        for o in session.get_outputs():
+            lines.append(f"    out {o.name}: {o.type} {o.shape}")
+        if "parity" in recorded:
+            lines.append(f"    parity vs torch: max abs diff {recorded['parity']['max_abs_diff']:.2e}")
+    lines.append(f"total: {_human(total)}")
+    return "\n".join(lines)
