@@ -66,12 +66,14 @@ def build_random_pipeline(
     prediction_type: str = "epsilon",
     timestep_spacing: str | None = None,
     output_gain: float = 1.0,
+    time_gain: float = 1.0,
     sample_size: int | None = None,
 ) -> Path:
     """Write a randomly initialised SD pipeline to `out_dir` (diffusers format).
 
-    A random UNet's prediction barely depends on its input; `output_gain` scales its output
-    convolution so that a wrong timestep or guidance scale visibly changes the image.
+    A random UNet's prediction barely depends on its input or timestep; `output_gain` scales
+    its output convolution and `time_gain` its timestep embedding, so that a wrong timestep,
+    sampler or guidance scale visibly changes the image.
     `sample_size` is the image side in pixels (64 for tiny, 512 for sd15 by default).
     """
     import torch
@@ -91,6 +93,8 @@ def build_random_pipeline(
     with torch.no_grad():
         unet.conv_out.weight.mul_(output_gain)
         unet.conv_out.bias.mul_(output_gain)
+        unet.time_embedding.linear_2.weight.mul_(time_gain)
+        unet.time_embedding.linear_2.bias.mul_(time_gain)
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
