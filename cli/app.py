@@ -158,11 +158,8 @@ def export(
     check: bool = typer.Option(True, "--check/--no-check", help="Compare every part with torch."),
 ) -> None:
     """Export a checkpoint to a folder of ONNX models, checked against torch."""
-    try:
-        from sdonnx.export.exporter import ExportConfig, export as run_export
-    except ImportError as e:
-        fail(f"the export stage needs the export extra ({e.name} is missing): "
-             "pip install 'sdonnx[export]'")
+    from sdonnx.export.exporter import ExportConfig, export as run_export
+
     result = run_export(ExportConfig(source, out, force, opset, check), log=typer.echo)
     typer.echo(f"wrote {result.out} in {result.seconds:.1f} s")
 

@@ -8,11 +8,15 @@ temporary folder into place.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
+import signal
+import threading
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
@@ -36,6 +40,8 @@ SOURCE_FILES = (
 WEIGHT_NAMES = ("model.safetensors", "diffusion_pytorch_model.safetensors",
                 "pytorch_model.bin", "diffusion_pytorch_model.bin")
 VERSIONED = ("torch", "diffusers", "transformers", "optimum-onnx", "onnx", "onnxruntime")
+# Modules of the `export` extra; the base install (the runtime) has none of them.
+EXPORT_MODULES = ("torch", "diffusers", "transformers", "optimum.exporters.onnx", "onnx")
 
 
 class ExportFailed(SdonnxError):
@@ -56,6 +62,21 @@ class ExportResult:
     out: Path
     seconds: float
     parity: list[PartParity] = field(default_factory=list)
+
+
+def check_export_extra() -> None:
+    def installed(name: str) -> bool:
+        try:
+            return importlib.util.find_spec(name) is not None
+        except ImportError:  # a parent package is missing
+            return False
+
+    missing = [name.split(".")[0] for name in EXPORT_MODULES if not installed(name)]
+    if missing:
+        raise SdonnxError(
+            f"the export stage needs {', '.join(missing)}, which the base install leaves out: "
+            "pip install 'sdonnx[export]'"
+        )
 
 
 def check_source(source: Path) -> None:
@@ -161,9 +182,34 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
         shutil.rmtree(old)
 
 
+@contextmanager
+def _interruptible():
+    """Turn SIGINT/SIGTERM into KeyboardInterrupt, and remember them.
+
+    Torch's exporter runs finalizers and C code in which a KeyboardInterrupt can be swallowed
+    ("Exception ignored in ..."), so the flag is checked again before anything is renamed.
+    """
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def handler(signum, frame):
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
 def export(config: ExportConfig, log: Callable[[str], None] = lambda msg: None) -> ExportResult:
     """Export `config.source` to `config.out`; nothing appears at OUT unless all checks pass."""
     source, out = config.source, config.out
+    check_export_extra()
     check_source(source)
     check_out(out, config.force)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -171,29 +217,39 @@ def export(config: ExportConfig, log: Callable[[str], None] = lambda msg: None) 
     if tmp.exists():
         shutil.rmtree(tmp)
     start = time.perf_counter()
-    try:
-        log(f"exporting {source} with optimum's ONNX exporter")
-        _run_optimum(source, tmp, config.opset)
-        missing = [p.onnx_path for p in parts.PARTS if not (tmp / p.onnx_path).is_file()]
-        if missing:
-            raise ExportFailed(f"the exporter did not write {', '.join(missing)}")
-        parity = []
-        if config.check:
-            log("checking each part against torch on the same inputs")
-            parity = check_parts(source, tmp)
-            for p in parity:
-                log(f"  {p.part}: max abs diff {p.max_abs_diff:.2e} (tolerance {p.tolerance:.1e})")
-            bad = [p for p in parity if not p.ok]
-            if bad:
-                raise ExportFailed(
-                    "ONNX output disagrees with torch: "
-                    + "; ".join(f"{p.part} max abs diff {p.max_abs_diff:.3g} > {p.tolerance:.3g}" for p in bad)
-                    + ". The export was not written."
-                )
-        seconds = time.perf_counter() - start
-        _write_record(tmp, config, seconds, parity)
-        _swap_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with _interruptible() as interrupted:
+        try:
+            return _export_into(tmp, config, start, interrupted, log)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+
+def _export_into(tmp: Path, config: ExportConfig, start: float, interrupted: list[int],
+                 log: Callable[[str], None]) -> ExportResult:
+    """Export, check and record into `tmp`, then rename it to OUT unless a signal came."""
+    source, out = config.source, config.out
+    log(f"exporting {source} with optimum's ONNX exporter")
+    _run_optimum(source, tmp, config.opset)
+    missing = [p.onnx_path for p in parts.PARTS if not (tmp / p.onnx_path).is_file()]
+    if missing:
+        raise ExportFailed(f"the exporter did not write {', '.join(missing)}")
+    parity = []
+    if config.check:
+        log("checking each part against torch on the same inputs")
+        parity = check_parts(source, tmp)
+        for p in parity:
+            log(f"  {p.part}: max abs diff {p.max_abs_diff:.2e} (tolerance {p.tolerance:.1e})")
+        bad = [p for p in parity if not p.ok]
+        if bad:
+            raise ExportFailed(
+                "ONNX output disagrees with torch: "
+                + "; ".join(f"{p.part} max abs diff {p.max_abs_diff:.3g} > {p.tolerance:.3g}" for p in bad)
+                + ". The export was not written."
+            )
+    seconds = time.perf_counter() - start
+    _write_record(tmp, config, seconds, parity)
+    if interrupted:
+        raise KeyboardInterrupt
+    _swap_into_place(tmp, out)
     return ExportResult(out, seconds, parity)

@@ -145,3 +145,21 @@ def build_random_pipeline(
     config["clip_sample"] = False
     config_file.write_text(json.dumps(config, indent=2))
     return out_dir
+
+
+def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write a randomly initialised SD pipeline (diffusers format).")
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    if args.out.exists():
+        parser.error(f"{args.out} already exists")
+    build_random_pipeline(args.out, preset=args.preset, seed=args.seed)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

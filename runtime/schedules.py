@@ -109,14 +109,25 @@ class Schedule:
 
 def _timesteps(spacing: str, n_train: int, steps: int, offset: int) -> np.ndarray:
     """diffusers' `set_timesteps` choices, decreasing, as float64."""
+    if steps > n_train:
+        raise InputError(f"steps must be at most the model's {n_train} training timesteps, got {steps}")
     if spacing == "linspace":
-        return np.linspace(0, n_train - 1, steps)[::-1].copy()
-    if spacing == "leading":
-        ratio = n_train // steps
-        return (np.arange(steps) * ratio).round()[::-1] + offset
-    if spacing == "trailing":
-        return np.arange(n_train, 0, -n_train / steps).round() - 1
-    raise InputError(f"unknown timestep spacing {spacing!r}")
+        ts = np.linspace(0, n_train - 1, steps)[::-1].copy()
+    elif spacing == "leading":
+        ts = (np.arange(steps) * (n_train // steps)).round()[::-1] + offset
+    elif spacing == "trailing":
+        # diffusers uses np.arange(n_train, 0, -n_train / steps), which float rounding makes one
+        # element too long for some counts (121, 201 steps: a last timestep of -1); this is
+        # the same values without the extra one.
+        ts = (n_train - np.arange(steps) * (n_train / steps)).round() - 1
+    else:
+        raise InputError(f"unknown timestep spacing {spacing!r}")
+    if ts.max() >= n_train:
+        raise InputError(
+            f"{steps} steps with steps_offset {offset} go past the model's {n_train} training "
+            "timesteps; use fewer steps"
+        )
+    return ts
 
 
 def _interp_sigma_to_t(table: np.ndarray) -> Callable[[float], float]:
@@ -137,18 +148,14 @@ def check_steps(steps: int) -> None:
 def discrete_schedule(config: SchedulerConfig, steps: int) -> Schedule:
     """Integer timesteps as DDIMScheduler and PNDMScheduler pick them ("leading" default).
 
-    The last step goes to the final alpha: 1 with `set_alpha_to_one`, else a_0.
+    The last step goes to the final alpha: 1 with `set_alpha_to_one`, else a_0 (so with
+    steps_offset 0 the last step, from timestep 0 to a_0, changes nothing, as in diffusers).
     """
     check_steps(steps)
     ac = alphas_cumprod(config).astype(np.float64)
     n_train = config.num_train_timesteps
     ts = _timesteps(config.spacing("leading"), n_train, steps, config.steps_offset)
     ts = ts.round().astype(np.int64)
-    if ts.max() >= n_train or ts.min() < 0:
-        raise InputError(
-            f"{steps} steps with steps_offset {config.steps_offset} go past the "
-            f"{n_train} training timesteps; use fewer steps"
-        )
     final_alpha = 1.0 if config.set_alpha_to_one else ac[0]
     sigmas = np.append(sigma_of_alpha(ac[ts]), sigma_of_alpha(final_alpha))
     return Schedule(sigmas, float(np.sqrt(1.0 + sigmas[0] ** 2)), _interp_sigma_to_t(sigma_of_alpha(ac)))

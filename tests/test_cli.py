@@ -1,0 +1,115 @@
+"""The command line: PNG output with A1111 parameters, no overwrites, clear errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+
+def sdonnx(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "sdonnx.cli.app", *map(str, args)],
+                          capture_output=True, text=True, timeout=300, cwd=cwd)
+
+
+def test_generate_writes_pngs_with_parameters(tiny_onnx, tmp_path):
+    proc = sdonnx("generate", "a red circle", "--model", tiny_onnx, "--negative", "blurry",
+                  "--steps", 3, "--guidance", 5, "--seed", 42, "--size", "64x48", "--sampler", "plms",
+                  "-n", 2, "--out", tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert f"wrote {tmp_path / '00000-42.png'}" in proc.stdout
+    image = Image.open(tmp_path / "00001-43.png")
+    assert image.size == (64, 48)
+    assert image.text["parameters"] == (
+        "a red circle\nNegative prompt: blurry\n"
+        "Steps: 3, Sampler: PLMS, CFG scale: 5, Seed: 43, Size: 64x48, Model: onnx, Version: sdonnx 0.1.0"
+    )
+
+
+def test_same_seed_same_image_and_never_overwrites(tiny_onnx, tmp_path):
+    args = ("generate", "a cat", "--model", tiny_onnx, "--steps", 2, "--size", "64x64", "--seed", 7,
+            "--out", tmp_path)
+    assert sdonnx(*args).returncode == 0
+    assert sdonnx(*args).returncode == 0
+    first, second = Image.open(tmp_path / "00000-7.png"), Image.open(tmp_path / "00001-7.png")
+    assert first.tobytes() == second.tobytes()
+
+
+def test_batch_image_equals_single_run_with_its_seed(tiny_pipeline):
+    batch = tiny_pipeline.generate("a cat", steps=2, width=64, height=64, seed=10, n=3)
+    alone = tiny_pipeline.generate("a cat", steps=2, width=64, height=64, seed=12)
+    assert batch[2].tobytes() == alone[0].tobytes()
+    assert batch[0].tobytes() != batch[1].tobytes()
+
+
+def test_explicit_file_is_not_overwritten(tiny_onnx, tmp_path):
+    target = tmp_path / "mine.png"
+    target.write_bytes(b"precious")
+    proc = sdonnx("generate", "a cat", "--model", tiny_onnx, "--steps", 1, "--size", "64x64",
+                  "--out", target)
+    assert proc.returncode == 2
+    assert "already exists" in proc.stderr
+    assert target.read_bytes() == b"precious"
+    assert [p.name for p in tmp_path.iterdir()] == ["mine.png"], "temporary file left behind"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "{missing}"], "model folder not found"),
+    (["--size", "65x64"], "width must be a positive multiple of 8"),
+    (["--size", "64x60"], "height must be a positive multiple of 8"),
+    (["--size", "big"], "--size must look like 512x512"),
+    (["--steps", "0"], "steps must be a whole number of at least 1"),
+    (["--sampler", "nope"], "unknown sampler 'nope'; choose one of: euler, ddim, plms"),
+    (["--provider", "tpu"], "unknown provider 'tpu'"),
+    (["--provider", "cuda"], "onnxruntime-gpu"),
+    (["-n", "0"], "n (images per call) must be at least 1"),
+    (["--out", "/proc/forbidden"], "cannot create output folder"),
+])
+def test_bad_input_gets_clear_error(tiny_onnx, tmp_path, args, message):
+    args = [a.format(missing=tmp_path / "missing") for a in args]
+    if "--model" not in args:
+        args = ["--model", str(tiny_onnx), *args]
+    if "--out" not in args:
+        args += ["--out", str(tmp_path / "out")]
+    proc = sdonnx("generate", "a cat", "--size", "64x64", "--steps", "1", *args)
+    assert proc.returncode == 2, proc.stdout
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_unwritable_output_file_location(tiny_onnx, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    proc = sdonnx("generate", "a cat", "--model", tiny_onnx, "--size", "64x64", "--steps", "1",
+                  "--out", blocker / "sub" / "x.png")
+    assert proc.returncode == 2 and "cannot create output folder" in proc.stderr
+
+
+@pytest.mark.parametrize("remove", ["unet/model.onnx", "tokenizer/vocab.json", "scheduler/scheduler_config.json"])
+def test_incomplete_model_folder_names_missing_file(tiny_onnx, tmp_path, remove):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_onnx, model)
+    (model / remove).unlink()
+    proc = sdonnx("generate", "a cat", "--model", model, "--size", "64x64", "--out", tmp_path)
+    assert proc.returncode == 2
+    assert f"missing: {remove}" in proc.stderr
+
+
+def test_info_lists_parts(tiny_onnx):
+    proc = sdonnx("info", tiny_onnx)
+    assert proc.returncode == 0, proc.stderr
+    for part in ("text_encoder: fp32", "unet: fp32", "vae_decoder: fp32", "vae_encoder: fp32"):
+        assert part in proc.stdout
+    assert "in  sample: tensor(float) ['batch_size', 4, 'height', 'width']" in proc.stdout
+    assert "parity vs torch" in proc.stdout and "total:" in proc.stdout
+
+
+def test_export_command_errors(tiny_source, tiny_onnx, tmp_path):
+    proc = sdonnx("export", tiny_source, tiny_onnx)
+    assert proc.returncode == 2 and "already exists" in proc.stderr and "--force" in proc.stderr
+    proc = sdonnx("export", tmp_path / "nothing", tmp_path / "out")
+    assert proc.returncode == 2 and "source not found" in proc.stderr

@@ -1,0 +1,114 @@
+"""The export stage: layout, record, parity refusal, atomic writes, clear errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sdonnx.export import exporter
+from sdonnx.export.exporter import ExportConfig, ExportFailed, export
+from sdonnx.export.parity import PartParity
+from sdonnx.runtime import ModelFolderError, parts
+from sdonnx.runtime.errors import InputError
+
+OPTIMUM_LAYOUT = [
+    "model_index.json",
+    "text_encoder/model.onnx",
+    "unet/model.onnx",
+    "vae_decoder/model.onnx",
+    "vae_encoder/model.onnx",
+    "tokenizer/vocab.json",
+    "tokenizer/merges.txt",
+    "scheduler/scheduler_config.json",
+]
+
+
+def test_layout_and_record(tiny_onnx):
+    for name in OPTIMUM_LAYOUT:
+        assert (tiny_onnx / name).is_file(), name
+    record = json.loads((tiny_onnx / parts.RECORD).read_text())
+    assert record["opset"] >= 14
+    assert {"torch", "diffusers", "onnxruntime", "optimum-onnx"} <= set(record["versions"])
+    for part in ("text_encoder", "unet", "vae_decoder", "vae_encoder"):
+        parity = record["parts"][part]["parity"]
+        assert 0 <= parity["max_abs_diff"] <= parity["tolerance"], part
+        assert record["parts"][part]["precision"] == "fp32"
+    # No temporary folders left beside the export.
+    assert [p.name for p in tiny_onnx.parent.iterdir()] == [tiny_onnx.name]
+
+
+def test_existing_out_is_not_overwritten(tiny_source, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(InputError, match="already exists.*--force"):
+        export(ExportConfig(tiny_source, out))
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_force_replaces_out(tiny_source, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    export(ExportConfig(tiny_source, out, force=True, check=False))
+    assert (out / "unet" / "model.onnx").is_file() and not (out / "old.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_parity_failure_writes_nothing(tiny_source, tmp_path, monkeypatch):
+    bad = PartParity("unet", max_abs_diff=0.5, reference_max=1.0, tolerance=2e-3, input_shape=(2, 4, 8, 8))
+    monkeypatch.setattr(exporter, "check_parts", lambda source, exported: [bad])
+    out = tmp_path / "out"
+    with pytest.raises(ExportFailed, match="unet max abs diff 0.5"):
+        export(ExportConfig(tiny_source, out))
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("missing", ["unet/config.json", "tokenizer/merges.txt", "model_index.json"])
+def test_incomplete_source_names_the_missing_file(tiny_source, tmp_path, missing):
+    source = tmp_path / "src"
+    shutil.copytree(tiny_source, source)
+    (source / missing).unlink()
+    with pytest.raises(ModelFolderError, match=f"missing: {missing}"):
+        export(ExportConfig(source, tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_weights_and_non_folders(tiny_source, tmp_path):
+    source = tmp_path / "src"
+    shutil.copytree(tiny_source, source)
+    (source / "vae" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(ModelFolderError, match="vae/ weights"):
+        export(ExportConfig(source, tmp_path / "out"))
+    with pytest.raises(ModelFolderError, match="not found"):
+        export(ExportConfig(tmp_path / "nope", tmp_path / "out"))
+    single = tmp_path / "model.safetensors"
+    single.write_bytes(b"x")
+    with pytest.raises(ModelFolderError, match="diffusers-format folder"):
+        export(ExportConfig(single, tmp_path / "out"))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_export_leaves_no_folder(tiny_source, tmp_path, sig):
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sdonnx.cli.app", "export", str(tiny_source), str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not any(p.name.startswith(".out.sdonnx-tmp") for p in tmp_path.iterdir()):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the export never started writing"
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "Traceback" not in stderr
+    assert list(tmp_path.iterdir()) == [], "an interrupted export left files behind"
