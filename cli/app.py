@@ -44,7 +44,7 @@ def default_model_path() -> Path:
     return Path(__file__).resolve().parent.parent / "models" / "default"
 
 
-def output_paths(out: Path, n: int, seeds: list[int]) -> list[Path] | None:
+def output_paths(out: Path, n: int) -> list[Path] | None:
     """Explicit file names for `--out x.png` (None: number files inside the folder `out`)."""
     if out.suffix.lower() != ".png":
         return None
@@ -143,7 +143,7 @@ def generate(
     if verbose and step_times:
         typer.echo(f"{len(step_times)} steps, {sum(step_times) / len(step_times):.3f} s per step")
     seeds = [int(re.search(r"Seed: (\d+)", im.info["parameters"])[1]) for im in images]
-    paths = output_paths(out, n, seeds)
+    paths = output_paths(out, n)
     for i, image in enumerate(images):
         written = save_png(image, paths[i] if paths else None, folder, seeds[i])
         typer.echo(f"wrote {written} (seed {seeds[i]})")

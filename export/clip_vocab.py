@@ -14,12 +14,15 @@ import json
 from importlib import metadata
 from pathlib import Path
 
+from sdonnx.runtime.errors import SdonnxError
+from sdonnx.runtime.tokenizer import bytes_to_unicode
+
 BPE_FILE = "open_clip/bpe_simple_vocab_16e6.txt.gz"
 # OpenAI's tokenizer uses the first 49152 - 256 - 2 merges of the file.
 N_MERGES = 49152 - 256 - 2
 
 
-class VocabularyNotFound(RuntimeError):
+class VocabularyNotFound(SdonnxError):
     pass
 
 
@@ -34,23 +37,6 @@ def bpe_merges_file() -> Path:
             "`pip install --no-deps open_clip_torch`"
         )
     return path
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible map from bytes to printable unicode characters."""
-    printable = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    chars = printable[:]
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, map(chr, chars)))
 
 
 def write_tokenizer_files(out_dir: Path) -> None:

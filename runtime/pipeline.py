@@ -16,7 +16,7 @@ from sdonnx.runtime.denoiser import Denoiser
 from sdonnx.runtime.errors import InputError, ModelFolderError
 from sdonnx.runtime.infotext import infotext
 from sdonnx.runtime.onnx_model import OnnxModel
-from sdonnx.runtime.samplers import sample_ddim, sample_euler, sample_plms
+from sdonnx.runtime.samplers import sample_euler, sample_plms
 from sdonnx.runtime.schedules import (
     SchedulerConfig,
     check_steps,
@@ -35,7 +35,8 @@ class Sampler:
 
 SAMPLERS = {
     "euler": Sampler("Euler", sample_euler, euler_schedule),
-    "ddim": Sampler("DDIM", sample_ddim, discrete_schedule),
+    # DDIM with eta = 0 is the Euler method on DDIM's timesteps (Karras et al. 2022, sec. 3).
+    "ddim": Sampler("DDIM", sample_euler, discrete_schedule),
     "plms": Sampler("PLMS", sample_plms, discrete_schedule),
 }
 

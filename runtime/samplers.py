@@ -31,26 +31,6 @@ def sample_euler(denoise: Denoise, x: np.ndarray, sigmas: np.ndarray, *,
     return x
 
 
-def sample_ddim(denoise: Denoise, x: np.ndarray, sigmas: np.ndarray, *, eta: float = 0.0,
-                rng: np.random.Generator | None = None, callback: Callback = None) -> np.ndarray:
-    """DDIM, Song et al. (2021); with eta = 0 it is the Euler method on DDIM's timesteps."""
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = denoise(x, sigma)
-        eps = to_d(x, sigma, denoised)
-        if eta == 0.0:
-            x = denoised + sigma_next * eps
-        else:
-            # The posterior variance of eq. (16), moved to sigma space (divided by a_prev).
-            a, a_next = 1 / (1 + sigma**2), 1 / (1 + sigma_next**2)
-            var = eta**2 * (1 - a_next) / (1 - a) * (1 - a / a_next) / a_next
-            x = denoised + np.sqrt(sigma_next**2 - var) * eps
-            x = x + np.sqrt(var) * rng.standard_normal(x.shape, dtype=np.float32)
-        if callback:
-            callback(i, x, denoised)
-    return x
-
-
 def sample_plms(denoise: Denoise, x: np.ndarray, sigmas: np.ndarray, *,
                 callback: Callback = None) -> np.ndarray:
     """Pseudo linear multistep (PLMS), Liu et al. (2022), as diffusers' PNDM with skip_prk_steps.
