@@ -132,6 +132,16 @@ def _folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
+def quiet_libraries() -> None:
+    """Keep diffusers/transformers loading chatter (accelerate hints, tracer notes) off the console."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+
+
 def _run_optimum(source: Path, tmp: Path, opset: int | None) -> None:
     from optimum.exporters.onnx import main_export
 
@@ -213,6 +223,7 @@ def export(config: ExportConfig, log: Callable[[str], None] = lambda msg: None) 
     check_source(source)
     check_out(out, config.force)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    quiet_libraries()
     tmp = out.with_name(f".{out.name}.sdonnx-tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
