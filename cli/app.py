@@ -25,23 +25,11 @@ app = typer.Typer(
 DEFAULT_OUT = Path("outputs")
 
 
-def fail(message: str, code: int = 2) -> None:
-    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
-    raise typer.Exit(code)
-
-
 def parse_size(size: str) -> tuple[int, int]:
     match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", size)
     if not match:
         raise InputError(f"--size must look like 512x512 (width x height), got {size!r}")
     return int(match[1]), int(match[2])
-
-
-def default_model_path() -> Path:
-    """$SDONNX_MODEL, else the model embedded in a source checkout (models/default)."""
-    if os.environ.get("SDONNX_MODEL"):
-        return Path(os.environ["SDONNX_MODEL"])
-    return Path(__file__).resolve().parent.parent / "models" / "default"
 
 
 def output_paths(out: Path, n: int) -> list[Path] | None:
@@ -116,14 +104,10 @@ def generate(
     width, height = parse_size(size)
     GenerationConfig(prompt, negative, steps, guidance, seed, width, height, sampler, n).validate()
     folder = _prepare_out_dir(out)
-    model_path = model or default_model_path()
-    if model is None and not model_path.exists():
-        fail(f"no --model given and no default model at {model_path}; "
-             "export one with `sdonnx export SOURCE OUT` and pass --model OUT")
     start = time.perf_counter()
-    pipe = Pipeline.load(model_path, provider=provider, threads=threads)
+    pipe = Pipeline.load(model, provider=provider, threads=threads)
     if verbose:
-        typer.echo(f"loaded {model_path} on {pipe.config.provider} in {time.perf_counter() - start:.2f} s")
+        typer.echo(f"loaded {pipe.config.path} on {pipe.config.provider} in {time.perf_counter() - start:.2f} s")
     step_times: list[float] = []
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeRemainingColumn(), transient=not verbose) as progress:

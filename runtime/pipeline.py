@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import random
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -105,6 +107,16 @@ def check_model_folder(path: Path) -> None:
         )
 
 
+def default_model_path() -> Path:
+    """$SDONNX_MODEL, else the embedded default model (the folder models/default)."""
+    if os.environ.get("SDONNX_MODEL"):
+        return Path(os.environ["SDONNX_MODEL"])
+    spec = importlib.util.find_spec("sdonnx.models")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelFolderError("no default model is installed; pass a model folder")
+    return Path(next(iter(spec.submodule_search_locations))) / "default"
+
+
 def _read_json(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
@@ -129,7 +141,16 @@ class Pipeline:
         self.vae_decoder = load(parts.VAE_DECODER)
 
     @classmethod
-    def load(cls, path: str | Path, provider: str = "auto", threads: int | None = None) -> "Pipeline":
+    def load(cls, path: str | Path | None = None, provider: str = "auto",
+             threads: int | None = None) -> "Pipeline":
+        """Load a model folder (default: the embedded model, or $SDONNX_MODEL)."""
+        if path is None:
+            path = default_model_path()
+            if not path.is_dir():
+                raise ModelFolderError(
+                    f"the embedded default model is missing ({path}); pass a model folder, "
+                    "or set SDONNX_MODEL"
+                )
         return cls(LoadConfig(Path(path), providers.resolve(provider), threads))
 
     @property

@@ -1,0 +1,1 @@
+"""The embedded default model (`default/`), its training data generator and training script."""

@@ -1,0 +1,131 @@
+"""Captioned images of simple scenes: the training data of the embedded default model.
+
+One coloured shape (circle, square, triangle, star) of a given size and position on a plain
+background, with a caption in the words the README lists, for example "a small blue square at
+the top left" or "a red circle on a black background". Deterministic for a given seed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+IMAGE_SIZE = 64
+COLORS = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 50),
+    "blue": (30, 60, 220),
+    "yellow": (240, 220, 30),
+    "purple": (140, 40, 180),
+    "orange": (245, 130, 20),
+}
+SHAPES = ("circle", "square", "triangle", "star")
+BACKGROUNDS = {"white": (255, 255, 255), "black": (0, 0, 0), "gray": (128, 128, 128)}
+SIZES = {"small": 0.28, "medium": 0.42, "large": 0.6}  # shape extent / image side
+POSITIONS = {
+    "in the center": (0.5, 0.5),
+    "at the top left": (0.3, 0.3),
+    "at the top right": (0.7, 0.3),
+    "at the bottom left": (0.3, 0.7),
+    "at the bottom right": (0.7, 0.7),
+}
+
+
+@dataclass(frozen=True)
+class Scene:
+    color: str
+    shape: str
+    size: str = "medium"
+    position: str = "in the center"
+    background: str = "white"
+
+    def caption(self, style: int = 0) -> str:
+        """Several phrasings of the same scene; style 0 is the fullest."""
+        size = "" if self.size == "medium" else f"{self.size} "
+        where = "" if self.position == "in the center" else f" {self.position}"
+        on = f" on a {self.background} background"
+        phrases = [
+            f"{size}{self.color} {self.shape}{where}{on}",
+            f"{size}{self.color} {self.shape}{where}",
+            f"{self.color} {self.shape}",
+            f"{self.color} {self.shape}{on}",
+        ]
+        phrase = phrases[style]
+        return ("an " if phrase[0] in "aeiou" else "a ") + phrase
+
+
+def _any_scene(rng: np.random.Generator) -> Scene:
+    color = str(rng.choice(list(COLORS)))
+    background = str(rng.choice(list(BACKGROUNDS)))
+    size = str(rng.choice(list(SIZES)))
+    # Large shapes only fit in the center.
+    position = "in the center" if size == "large" else str(rng.choice(list(POSITIONS)))
+    return Scene(color, str(rng.choice(SHAPES)), size, position, background)
+
+
+def held_out_scenes(n: int = 50) -> list[Scene]:
+    """Scenes never shown in training, in any phrasing: the evaluation prompts."""
+    rng = np.random.default_rng(2026)
+    scenes: list[Scene] = []
+    while len(scenes) < n:
+        scene = _any_scene(rng)
+        if scene not in scenes:
+            scenes.append(scene)
+    return scenes
+
+
+HELD_OUT = frozenset(held_out_scenes())
+
+
+def random_scene(rng: np.random.Generator) -> Scene:
+    """A training scene: any scene but the held-out ones."""
+    while (scene := _any_scene(rng)) in HELD_OUT:
+        pass
+    return scene
+
+
+def _star(cx: float, cy: float, r: float) -> list[tuple[float, float]]:
+    points = []
+    for i in range(10):
+        radius = r if i % 2 == 0 else r * 0.45
+        angle = -math.pi / 2 + i * math.pi / 5
+        points.append((cx + radius * math.cos(angle), cy + radius * math.sin(angle)))
+    return points
+
+
+def draw(scene: Scene, size: int = IMAGE_SIZE, jitter: np.random.Generator | None = None) -> Image.Image:
+    """Render a scene; `jitter` moves and resizes the shape a little for training variety."""
+    image = Image.new("RGB", (size, size), BACKGROUNDS[scene.background])
+    pen = ImageDraw.Draw(image)
+    fx, fy = POSITIONS[scene.position]
+    extent = SIZES[scene.size]
+    if jitter is not None:
+        fx += jitter.uniform(-0.04, 0.04)
+        fy += jitter.uniform(-0.04, 0.04)
+        extent *= jitter.uniform(0.9, 1.1)
+    cx, cy, r = fx * size, fy * size, extent * size / 2
+    fill = COLORS[scene.color]
+    if scene.shape == "circle":
+        pen.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif scene.shape == "square":
+        s = r * 0.9
+        pen.rectangle([cx - s, cy - s, cx + s, cy + s], fill=fill)
+    elif scene.shape == "triangle":
+        pen.polygon([(cx, cy - r), (cx + r, cy + r * 0.8), (cx - r, cy + r * 0.8)], fill=fill)
+    elif scene.shape == "star":
+        pen.polygon(_star(cx, cy, r * 1.05), fill=fill)
+    else:
+        raise ValueError(f"unknown shape {scene.shape!r}")
+    return image
+
+
+def batch(rng: np.random.Generator, n: int) -> tuple[np.ndarray, list[str]]:
+    """n random images as float32 (n, 3, H, W) in [-1, 1], and their captions."""
+    scenes = [random_scene(rng) for _ in range(n)]
+    images = [np.asarray(draw(s, jitter=rng), dtype=np.float32) for s in scenes]
+    pixels = np.stack(images).transpose(0, 3, 1, 2) / 127.5 - 1.0
+    captions = [s.caption(int(rng.integers(4))) for s in scenes]
+    return pixels, captions

@@ -1,0 +1,182 @@
+"""Train the embedded default model: a tiny Stable Diffusion on captioned shapes (see shapes.py).
+
+The three parts have the SD 1.x architecture (CLIP text encoder with the real CLIP vocabulary,
+cross-attention UNet, KL autoencoder with a latent downscale of 8) and are trained from scratch
+on CPU with diffusers/torch, seeded: first the autoencoder, then the UNet and text encoder
+together on its latents (epsilon prediction, SD 1.5's noise schedule, 10% empty captions for
+classifier-free guidance). Writes a diffusers folder with fp16 weights and `training.json`
+(settings, time, loss curve).
+
+    python models/train.py models/default-diffusers --vae-minutes 12 --unet-minutes 48
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sdonnx.models import shapes
+
+UNET = dict(
+    block_out_channels=(48, 96, 96),
+    layers_per_block=1,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=32,
+    attention_head_dim=8,
+    norm_num_groups=16,
+)
+VAE = dict(block_out_channels=(16, 32, 64, 64), layers_per_block=1, norm_num_groups=16)
+TEXT = dict(hidden_size=32, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4)
+CAPTION_DROPOUT = 0.1
+EMA_DECAY = 0.999
+
+
+def build(out: Path, seed: int):
+    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from sdonnx.export.clip_vocab import write_tokenizer_files
+    from sdonnx.export.synthetic import SD15_SCHEDULER
+
+    torch.manual_seed(seed)
+    write_tokenizer_files(out / "tokenizer")
+    tokenizer = CLIPTokenizer(out / "tokenizer" / "vocab.json", out / "tokenizer" / "merges.txt",
+                              pad_token="<|endoftext|>", model_max_length=77)
+    size = shapes.IMAGE_SIZE
+    unet = UNet2DConditionModel(sample_size=size // 8, in_channels=4, out_channels=4, **UNET)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, sample_size=size,
+                        down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, **VAE)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu",
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, projection_dim=32, **TEXT))
+    return tokenizer, unet, vae, text_encoder, PNDMScheduler(**SD15_SCHEDULER)
+
+
+def train_vae(vae, rng, minutes: float, batch: int, log: list) -> None:
+    """Reconstruction (L1 + MSE) with a small KL term, as SD's autoencoder without the GAN."""
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    end = time.time() + minutes * 60
+    step = 0
+    while time.time() < end:
+        pixels, _ = shapes.batch(rng, batch)
+        x = torch.from_numpy(pixels)
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        rec = (recon - x).abs().mean() + (recon - x).pow(2).mean()
+        loss = rec + 1e-6 * posterior.kl().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step % 50 == 0:
+            log.append({"part": "vae", "step": step, "loss": round(rec.item(), 5)})
+            print(f"vae step {step} reconstruction {float(rec):.4f}", flush=True)
+        step += 1
+
+
+def encode_text(tokenizer, text_encoder, captions):
+    ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    return text_encoder(ids)[0]
+
+
+def train_unet(unet, text_encoder, tokenizer, vae, scheduler, rng, minutes: float, batch: int,
+               log: list) -> None:
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-2)
+    # Sampling uses an exponential moving average of the weights: much smoother than the last
+    # step's weights after a short run.
+    ema = [p.detach().clone() for p in params]
+    scaling = vae.config.scaling_factor
+    alphas = scheduler.alphas_cumprod
+    end = time.time() + minutes * 60
+    step, running = 0, []
+    while time.time() < end:
+        pixels, captions = shapes.batch(rng, batch)
+        captions = ["" if rng.random() < CAPTION_DROPOUT else c for c in captions]
+        with torch.no_grad():
+            latents = vae.encode(torch.from_numpy(pixels)).latent_dist.sample() * scaling
+        noise = torch.randn_like(latents)
+        t = torch.from_numpy(rng.integers(0, len(alphas), size=batch))
+        a = alphas[t].view(-1, 1, 1, 1)
+        noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+        pred = unet(noisy, t, encode_text(tokenizer, text_encoder, captions)).sample
+        loss = (pred - noise).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        decay = min(EMA_DECAY, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for average, p in zip(ema, params):
+                average.lerp_(p, 1 - decay)
+        running.append(loss.item())
+        if step % 100 == 0:
+            mean = float(np.mean(running))
+            log.append({"part": "unet", "step": step, "loss": round(mean, 5)})
+            print(f"unet step {step} loss {mean:.4f}", flush=True)
+            running = []
+        step += 1
+    with torch.no_grad():
+        for average, p in zip(ema, params):
+            p.copy_(average)
+
+
+def latent_scale(vae, rng) -> float:
+    """SD's convention: scale latents to unit variance (SD 1.x's 0.18215 came the same way)."""
+    with torch.no_grad():
+        pixels, _ = shapes.batch(rng, 256)
+        return float(1.0 / vae.encode(torch.from_numpy(pixels)).latent_dist.mean.std())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--vae-minutes", type=float, default=12)
+    parser.add_argument("--unet-minutes", type=float, default=48)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    if args.out.exists():
+        parser.error(f"{args.out} exists; choose a new folder")
+    torch.set_num_threads(args.threads)
+    from diffusers import StableDiffusionPipeline
+
+    start = time.time()
+    rng = np.random.default_rng(args.seed)
+    tmp = args.out.with_name(args.out.name + ".partial")
+    tokenizer, unet, vae, text_encoder, scheduler = build(tmp, args.seed)
+    log: list[dict] = []
+    train_vae(vae, rng, args.vae_minutes, 32, log)
+    vae.eval().requires_grad_(False)
+    vae.register_to_config(scaling_factor=latent_scale(vae, rng))
+    vae_done = time.time()
+    train_unet(unet, text_encoder, tokenizer, vae, scheduler, rng, args.unet_minutes, 64, log)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.to(torch.float16).save_pretrained(tmp)
+    config_file = tmp / "scheduler" / "scheduler_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "clip_sample": False}, indent=2))
+    record = {
+        "seed": args.seed,
+        "architecture": {"unet": UNET, "vae": VAE, "text_encoder": TEXT},
+        "parameters": {name: sum(p.numel() for p in m.parameters())
+                       for name, m in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder))},
+        "vae_minutes": round((vae_done - start) / 60, 1),
+        "unet_minutes": round((time.time() - vae_done) / 60, 1),
+        "torch_threads": args.threads,
+        "loss": log,
+    }
+    (tmp / "training.json").write_text(json.dumps(record, indent=1))
+    tmp.rename(args.out)
+    print(f"wrote {args.out} in {(time.time() - start) / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()

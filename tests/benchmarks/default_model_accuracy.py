@@ -1,0 +1,46 @@
+"""Does the embedded default model draw what the prompt asks? The full measurement.
+
+50 held-out prompts (scenes never shown in training) x 2 seeds, 20 steps, judged by
+tests/judge.py, for each sampler and guidance scale. Prints a markdown table.
+
+    python tests/benchmarks/default_model_accuracy.py [--model DIR] [--seeds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from judge import accuracy  # noqa: E402
+
+from sdonnx import Pipeline  # noqa: E402
+from sdonnx.models import shapes  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", type=Path, default=None)
+    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--samplers", nargs="+", default=["euler", "ddim", "plms"])
+    parser.add_argument("--guidance", nargs="+", type=float, default=[7.5, 1.0])
+    args = parser.parse_args()
+    pipe = Pipeline.load(args.model, provider="cpu")
+    scenes = shapes.held_out_scenes()
+    print("| sampler | guidance | colour | shape | both | images | seconds |")
+    print("|---|---|---|---|---|---|---|")
+    for sampler in args.samplers:
+        for guidance in args.guidance:
+            start = time.perf_counter()
+            result = accuracy(pipe, scenes, seeds=range(args.seeds), sampler=sampler,
+                              guidance=guidance, steps=args.steps)
+            print(f"| {sampler} | {guidance:g} | {result['colour']:.0%} | {result['shape']:.0%} | "
+                  f"{result['both']:.0%} | {result['images']} | {time.perf_counter() - start:.0f} |",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()

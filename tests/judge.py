@@ -1,0 +1,76 @@
+"""An automatic judge: the colour and shape of the main object in a generated image.
+
+Deterministic image analysis, no model: the background is the median colour of the border,
+the object is the largest connected region of pixels far from it, its colour is the nearest
+of the training palette to the object's median colour, and its shape follows from how much of
+its bounding box it fills (square 1, circle pi/4, triangle 1/2, star 0.4 on clean drawings).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from sdonnx.models import shapes
+
+# Fill-ratio boundaries between the shapes, midway between their values on clean drawings.
+FILL_BOUNDS = ((0.46, "star"), (0.65, "triangle"), (0.89, "circle"), (9.0, "square"))
+MIN_DISTANCE = 80.0  # RGB distance from the background that counts as object
+MIN_PIXELS = 12
+
+
+def largest_region(mask: np.ndarray) -> np.ndarray:
+    """The largest 4-connected region of a boolean mask (flood fill)."""
+    seen = np.zeros_like(mask)
+    best: list[tuple[int, int]] = []
+    for start in zip(*np.nonzero(mask)):
+        if seen[start]:
+            continue
+        seen[start] = True
+        region, stack = [], [start]
+        while stack:
+            y, x = stack.pop()
+            region.append((y, x))
+            for ny, nx in ((y + 1, x), (y - 1, x), (y, x + 1), (y, x - 1)):
+                if 0 <= ny < mask.shape[0] and 0 <= nx < mask.shape[1] and mask[ny, nx] and not seen[ny, nx]:
+                    seen[ny, nx] = True
+                    stack.append((ny, nx))
+        if len(region) > len(best):
+            best = region
+    out = np.zeros_like(mask)
+    if best:
+        out[tuple(np.array(best).T)] = True
+    return out
+
+
+def judge(image: Image.Image) -> tuple[str | None, str | None]:
+    """(colour, shape) of the main object, or (None, None) when there is none."""
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float64)
+    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+    background = np.median(border, axis=0)
+    mask = largest_region(np.linalg.norm(pixels - background, axis=-1) > MIN_DISTANCE)
+    if mask.sum() < MIN_PIXELS:
+        return None, None
+    ys, xs = np.nonzero(mask)
+    fill = mask.sum() / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
+    shape = next(name for bound, name in FILL_BOUNDS if fill < bound)
+    median = np.median(pixels[mask], axis=0)
+    palette = {name: np.array(rgb, dtype=np.float64) for name, rgb in shapes.COLORS.items()}
+    color = min(palette, key=lambda name: np.linalg.norm(palette[name] - median))
+    return color, shape
+
+
+def accuracy(pipe, scenes, *, seeds=(0, 1), sampler="euler", guidance=7.5, steps=20) -> dict:
+    """Share of images whose judged colour, shape and both match the prompt's scene."""
+    hits = {"colour": 0, "shape": 0, "both": 0}
+    total = 0
+    for scene in scenes:
+        for seed in seeds:
+            image = pipe.generate(scene.caption(0), steps=steps, guidance=guidance, seed=seed,
+                                  width=shapes.IMAGE_SIZE, height=shapes.IMAGE_SIZE, sampler=sampler)[0]
+            colour, shape = judge(image)
+            hits["colour"] += colour == scene.color
+            hits["shape"] += shape == scene.shape
+            hits["both"] += (colour, shape) == (scene.color, scene.shape)
+            total += 1
+    return {k: v / total for k, v in hits.items()} | {"images": total}

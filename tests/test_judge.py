@@ -1,0 +1,28 @@
+"""The judge itself, tested on the data generator's clean images."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from judge import judge
+from sdonnx.models import shapes
+
+
+def test_judge_reads_generated_scenes():
+    rng = np.random.default_rng(123)
+    scenes = [shapes.random_scene(rng) for _ in range(400)]
+    wrong = [s for s in scenes if judge(shapes.draw(s, jitter=rng)) != (s.color, s.shape)]
+    assert len(wrong) <= 4, wrong[:5]
+
+
+def test_every_colour_and_shape_on_every_background():
+    for background in shapes.BACKGROUNDS:
+        for color in shapes.COLORS:
+            for shape in shapes.SHAPES:
+                scene = shapes.Scene(color, shape, "small", "at the top left", background)
+                assert judge(shapes.draw(scene)) == (color, shape), scene
+
+
+def test_blank_image_has_no_object():
+    assert judge(Image.new("RGB", (64, 64), (255, 255, 255))) == (None, None)
