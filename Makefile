@@ -1,30 +1,40 @@
-# Two entry points: `make demo` (set up, then generate an image) and `make test`.
+# `make demo`: set up the runtime (no torch) and generate with the embedded default model.
+# `make test`: set up the test extra and run the test suite.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
-DEMO_SOURCE := models/tiny
-DEMO_MODEL := models/tiny-onnx
 
-.PHONY: demo test
+.PHONY: demo test default-model
 .SECONDARY:
 
-# The CLIP BPE vocabulary for locally built test models ships in open_clip_torch; --no-deps
-# because its dependencies pull a torchvision that breaks beside the CPU torch.
-$(VENV)/.installed-%: pyproject.toml
+$(VENV)/bin/python:
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -e '.[$*]'
+
+$(VENV)/.installed-runtime: pyproject.toml | $(VENV)/bin/python
+	$(PIP) install -q -e .
+	touch $@
+
+# The CLIP BPE vocabulary for locally built models ships in open_clip_torch; --no-deps because
+# its dependencies pull a torchvision that breaks beside the CPU torch.
+$(VENV)/.installed-test: pyproject.toml | $(VENV)/bin/python
+	$(PIP) install -q -e '.[test]'
 	$(PIP) install -q --no-deps open_clip_torch
 	touch $@
 
-$(DEMO_MODEL)/sdonnx.json: $(VENV)/.installed-export
-	rm -rf $(DEMO_SOURCE)
-	$(PY) -m sdonnx.export.synthetic $(DEMO_SOURCE)
-	$(VENV)/bin/sdonnx export $(DEMO_SOURCE) $(DEMO_MODEL) --force
-
-demo: $(DEMO_MODEL)/sdonnx.json
-	$(VENV)/bin/sdonnx generate "a red circle on a white background" --model $(DEMO_MODEL) \
-		--size 64x64 --steps 20 --seed 0 --out outputs
+demo: $(VENV)/.installed-runtime
+	$(VENV)/bin/sdonnx generate "a red circle on a white background" --seed 0 --out outputs
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest
+
+# How models/default was made (about 86 minutes on 2 cores): train the autoencoder, then the
+# UNet and text encoder (stage 1); fine-tune the VAE decoder longer, in two runs (stages 2, 3);
+# export with sdonnx.
+default-model: $(VENV)/.installed-test
+	rm -rf models/stage1 models/stage2 models/default-diffusers models/default
+	$(PY) models/train.py models/stage1 --vae-minutes 12 --unet-minutes 48
+	$(PY) models/train.py models/stage2 --decoder-only models/stage1 --decoder-minutes 14
+	$(PY) models/train.py models/default-diffusers --decoder-only models/stage2 --decoder-minutes 12 --seed 1
+	rm -rf models/stage1 models/stage2
+	$(VENV)/bin/sdonnx export models/default-diffusers models/default

@@ -88,7 +88,7 @@ def generate(
     steps: int = typer.Option(20, "--steps", help="Sampler steps."),
     guidance: float = typer.Option(7.5, "--guidance", "-g", help="Classifier-free guidance scale; <= 1 disables it."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed (random when omitted); image i uses seed + i."),
-    size: str = typer.Option("512x512", "--size", help="WIDTHxHEIGHT in pixels, multiples of 8."),
+    size: Optional[str] = typer.Option(None, "--size", help="WIDTHxHEIGHT in pixels, multiples of 8 (default: the model's native size)."),
     sampler: str = typer.Option("euler", "--sampler", help="euler, ddim or plms."),
     n: int = typer.Option(1, "-n", help="Images per call."),
     out: Path = typer.Option(DEFAULT_OUT, "--out", "-o", help="Output folder, or a .png file name."),
@@ -101,7 +101,7 @@ def generate(
 
     from sdonnx.runtime import GenerationConfig, Pipeline
 
-    width, height = parse_size(size)
+    width, height = parse_size(size) if size else (None, None)
     GenerationConfig(prompt, negative, steps, guidance, seed, width, height, sampler, n).validate()
     folder = _prepare_out_dir(out)
     start = time.perf_counter()

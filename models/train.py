@@ -7,7 +7,12 @@ together on its latents (epsilon prediction, SD 1.5's noise schedule, 10% empty 
 classifier-free guidance). Writes a diffusers folder with fp16 weights and `training.json`
 (settings, time, loss curve).
 
-    python models/train.py models/default-diffusers --vae-minutes 12 --unet-minutes 48
+    python models/train.py models/stage1 --vae-minutes 12 --unet-minutes 48
+    python models/train.py models/default-diffusers --decoder-only models/stage1 --decoder-minutes 14
+
+The second stage trains the VAE decoder alone for longer: the first stage's short autoencoder
+run leaves a decoder that blurs shapes and colours, and retraining the decoder keeps the
+latent space, so the UNet stays valid.
 """
 
 from __future__ import annotations
@@ -80,6 +85,34 @@ def train_vae(vae, rng, minutes: float, batch: int, log: list) -> None:
         step += 1
 
 
+def finetune_decoder(vae, rng, minutes: float, batch: int, log: list) -> None:
+    """Train the VAE decoder alone (the encoder, so the UNet's latent space, stays fixed)."""
+    vae.decoder.requires_grad_(True)
+    vae.post_quant_conv.requires_grad_(True)
+    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+    end = time.time() + minutes * 60
+    step, running = 0, []
+    while time.time() < end:
+        pixels, _ = shapes.batch(rng, batch)
+        x = torch.from_numpy(pixels)
+        with torch.no_grad():
+            latents = vae.encode(x).latent_dist.sample()
+        recon = vae.decode(latents).sample
+        loss = (recon - x).abs().mean() + (recon - x).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        running.append(loss.item())
+        if step % 50 == 0:
+            mean = float(np.mean(running))
+            log.append({"part": "vae_decoder", "step": step, "loss": round(mean, 5)})
+            print(f"decoder step {step} reconstruction {mean:.4f}", flush=True)
+            running = []
+        step += 1
+    vae.requires_grad_(False)
+
+
 def encode_text(tokenizer, text_encoder, captions):
     ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     return text_encoder(ids)[0]
@@ -134,6 +167,26 @@ def latent_scale(vae, rng) -> float:
         return float(1.0 / vae.encode(torch.from_numpy(pixels)).latent_dist.mean.std())
 
 
+def decoder_only(args) -> None:
+    """Second stage of the recipe: a longer decoder fine-tune on a trained pipeline."""
+    from diffusers import StableDiffusionPipeline
+
+    start = time.time()
+    pipe = StableDiffusionPipeline.from_pretrained(args.decoder_only, torch_dtype=torch.float32,
+                                                   safety_checker=None)
+    rng = np.random.default_rng(args.seed + 1)
+    record = json.loads((args.decoder_only / "training.json").read_text())
+    finetune_decoder(pipe.vae, rng, args.decoder_minutes, 32, record["loss"])
+    record["decoder_minutes"] = round((time.time() - start) / 60, 1)
+    tmp = args.out.with_name(args.out.name + ".partial")
+    pipe.to(torch.float16).save_pretrained(tmp)
+    (tmp / "training.json").write_text(json.dumps(record, indent=1))
+    config_file = tmp / "scheduler" / "scheduler_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "clip_sample": False}, indent=2))
+    tmp.rename(args.out)
+    print(f"wrote {args.out} in {(time.time() - start) / 60:.1f} min")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("out", type=Path)
@@ -141,11 +194,18 @@ def main() -> None:
     parser.add_argument("--vae-minutes", type=float, default=12)
     parser.add_argument("--unet-minutes", type=float, default=48)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--decoder-only", type=Path, metavar="DIR",
+                        help="fine-tune the VAE decoder of the trained pipeline DIR into OUT")
+    parser.add_argument("--decoder-minutes", type=float, default=15)
     args = parser.parse_args()
     if args.out.exists():
         parser.error(f"{args.out} exists; choose a new folder")
     torch.set_num_threads(args.threads)
     from diffusers import StableDiffusionPipeline
+
+    if args.decoder_only:
+        decoder_only(args)
+        return
 
     start = time.time()
     rng = np.random.default_rng(args.seed)

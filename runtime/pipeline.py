@@ -61,8 +61,8 @@ class GenerationConfig:
     steps: int = 20
     guidance: float = 7.5
     seed: int | None = 0
-    width: int = 512
-    height: int = 512
+    width: int | None = None  # None: the model's native size
+    height: int | None = None
     sampler: str = "euler"
     n: int = 1
 
@@ -71,6 +71,8 @@ class GenerationConfig:
             raise InputError("prompt and negative prompt must be text")
         check_steps(self.steps)
         for name, size in (("width", self.width), ("height", self.height)):
+            if size is None:
+                continue
             if not isinstance(size, (int, np.integer)) or size < parts.VAE_SCALE or size % parts.VAE_SCALE:
                 raise InputError(
                     f"{name} must be a positive multiple of {parts.VAE_SCALE}, got {size!r}"
@@ -132,6 +134,9 @@ class Pipeline:
         self.scheduler = SchedulerConfig.from_file(path / parts.SCHEDULER_CONFIG)
         vae_config = _read_json(path / parts.VAE_DECODER.name / "config.json")
         self.vae_scaling_factor = vae_config.get("scaling_factor", parts.DEFAULT_VAE_SCALING_FACTOR)
+        # The size the UNet was trained at, as diffusers defaults to it (SD 1.x: 512).
+        latent_size = _read_json(path / parts.UNET.name / "config.json").get("sample_size", 64)
+        self.native_size = int(latent_size) * parts.VAE_SCALE
 
         def load(part: parts.Part) -> OnnxModel:
             return OnnxModel(path / part.onnx_path, part, config.provider, config.threads)
@@ -194,13 +199,17 @@ class Pipeline:
         ])
 
     def generate(self, prompt: str, negative_prompt: str = "", steps: int = 20,
-                 guidance: float = 7.5, seed: int | None = 0, width: int = 512, height: int = 512,
+                 guidance: float = 7.5, seed: int | None = 0, width: int | None = None,
+                 height: int | None = None,
                  sampler: str = "euler", n: int = 1, latents: np.ndarray | None = None,
                  callback: Callable[[int, int], None] | None = None) -> list[Image.Image]:
         """Generate `n` images; `latents` (n, 4, H/8, W/8) of unit noise replaces the seeded noise.
 
+        Width and height default to the model's native size (512 for SD 1.x).
         `callback(step, total_steps)` is called after every sampler step.
         """
+        width = width or self.native_size
+        height = height or self.native_size
         config = GenerationConfig(prompt, negative_prompt, steps, guidance, seed, width, height,
                                   sampler, n).validate()
         if latents is None:

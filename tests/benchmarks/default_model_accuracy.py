@@ -20,6 +20,23 @@ from sdonnx import Pipeline  # noqa: E402
 from sdonnx.models import shapes  # noqa: E402
 
 
+EXAMPLES = [
+    "a red circle on a white background",
+    "a small blue square at the top left on a white background",
+    "a large yellow star on a black background",
+    "a green triangle at the bottom right on a gray background",
+]
+
+
+def write_examples(pipe, out: Path) -> None:
+    """One 64-pixel image per example prompt (seed 0), shown 3x larger in the README."""
+    out.mkdir(parents=True, exist_ok=True)
+    for i, prompt in enumerate(EXAMPLES):
+        image = pipe.generate(prompt, seed=0)[0]
+        image.resize((image.width * 3, image.height * 3), resample=0).save(out / f"example-{i}.png")
+        print(f"example-{i}.png: {prompt}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", type=Path, default=None)
@@ -27,8 +44,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--samplers", nargs="+", default=["euler", "ddim", "plms"])
     parser.add_argument("--guidance", nargs="+", type=float, default=[7.5, 1.0])
+    parser.add_argument("--examples", type=Path, help="also write the README's example images here")
     args = parser.parse_args()
     pipe = Pipeline.load(args.model, provider="cpu")
+    if args.examples:
+        write_examples(pipe, args.examples)
     scenes = shapes.held_out_scenes()
     print("| sampler | guidance | colour | shape | both | images | seconds |")
     print("|---|---|---|---|---|---|---|")
