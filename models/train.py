@@ -64,11 +64,36 @@ def build(out: Path, seed: int):
     return tokenizer, unet, vae, text_encoder, PNDMScheduler(**SD15_SCHEDULER)
 
 
+class LossLog:
+    """Running mean of a part's loss, appended to the record every `every` steps and printed."""
+
+    def __init__(self, log: list, part: str, every: int):
+        self.log, self.part, self.every, self.values = log, part, every, []
+
+    def add(self, step: int, loss: float) -> None:
+        self.values.append(loss)
+        if step % self.every == 0:
+            mean = float(np.mean(self.values))
+            self.log.append({"part": self.part, "step": step, "loss": round(mean, 5)})
+            print(f"{self.part} step {step} loss {mean:.4f}", flush=True)
+            self.values = []
+
+
+def save(pipe, out: Path, record: dict) -> None:
+    """fp16 weights, SD 1.5's explicit `clip_sample: false`, the training record; then rename."""
+    tmp = out.with_name(out.name + ".partial")
+    pipe.to(torch.float16).save_pretrained(tmp)
+    config_file = tmp / "scheduler" / "scheduler_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "clip_sample": False}, indent=2))
+    (tmp / "training.json").write_text(json.dumps(record, indent=1))
+    tmp.rename(out)
+
+
 def train_vae(vae, rng, minutes: float, batch: int, log: list) -> None:
     """Reconstruction (L1 + MSE) with a small KL term, as SD's autoencoder without the GAN."""
     optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
     end = time.time() + minutes * 60
-    step = 0
+    step, losses = 0, LossLog(log, "vae", 50)
     while time.time() < end:
         pixels, _ = shapes.batch(rng, batch)
         x = torch.from_numpy(pixels)
@@ -79,9 +104,7 @@ def train_vae(vae, rng, minutes: float, batch: int, log: list) -> None:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        if step % 50 == 0:
-            log.append({"part": "vae", "step": step, "loss": round(rec.item(), 5)})
-            print(f"vae step {step} reconstruction {float(rec):.4f}", flush=True)
+        losses.add(step, rec.item())
         step += 1
 
 
@@ -92,7 +115,7 @@ def finetune_decoder(vae, rng, minutes: float, batch: int, log: list) -> None:
     params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
     optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
     end = time.time() + minutes * 60
-    step, running = 0, []
+    step, losses = 0, LossLog(log, "vae_decoder", 50)
     while time.time() < end:
         pixels, _ = shapes.batch(rng, batch)
         x = torch.from_numpy(pixels)
@@ -103,12 +126,7 @@ def finetune_decoder(vae, rng, minutes: float, batch: int, log: list) -> None:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        running.append(loss.item())
-        if step % 50 == 0:
-            mean = float(np.mean(running))
-            log.append({"part": "vae_decoder", "step": step, "loss": round(mean, 5)})
-            print(f"decoder step {step} reconstruction {mean:.4f}", flush=True)
-            running = []
+        losses.add(step, loss.item())
         step += 1
     vae.requires_grad_(False)
 
@@ -128,7 +146,7 @@ def train_unet(unet, text_encoder, tokenizer, vae, scheduler, rng, minutes: floa
     scaling = vae.config.scaling_factor
     alphas = scheduler.alphas_cumprod
     end = time.time() + minutes * 60
-    step, running = 0, []
+    step, losses = 0, LossLog(log, "unet", 100)
     while time.time() < end:
         pixels, captions = shapes.batch(rng, batch)
         captions = ["" if rng.random() < CAPTION_DROPOUT else c for c in captions]
@@ -148,12 +166,7 @@ def train_unet(unet, text_encoder, tokenizer, vae, scheduler, rng, minutes: floa
         with torch.no_grad():
             for average, p in zip(ema, params):
                 average.lerp_(p, 1 - decay)
-        running.append(loss.item())
-        if step % 100 == 0:
-            mean = float(np.mean(running))
-            log.append({"part": "unet", "step": step, "loss": round(mean, 5)})
-            print(f"unet step {step} loss {mean:.4f}", flush=True)
-            running = []
+        losses.add(step, loss.item())
         step += 1
     with torch.no_grad():
         for average, p in zip(ema, params):
@@ -177,13 +190,8 @@ def decoder_only(args) -> None:
     rng = np.random.default_rng(args.seed + 1)
     record = json.loads((args.decoder_only / "training.json").read_text())
     finetune_decoder(pipe.vae, rng, args.decoder_minutes, 32, record["loss"])
-    record["decoder_minutes"] = round((time.time() - start) / 60, 1)
-    tmp = args.out.with_name(args.out.name + ".partial")
-    pipe.to(torch.float16).save_pretrained(tmp)
-    (tmp / "training.json").write_text(json.dumps(record, indent=1))
-    config_file = tmp / "scheduler" / "scheduler_config.json"
-    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "clip_sample": False}, indent=2))
-    tmp.rename(args.out)
+    record["decoder_minutes"] = round(record.get("decoder_minutes", 0) + (time.time() - start) / 60, 1)
+    save(pipe, args.out, record)
     print(f"wrote {args.out} in {(time.time() - start) / 60:.1f} min")
 
 
@@ -209,8 +217,7 @@ def main() -> None:
 
     start = time.time()
     rng = np.random.default_rng(args.seed)
-    tmp = args.out.with_name(args.out.name + ".partial")
-    tokenizer, unet, vae, text_encoder, scheduler = build(tmp, args.seed)
+    tokenizer, unet, vae, text_encoder, scheduler = build(args.out.with_name(args.out.name + ".partial"), args.seed)
     log: list[dict] = []
     train_vae(vae, rng, args.vae_minutes, 32, log)
     vae.eval().requires_grad_(False)
@@ -220,9 +227,6 @@ def main() -> None:
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
-    pipe.to(torch.float16).save_pretrained(tmp)
-    config_file = tmp / "scheduler" / "scheduler_config.json"
-    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "clip_sample": False}, indent=2))
     record = {
         "seed": args.seed,
         "architecture": {"unet": UNET, "vae": VAE, "text_encoder": TEXT},
@@ -233,8 +237,7 @@ def main() -> None:
         "torch_threads": args.threads,
         "loss": log,
     }
-    (tmp / "training.json").write_text(json.dumps(record, indent=1))
-    tmp.rename(args.out)
+    save(pipe, args.out, record)
     print(f"wrote {args.out} in {(time.time() - start) / 60:.1f} min")
 
 
