@@ -9,14 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-MODEL_INDEX = "model_index.json"
 RECORD = "sdonnx.json"
 TOKENIZER_DIR = "tokenizer"
 SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
 ONNX_FILE = "model.onnx"
-# ONNX's protobuf limit: larger models keep their weights in an external data file.
+# Models over ONNX's 2 GB protobuf limit keep their weights in this external data file.
 EXTERNAL_DATA_FILE = "model.onnx_data"
-PROTOBUF_LIMIT = 2 * 1024**3
 
 
 @dataclass(frozen=True)
@@ -41,7 +39,6 @@ VAE_DECODER = Part("vae_decoder", ("latent_sample",), "sample")
 VAE_ENCODER = Part("vae_encoder", ("sample",), "latent_parameters", required=False)
 
 PARTS = (TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER)
-PARTS_BY_NAME = {part.name: part for part in PARTS}
 
 # Stable Diffusion 1.x's VAE latent scaling, used when a folder's VAE config does not say.
 DEFAULT_VAE_SCALING_FACTOR = 0.18215
