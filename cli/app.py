@@ -126,7 +126,7 @@ def generate(
                                callback=on_step)
     if verbose and step_times:
         typer.echo(f"{len(step_times)} steps, {sum(step_times) / len(step_times):.3f} s per step")
-    seeds = [int(re.search(r"Seed: (\d+)", im.info["parameters"])[1]) for im in images]
+    seeds = [im.info["seed"] for im in images]
     paths = output_paths(out, n)
     for i, image in enumerate(images):
         written = save_png(image, paths[i] if paths else None, folder, seeds[i])

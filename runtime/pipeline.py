@@ -124,7 +124,7 @@ def _read_json(path: Path) -> dict:
 
 
 class Pipeline:
-    """A loaded model folder. `generate` turns a prompt into PIL images."""
+    """A loaded model folder. `generate` turns a prompt into PIL images (info: "parameters", "seed")."""
 
     def __init__(self, config: LoadConfig):
         path = config.path
@@ -232,6 +232,7 @@ class Pipeline:
         x = chosen.sample(denoise, x, schedule.sigmas, callback=step)
         images = self.decode(schedule.to_latents(x))
         for i, image in enumerate(images):
+            image.info["seed"] = config.seed + i
             image.info["parameters"] = infotext(
                 config, seed=config.seed + i, sampler_label=chosen.label, model=self.name
             )
