@@ -25,6 +25,7 @@ from typing import Callable
 
 from sdonnx.export.parity import PartParity, check_parts
 from sdonnx.runtime import parts
+from sdonnx.runtime.info import folder_bytes
 from sdonnx.runtime.errors import InputError, ModelFolderError, SdonnxError
 
 # What a diffusers Stable Diffusion folder must hold for an export.
@@ -128,10 +129,6 @@ def _opset(path: Path) -> int | None:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
 
 
-def _folder_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-
-
 def quiet_libraries() -> None:
     """Keep diffusers/transformers loading chatter (accelerate hints, tracer notes) off the console."""
     from diffusers.utils import logging as diffusers_logging
@@ -171,7 +168,7 @@ def _write_record(tmp: Path, config: ExportConfig, seconds: float, parity: list[
         "parts": {
             part.name: {
                 "precision": "fp32",
-                "bytes": _folder_bytes(tmp / part.name),
+                "bytes": folder_bytes(tmp / part.name),
                 "external_data": (tmp / part.name / parts.EXTERNAL_DATA_FILE).is_file(),
                 **({"parity": by_part[part.name].as_dict()} if part.name in by_part else {}),
             }

@@ -15,7 +15,7 @@ from sdonnx.runtime.schedules import SchedulerConfig
 _PRECISION = {"tensor(float)": "fp32", "tensor(float16)": "fp16", "tensor(bfloat16)": "bf16"}
 
 
-def _size(folder: Path) -> int:
+def folder_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
@@ -48,7 +48,7 @@ def describe(path: Path) -> str:
         if not model_file.is_file():
             lines.append(f"{part.name}: absent")
             continue
-        size = _size(model_file.parent)
+        size = folder_bytes(model_file.parent)
         total += size
         try:
             session = ort.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
@@ -56,9 +56,9 @@ def describe(path: Path) -> str:
             raise ModelFolderError(f"{part.name}: cannot load {model_file}: {e}") from e
         inputs = session.get_inputs()
         recorded = record.get("parts", {}).get(part.name, {})
-        precision = recorded.get("precision") or _PRECISION.get(inputs[0].type, "fp32")
-        if part.name == parts.TEXT_ENCODER.name:
-            precision = recorded.get("precision") or _PRECISION.get(session.get_outputs()[0].type, "fp32")
+        # The text encoder's input is token ids; its output type tells its precision.
+        tensor = session.get_outputs()[0] if part is parts.TEXT_ENCODER else inputs[0]
+        precision = recorded.get("precision") or _PRECISION.get(tensor.type, "fp32")
         lines.append(f"{part.name}: {precision}, {_human(size)}")
         for i in inputs:
             lines.append(f"    in  {i.name}: {i.type} {i.shape}")
