@@ -41,12 +41,17 @@ def output_paths(out: Path, n: int) -> list[Path] | None:
     return [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(n)]
 
 
+def grid_path(out: Path) -> Path | None:
+    """`x-grid.png` beside `--out x.png` (None: a numbered file inside the folder `out`)."""
+    return out.with_name(f"{out.stem}-grid{out.suffix}") if out.suffix.lower() == ".png" else None
+
+
 def _next_number(folder: Path) -> int:
     numbers = [int(m[1]) for f in folder.glob("*.png") if (m := re.match(r"(\d+)-", f.name))]
     return max(numbers, default=-1) + 1
 
 
-def save_png(image, path: Path | None, folder: Path, seed: int) -> Path:
+def save_png(image, path: Path | None, folder: Path, seed: int, suffix: str = "") -> Path:
     """Write via a temporary file and a hard link, which fails rather than overwrite."""
     from PIL.PngImagePlugin import PngInfo
 
@@ -58,7 +63,7 @@ def save_png(image, path: Path | None, folder: Path, seed: int) -> Path:
         with os.fdopen(fd, "wb") as f:
             image.save(f, format="PNG", pnginfo=info)
         while True:
-            final = path or folder / f"{_next_number(folder):05d}-{seed}.png"
+            final = path or folder / f"{_next_number(folder):05d}-{seed}{suffix}.png"
             try:
                 os.link(tmp, final)
                 return final
@@ -90,7 +95,9 @@ def generate(
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed (random when omitted); image i uses seed + i."),
     size: Optional[str] = typer.Option(None, "--size", help="WIDTHxHEIGHT in pixels, multiples of 8 (default: the model's native size)."),
     sampler: str = typer.Option("euler", "--sampler", help="euler, ddim or plms."),
-    n: int = typer.Option(1, "-n", help="Images per call."),
+    n: int = typer.Option(1, "-n", help="Images per batch."),
+    n_iter: int = typer.Option(1, "--n-iter", help="Batches to run; image j of the run uses seed + j."),
+    grid: bool = typer.Option(False, "--grid", help="Also save one grid of all images, a batch per row."),
     out: Path = typer.Option(DEFAULT_OUT, "--out", "-o", help="Output folder, or a .png file name."),
     provider: str = typer.Option("auto", "--provider", help="cpu, cuda, openvino or auto."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: onnxruntime's)."),
@@ -100,37 +107,51 @@ def generate(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from sdonnx.runtime import GenerationConfig, Pipeline
+    from sdonnx.runtime.grid import image_grid
 
     width, height = parse_size(size) if size else (None, None)
-    GenerationConfig(prompt, negative, steps, guidance, seed, width, height, sampler, n).validate()
+    # Validated here so that a random seed is drawn once and batches continue from it.
+    seed = GenerationConfig(prompt, negative, steps, guidance, seed, width, height, sampler, n).validate().seed
+    if n_iter < 1:
+        raise InputError(f"--n-iter (batches) must be at least 1, got {n_iter}")
     folder = _prepare_out_dir(out)
     start = time.perf_counter()
     pipe = Pipeline.load(model, provider=provider, threads=threads)
     if verbose:
         typer.echo(f"loaded {pipe.config.path} on {pipe.config.provider} in {time.perf_counter() - start:.2f} s")
     step_times: list[float] = []
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeRemainingColumn(), transient=not verbose) as progress:
-        task = progress.add_task("sampling", total=None)
-        last = time.perf_counter()
+    paths = output_paths(out, n * n_iter)
+    run: list = []
+    for batch in range(n_iter):
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TimeRemainingColumn(), transient=not verbose) as progress:
+            task = progress.add_task(f"batch {batch + 1}/{n_iter}" if n_iter > 1 else "sampling", total=None)
+            last = time.perf_counter()
 
-        def on_step(step: int, total: int) -> None:
-            nonlocal last
-            now = time.perf_counter()
-            step_times.append(now - last)
-            last = now
-            progress.update(task, completed=step, total=total)
+            def on_step(step: int, total: int) -> None:
+                nonlocal last
+                now = time.perf_counter()
+                step_times.append(now - last)
+                last = now
+                progress.update(task, completed=step, total=total)
 
-        images = pipe.generate(prompt, negative_prompt=negative, steps=steps, guidance=guidance,
-                               seed=seed, width=width, height=height, sampler=sampler, n=n,
-                               callback=on_step)
+            images = pipe.generate(prompt, negative_prompt=negative, steps=steps, guidance=guidance,
+                                   seed=seed + batch * n, width=width, height=height, sampler=sampler,
+                                   n=n, callback=on_step)
+        for i, image in enumerate(images):
+            image_seed = image.info["seed"]
+            written = save_png(image, paths[batch * n + i] if paths else None, folder, image_seed)
+            typer.echo(f"wrote {written} (seed {image_seed})")
+        if grid:
+            run += images
     if verbose and step_times:
         typer.echo(f"{len(step_times)} steps, {sum(step_times) / len(step_times):.3f} s per step")
-    seeds = [im.info["seed"] for im in images]
-    paths = output_paths(out, n)
-    for i, image in enumerate(images):
-        written = save_png(image, paths[i] if paths else None, folder, seeds[i])
-        typer.echo(f"wrote {written} (seed {seeds[i]})")
+    if grid:
+        sheet = image_grid(run, columns=n)
+        # As in the web UI, a grid carries its first image's parameters.
+        sheet.info["parameters"] = run[0].info["parameters"]
+        written = save_png(sheet, grid_path(out), folder, seed, suffix="-grid")
+        typer.echo(f"wrote {written} (grid of {len(run)} images)")
 
 
 @app.command()

@@ -68,6 +68,7 @@ def build_random_pipeline(
     output_gain: float = 1.0,
     time_gain: float = 1.0,
     sample_size: int | None = None,
+    in_channels: int = 4,
 ) -> Path:
     """Write a randomly initialised SD pipeline to `out_dir` (diffusers format).
 
@@ -75,6 +76,7 @@ def build_random_pipeline(
     its output convolution and `time_gain` its timestep embedding, so that a wrong timestep,
     sampler or guidance scale visibly changes the image.
     `sample_size` is the image side in pixels (64 for tiny, 512 for sd15 by default).
+    `in_channels=9` makes an inpainting model (latents + mask + masked-image latents).
     """
     import torch
     from diffusers import (
@@ -89,7 +91,8 @@ def build_random_pipeline(
     torch.manual_seed(seed)
     unet_args, vae_args, text_args = PRESETS[preset]
     sample_size = sample_size or (64 if preset == "tiny" else 512)
-    unet = UNet2DConditionModel(sample_size=sample_size // 8, in_channels=4, out_channels=4, **unet_args)
+    unet = UNet2DConditionModel(sample_size=sample_size // 8, in_channels=in_channels, out_channels=4,
+                                **unet_args)
     with torch.no_grad():
         unet.conv_out.weight.mul_(output_gain)
         unet.conv_out.bias.mul_(output_gain)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -89,12 +90,32 @@ def save(pipe, out: Path, record: dict) -> None:
     tmp.rename(out)
 
 
+class TimedSchedule:
+    """Learning rate over a wall-clock budget: 100 steps of warm-up, then cosine decay to 5%.
+
+    Runs here are budgeted in minutes, not steps, so the decay follows the elapsed time.
+    """
+
+    def __init__(self, optimizer, peak: float, minutes: float):
+        self.optimizer, self.peak = optimizer, peak
+        self.start, self.seconds = time.time(), minutes * 60
+
+    def running(self, step: int) -> bool:
+        done = (time.time() - self.start) / self.seconds
+        if done >= 1:
+            return False
+        lr = self.peak * min(1.0, (step + 1) / 100) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * done)))
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return True
+
+
 def train_vae(vae, rng, minutes: float, batch: int, log: list) -> None:
     """Reconstruction (L1 + MSE) with a small KL term, as SD's autoencoder without the GAN."""
     optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
-    end = time.time() + minutes * 60
-    step, losses = 0, LossLog(log, "vae", 50)
-    while time.time() < end:
+    schedule = TimedSchedule(optimizer, 2e-3, minutes)
+    step, losses = 0, LossLog(log, "vae", 100)
+    while schedule.running(step):
         pixels, _ = shapes.batch(rng, batch)
         x = torch.from_numpy(pixels)
         posterior = vae.encode(x).latent_dist
@@ -114,9 +135,9 @@ def finetune_decoder(vae, rng, minutes: float, batch: int, log: list) -> None:
     vae.post_quant_conv.requires_grad_(True)
     params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
     optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
-    end = time.time() + minutes * 60
-    step, losses = 0, LossLog(log, "vae_decoder", 50)
-    while time.time() < end:
+    schedule = TimedSchedule(optimizer, 1e-3, minutes)
+    step, losses = 0, LossLog(log, "vae_decoder", 100)
+    while schedule.running(step):
         pixels, _ = shapes.batch(rng, batch)
         x = torch.from_numpy(pixels)
         with torch.no_grad():
@@ -145,9 +166,9 @@ def train_unet(unet, text_encoder, tokenizer, vae, scheduler, rng, minutes: floa
     ema = [p.detach().clone() for p in params]
     scaling = vae.config.scaling_factor
     alphas = scheduler.alphas_cumprod
-    end = time.time() + minutes * 60
+    schedule = TimedSchedule(optimizer, 1e-3, minutes)
     step, losses = 0, LossLog(log, "unet", 100)
-    while time.time() < end:
+    while schedule.running(step):
         pixels, captions = shapes.batch(rng, batch)
         captions = ["" if rng.random() < CAPTION_DROPOUT else c for c in captions]
         with torch.no_grad():
@@ -202,6 +223,8 @@ def main() -> None:
     parser.add_argument("--vae-minutes", type=float, default=12)
     parser.add_argument("--unet-minutes", type=float, default=48)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--vae-from", type=Path, metavar="DIR",
+                        help="take the trained autoencoder of the pipeline DIR instead of training one")
     parser.add_argument("--decoder-only", type=Path, metavar="DIR",
                         help="fine-tune the VAE decoder of the trained pipeline DIR into OUT")
     parser.add_argument("--decoder-minutes", type=float, default=15)
@@ -219,9 +242,19 @@ def main() -> None:
     rng = np.random.default_rng(args.seed)
     tokenizer, unet, vae, text_encoder, scheduler = build(args.out.with_name(args.out.name + ".partial"), args.seed)
     log: list[dict] = []
-    train_vae(vae, rng, args.vae_minutes, 32, log)
+    vae_minutes = 0.0
+    if args.vae_from:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(args.vae_from / "vae", torch_dtype=torch.float32)
+        source = json.loads((args.vae_from / "training.json").read_text())
+        log += [entry for entry in source["loss"] if entry["part"].startswith("vae")]
+        vae_minutes = source["vae_minutes"]
+    else:
+        train_vae(vae, rng, args.vae_minutes, 16, log)
     vae.eval().requires_grad_(False)
-    vae.register_to_config(scaling_factor=latent_scale(vae, rng))
+    if not args.vae_from:
+        vae.register_to_config(scaling_factor=latent_scale(vae, rng))
     vae_done = time.time()
     train_unet(unet, text_encoder, tokenizer, vae, scheduler, rng, args.unet_minutes, 64, log)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
@@ -232,7 +265,7 @@ def main() -> None:
         "architecture": {"unet": UNET, "vae": VAE, "text_encoder": TEXT},
         "parameters": {name: sum(p.numel() for p in m.parameters())
                        for name, m in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder))},
-        "vae_minutes": round((vae_done - start) / 60, 1),
+        "vae_minutes": round(vae_minutes + (vae_done - start) / 60, 1),
         "unet_minutes": round((time.time() - vae_done) / 60, 1),
         "torch_threads": args.threads,
         "loss": log,

@@ -22,6 +22,8 @@ class Denoiser:
     guidance: float
     prediction_type: str
     sigma_to_t: Callable[[float], float]
+    # Inpainting UNets take (mask, masked-image latents) as 5 more input channels, unscaled.
+    conditioning: np.ndarray | None = None
 
     @property
     def uses_guidance(self) -> bool:
@@ -31,8 +33,12 @@ class Denoiser:
     def __call__(self, x: np.ndarray, sigma: float) -> np.ndarray:
         sigma = float(sigma)
         c_in = 1.0 / np.sqrt(sigma**2 + 1.0)
-        sample = np.concatenate([x, x]) if self.uses_guidance else x
-        out = self.unet((sample * c_in).astype(np.float32), self.sigma_to_t(sigma), self.context)
+        sample = x * c_in
+        if self.conditioning is not None:
+            sample = np.concatenate([sample, self.conditioning], axis=1)
+        if self.uses_guidance:
+            sample = np.concatenate([sample, sample])
+        out = self.unet(sample.astype(np.float32), self.sigma_to_t(sigma), self.context)
         if self.uses_guidance:
             uncond, cond = np.split(out, 2)
             out = uncond + self.guidance * (cond - uncond)

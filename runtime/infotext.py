@@ -27,6 +27,9 @@ def infotext(config: "GenerationConfig", *, seed: int, sampler_label: str, model
         "CFG scale": f"{config.guidance:g}",
         "Seed": seed,
         "Size": f"{config.width}x{config.height}",
+        **({"Schedule type": "Karras"} if config.schedule == "karras" else {}),
+        **({"Eta DDIM" if config.sampler == "ddim" else "Eta": f"{config.eta:g}"} if config.eta is not None else {}),
+        **({"Denoising strength": f"{config.strength:g}"} if config.strength is not None else {}),
         "Model": _quote(model),
         "Version": "sdonnx 0.1.0",
     }

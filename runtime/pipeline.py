@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import json
 import os
 import random
@@ -16,14 +17,18 @@ from PIL import Image
 from sdonnx.runtime import parts, providers
 from sdonnx.runtime.denoiser import Denoiser
 from sdonnx.runtime.errors import InputError, ModelFolderError
+from sdonnx.runtime.images import default_size, fit, load_image, to_mask, to_pixels
 from sdonnx.runtime.infotext import infotext
 from sdonnx.runtime.onnx_model import OnnxModel
-from sdonnx.runtime.samplers import sample_euler, sample_plms
+from sdonnx.runtime import samplers
 from sdonnx.runtime.schedules import (
+    Schedule,
     SchedulerConfig,
     check_steps,
     discrete_schedule,
     euler_schedule,
+    lcm_schedule,
+    multistep_schedule,
 )
 from sdonnx.runtime.tokenizer import CLIPTokenizer
 
@@ -32,15 +37,30 @@ from sdonnx.runtime.tokenizer import CLIPTokenizer
 class Sampler:
     label: str  # the name AUTOMATIC1111's web UI gives it, for the PNG parameters
     sample: Callable
-    schedule: Callable
+    schedule: Callable  # (SchedulerConfig, steps, karras) -> Schedule
+    reference: str  # the diffusers scheduler it reproduces
+
+    @property
+    def options(self) -> set[str]:
+        return set(inspect.signature(self.sample).parameters)
 
 
 SAMPLERS = {
-    "euler": Sampler("Euler", sample_euler, euler_schedule),
-    # DDIM with eta = 0 is the Euler method on DDIM's timesteps (Karras et al. 2022, sec. 3).
-    "ddim": Sampler("DDIM", sample_euler, discrete_schedule),
-    "plms": Sampler("PLMS", sample_plms, discrete_schedule),
+    "euler": Sampler("Euler", samplers.sample_euler, euler_schedule, "EulerDiscreteScheduler"),
+    "euler_a": Sampler("Euler a", samplers.sample_euler_ancestral, euler_schedule,
+                       "EulerAncestralDiscreteScheduler"),
+    "heun": Sampler("Heun", samplers.sample_heun, euler_schedule, "HeunDiscreteScheduler"),
+    "lms": Sampler("LMS", samplers.sample_lms, euler_schedule, "LMSDiscreteScheduler"),
+    "ddim": Sampler("DDIM", samplers.sample_ddim, discrete_schedule, "DDIMScheduler"),
+    "plms": Sampler("PLMS", samplers.sample_plms, discrete_schedule, "PNDMScheduler"),
+    "dpmpp_2m": Sampler("DPM++ 2M", samplers.sample_dpmpp_2m, multistep_schedule,
+                        "DPMSolverMultistepScheduler"),
+    "dpmpp_2m_sde": Sampler("DPM++ 2M SDE", samplers.sample_dpmpp_2m_sde, multistep_schedule,
+                            "DPMSolverMultistepScheduler"),
+    "unipc": Sampler("UniPC", samplers.sample_unipc, multistep_schedule, "UniPCMultistepScheduler"),
+    "lcm": Sampler("LCM", samplers.sample_lcm, lcm_schedule, "LCMScheduler"),
 }
+SCHEDULES = ("default", "karras")
 
 
 @dataclass(frozen=True)
@@ -65,6 +85,9 @@ class GenerationConfig:
     height: int | None = None
     sampler: str = "euler"
     n: int = 1
+    schedule: str = "default"
+    eta: float | None = None  # ddim and euler_a: the share of fresh noise per step
+    strength: float | None = None  # img2img and inpainting only
 
     def validate(self) -> "GenerationConfig":
         if not isinstance(self.prompt, str) or not isinstance(self.negative_prompt, str):
@@ -81,6 +104,16 @@ class GenerationConfig:
             raise InputError(
                 f"unknown sampler {self.sampler!r}; choose one of: {', '.join(SAMPLERS)}"
             )
+        if self.schedule not in SCHEDULES:
+            raise InputError(f"unknown schedule {self.schedule!r}; choose one of: {', '.join(SCHEDULES)}")
+        if self.eta is not None:
+            if "eta" not in SAMPLERS[self.sampler].options:
+                takes = [name for name, s in SAMPLERS.items() if "eta" in s.options]
+                raise InputError(f"eta applies to the {' and '.join(takes)} samplers, not {self.sampler}")
+            if not 0 <= self.eta <= 1:
+                raise InputError(f"eta must be between 0 and 1, got {self.eta!r}")
+        if self.strength is not None and not (0 <= self.strength <= 1):
+            raise InputError(f"strength must be between 0 and 1, got {self.strength!r}")
         if not isinstance(self.n, (int, np.integer)) or self.n < 1:
             raise InputError(f"n (images per call) must be at least 1, got {self.n!r}")
         if self.seed is not None and not (0 <= self.seed < 2**63):
@@ -92,6 +125,19 @@ class GenerationConfig:
     @property
     def latent_shape(self) -> tuple[int, int, int, int]:
         return (self.n, parts.LATENT_CHANNELS, self.height // parts.VAE_SCALE, self.width // parts.VAE_SCALE)
+
+    def schedule_for(self, scheduler: SchedulerConfig) -> Schedule:
+        """The sampler's schedule; for img2img its last int(steps * strength) steps."""
+        schedule = SAMPLERS[self.sampler].schedule(scheduler, self.steps, karras=self.schedule == "karras")
+        if self.strength is None:
+            return schedule
+        tail = schedule.tail(self.strength)
+        if tail.steps == 0:
+            raise InputError(
+                f"strength {self.strength:g} with {self.steps} steps runs no step "
+                f"(int(steps x strength) = 0); raise the strength or the steps"
+            )
+        return tail
 
 
 def check_model_folder(path: Path) -> None:
@@ -144,6 +190,8 @@ class Pipeline:
         self.text_encoder = load(parts.TEXT_ENCODER)
         self.unet = load(parts.UNET)
         self.vae_decoder = load(parts.VAE_DECODER)
+        has_encoder = (path / parts.VAE_ENCODER.onnx_path).is_file()
+        self.vae_encoder = load(parts.VAE_ENCODER) if has_encoder else None
 
     @classmethod
     def load(cls, path: str | Path | None = None, provider: str = "auto",
@@ -162,9 +210,23 @@ class Pipeline:
     def name(self) -> str:
         return self.config.path.resolve().name
 
-    def encode_prompt(self, prompt: str) -> np.ndarray:
-        ids = self.tokenizer([prompt]).astype(self.text_encoder.dtype("input_ids"))
-        return self.text_encoder(input_ids=ids)[parts.TEXT_ENCODER.output]
+    def encode_prompt(self, prompt: str, windows: int = 1) -> np.ndarray:
+        """(1, 77 k, d) embeddings: each of the prompt's k >= `windows` 75-token windows
+        encoded alone, then concatenated along the sequence (AUTOMATIC1111's long prompts)."""
+        ids = self.tokenizer.window_ids(prompt, windows).astype(self.text_encoder.dtype("input_ids"))
+        hidden = self.text_encoder(input_ids=ids)[parts.TEXT_ENCODER.output]
+        return hidden.reshape(1, -1, hidden.shape[-1])
+
+    def encode_context(self, config: GenerationConfig) -> np.ndarray:
+        """The UNet's text context for n images: negative rows first when guidance is on."""
+        texts = [config.prompt, config.negative_prompt] if config.guidance > 1.0 else [config.prompt]
+        # Both halves of a guided batch must have the same length: pad with empty windows.
+        windows = max(len(self.tokenizer.window_ids(text)) for text in texts)
+        context = np.repeat(self.encode_prompt(config.prompt, windows), config.n, axis=0)
+        if config.guidance <= 1.0:
+            return context
+        negative = np.repeat(self.encode_prompt(config.negative_prompt, windows), config.n, axis=0)
+        return np.concatenate([negative, context])
 
     def _unet(self, sample: np.ndarray, t: float, context: np.ndarray) -> np.ndarray:
         dtype = self.unet.dtype("timestep")
@@ -198,20 +260,64 @@ class Pipeline:
             for i in range(config.n)
         ])
 
+    @property
+    def is_inpainting(self) -> bool:
+        """Inpainting UNets take 9 channels: latents, mask, masked-image latents."""
+        return self.unet.shape("sample")[1] == parts.LATENT_CHANNELS * 2 + 1
+
+    def encode_image(self, pixels: np.ndarray) -> np.ndarray:
+        """VAE-encode (1, 3, H, W) pixels in [-1, 1] to scaled latents: the posterior mean."""
+        if self.vae_encoder is None:
+            raise ModelFolderError(
+                f"img2img and inpainting need {parts.VAE_ENCODER.onnx_path}, which {self.config.path} "
+                "lacks; export the model again with `sdonnx export`"
+            )
+        dtype = self.vae_encoder.dtype("sample")
+        moments = self.vae_encoder(sample=pixels.astype(dtype))[parts.VAE_ENCODER.output]
+        return moments[:, : parts.LATENT_CHANNELS].astype(np.float32) * self.vae_scaling_factor
+
+    def sampler_noise(self, config: GenerationConfig, shape: tuple[int, ...]) -> Callable[[], np.ndarray]:
+        """Fresh unit noise per step for stochastic samplers, one stream per image (seed + i)."""
+        streams = [np.random.default_rng([config.seed + i, 1]) for i in range(config.n)]
+        return lambda: np.stack([g.standard_normal(shape[1:], dtype=np.float32) for g in streams])
+
     def generate(self, prompt: str, negative_prompt: str = "", steps: int = 20,
                  guidance: float = 7.5, seed: int | None = 0, width: int | None = None,
                  height: int | None = None,
                  sampler: str = "euler", n: int = 1, latents: np.ndarray | None = None,
-                 callback: Callable[[int, int], None] | None = None) -> list[Image.Image]:
+                 callback: Callable[[int, int], None] | None = None, *,
+                 schedule: str = "default", eta: float | None = None,
+                 init_image: Image.Image | str | Path | None = None, strength: float = 0.75,
+                 mask_image: Image.Image | str | Path | None = None) -> list[Image.Image]:
         """Generate `n` images; `latents` (n, 4, H/8, W/8) of unit noise replaces the seeded noise.
 
-        Width and height default to the model's native size (512 for SD 1.x).
+        Width and height default to the model's native size (512 for SD 1.x), or with an
+        `init_image` to its size rounded down to multiples of 8; an init image of another size
+        is scaled to cover the requested size and centre-cropped. img2img runs the last
+        int(steps x strength) steps from the encoded image noised to that level, as diffusers'
+        StableDiffusionImg2ImgPipeline; with `mask_image` (white = repaint, the init image's
+        size) an inpainting model repaints the masked part. `schedule="karras"` uses Karras
+        sigmas; `eta` sets ddim's (default 0) or euler_a's (default 1) noise.
         `callback(step, total_steps)` is called after every sampler step.
         """
+        if mask_image is not None and init_image is None:
+            raise InputError("mask_image needs an init_image to repaint")
+        if mask_image is not None and not self.is_inpainting:
+            raise InputError(
+                "mask_image needs an inpainting model (a UNet taking 9 channels); "
+                f"{self.name}'s UNet takes {self.unet.shape('sample')[1]}"
+            )
+        if init_image is None and self.is_inpainting:
+            raise InputError(f"{self.name} is an inpainting model: pass init_image and mask_image")
+        if init_image is not None:
+            init_image = load_image(init_image)
+            width, height = width or default_size(init_image)[0], height or default_size(init_image)[1]
         width = width or self.native_size
         height = height or self.native_size
-        config = GenerationConfig(prompt, negative_prompt, steps, guidance, seed, width, height,
-                                  sampler, n).validate()
+        config = GenerationConfig(
+            prompt, negative_prompt, steps, guidance, seed, width, height, sampler, n, schedule, eta,
+            None if init_image is None else strength,
+        ).validate()
         if latents is None:
             latents = self.initial_noise(config)
         elif np.shape(latents) != config.latent_shape:
@@ -220,20 +326,53 @@ class Pipeline:
                 f"got {np.shape(latents)}"
             )
         chosen = SAMPLERS[config.sampler]
-        schedule = chosen.schedule(self.scheduler, config.steps)
-        context = np.repeat(self.encode_prompt(config.prompt), config.n, axis=0)
-        if config.guidance > 1.0:
-            negative = np.repeat(self.encode_prompt(config.negative_prompt), config.n, axis=0)
-            context = np.concatenate([negative, context])
+        noise = np.asarray(latents, dtype=np.float32)
+        conditioning = None
+        if mask_image is None:
+            schedule_ = config.schedule_for(self.scheduler)
+            x = noise * schedule_.noise_scale
+            if init_image is not None:
+                start = self.encode_image(to_pixels(fit(init_image, width, height)))
+                x = start + noise * schedule_.sigmas[0]
+        else:
+            schedule_, x, conditioning = self._inpainting_start(config, init_image, mask_image, noise)
+        context = self.encode_context(config)
         denoise = Denoiser(self._unet, context, config.guidance, self.scheduler.prediction_type,
-                           schedule.sigma_to_t)
-        x = np.asarray(latents, dtype=np.float32) * schedule.noise_scale
-        step = (lambda i, x, denoised: callback(i + 1, schedule.steps)) if callback else None
-        x = chosen.sample(denoise, x, schedule.sigmas, callback=step)
-        images = self.decode(schedule.to_latents(x))
+                           schedule_.sigma_to_t, conditioning)
+        options = {**schedule_.sampler_kwargs, "noise": self.sampler_noise(config, x.shape),
+                   "prediction_type": self.scheduler.prediction_type}
+        if config.eta is not None:
+            options["eta"] = config.eta
+        options = {k: v for k, v in options.items() if k in chosen.options}
+        step = (lambda i, x, denoised: callback(i + 1, schedule_.steps)) if callback else None
+        x = chosen.sample(denoise, x, schedule_.sigmas, callback=step, **options)
+        images = self.decode(schedule_.to_latents(x))
         for i, image in enumerate(images):
             image.info["seed"] = config.seed + i
             image.info["parameters"] = infotext(
                 config, seed=config.seed + i, sampler_label=chosen.label, model=self.name
             )
         return images
+
+    def _inpainting_start(self, config: GenerationConfig, init_image: Image.Image,
+                          mask_image, noise: np.ndarray):
+        """Schedule, starting latents and the UNet's extra channels, as diffusers'
+        StableDiffusionInpaintPipeline: the masked-out image is encoded, the mask is taken at
+        every 8th pixel, and strength 1 starts from pure noise."""
+        mask_image = load_image(mask_image, "mask image")
+        if mask_image.size != init_image.size:
+            raise InputError(
+                f"the mask is {mask_image.width}x{mask_image.height} but the init image is "
+                f"{init_image.width}x{init_image.height}; they must be the same size"
+            )
+        pixels = to_pixels(fit(init_image, config.width, config.height))
+        mask = to_mask(fit(mask_image, config.width, config.height))
+        masked = self.encode_image(pixels * (mask < 0.5))
+        latent_mask = mask[:, :, :: parts.VAE_SCALE, :: parts.VAE_SCALE]
+        conditioning = np.repeat(np.concatenate([latent_mask, masked], axis=1), config.n, axis=0)
+        schedule_ = config.schedule_for(self.scheduler)
+        if config.strength == 1.0:
+            x = noise * schedule_.noise_scale
+        else:
+            x = self.encode_image(pixels) + noise * schedule_.sigmas[0]
+        return schedule_, x, conditioning

@@ -136,14 +136,33 @@ class CLIPTokenizer:
                 ids += self._bpe("".join(self._byte_chars[b] for b in word.encode("utf-8")))
         return ids
 
+    def _window(self, tokens: list[int]) -> list[int]:
+        ids = [self.bos_id, *tokens, self.eos_id]
+        return ids + [self.pad_id] * (self.max_length - len(ids))
+
     def __call__(self, texts: list[str]) -> np.ndarray:
         """Pad or truncate each text to one window: (len(texts), max_length) int64 ids."""
         body = self.max_length - 2
-        rows = []
-        for text in texts:
-            ids = [self.bos_id, *self.encode(text)[:body], self.eos_id]
-            rows.append(ids + [self.pad_id] * (self.max_length - len(ids)))
-        return np.array(rows, dtype=np.int64)
+        return np.array([self._window(self.encode(text)[:body]) for text in texts], dtype=np.int64)
+
+    def window_ids(self, text: str, windows: int = 1) -> np.ndarray:
+        """A prompt of any length as (k, max_length) int64 ids, AUTOMATIC1111's 75-token windows.
+
+        The tokens are cut into consecutive runs of max_length - 2, each framed by start and
+        end tokens and padded as `__call__` pads; the text encoder sees every window alone and
+        the embeddings are concatenated. Empty windows are added up to `windows`, so a prompt
+        and its negative prompt can share one length; a prompt is never truncated. Up to 75
+        tokens this is exactly `self([text])`.
+
+        The web UI also moves a window's end back to the last comma among its final 20 tokens
+        (its `comma_padding_backtrack` setting) to keep a phrase whole; this plain split does
+        not, so the windows depend only on the token count.
+        """
+        body = self.max_length - 2
+        tokens = self.encode(text)
+        chunks = [tokens[i:i + body] for i in range(0, len(tokens), body)] or [[]]
+        chunks += [[]] * (windows - len(chunks))
+        return np.array([self._window(chunk) for chunk in chunks], dtype=np.int64)
 
 
 def _read_json(path: Path) -> dict:

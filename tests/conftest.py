@@ -35,13 +35,65 @@ def tiny_onnx(tiny_source, tmp_path_factory) -> Path:
     return out
 
 
+def _export(source: Path, tmp_path_factory, name: str) -> Path:
+    from sdonnx.export.exporter import ExportConfig, export
+
+    out = tmp_path_factory.mktemp(name) / "onnx"
+    export(ExportConfig(source, out))
+    return out
+
+
+def _reference(source: Path, cls: str = "StableDiffusionPipeline"):
+    import diffusers
+
+    pipe = getattr(diffusers, cls).from_pretrained(source, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    # Tests swap schedulers; each new one is built from the model's own config.
+    pipe.base_scheduler_config = dict(pipe.scheduler.config)
+    return pipe
+
+
+@pytest.fixture(scope="session")
+def vpred_source(tmp_path_factory) -> Path:
+    """SD 2.x style: v-prediction with trailing timestep spacing."""
+    from sdonnx.export.synthetic import build_random_pipeline
+
+    return build_random_pipeline(tmp_path_factory.mktemp("vpred") / "diffusers", seed=1,
+                                 prediction_type="v_prediction", timestep_spacing="trailing",
+                                 output_gain=OUTPUT_GAIN, time_gain=TIME_GAIN)
+
+
+@pytest.fixture(scope="session")
+def vpred_pipeline(vpred_source, tmp_path_factory):
+    from sdonnx import Pipeline
+
+    return Pipeline.load(_export(vpred_source, tmp_path_factory, "vpred-export"), provider="cpu")
+
+
+@pytest.fixture(scope="session")
+def vpred_reference(vpred_source):
+    return _reference(vpred_source)
+
+
+@pytest.fixture(scope="session")
+def inpaint_source(tmp_path_factory) -> Path:
+    """An inpainting model: a 9-channel UNet."""
+    from sdonnx.export.synthetic import build_random_pipeline
+
+    return build_random_pipeline(tmp_path_factory.mktemp("inpaint") / "diffusers", seed=2, in_channels=9,
+                                 output_gain=OUTPUT_GAIN, time_gain=TIME_GAIN)
+
+
+@pytest.fixture(scope="session")
+def inpaint_pipeline(inpaint_source, tmp_path_factory):
+    from sdonnx import Pipeline
+
+    return Pipeline.load(_export(inpaint_source, tmp_path_factory, "inpaint-export"), provider="cpu")
+
+
 @pytest.fixture(scope="session")
 def reference_pipe(tiny_source):
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_source, safety_checker=None)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return _reference(tiny_source)
 
 
 @pytest.fixture(scope="session")

@@ -65,6 +65,7 @@ def test_explicit_file_is_not_overwritten(tiny_onnx, tmp_path):
     (["--provider", "tpu"], "unknown provider 'tpu'"),
     (["--provider", "cuda"], "onnxruntime-gpu"),
     (["-n", "0"], "n (images per call) must be at least 1"),
+    (["--n-iter", "0"], "--n-iter (batches) must be at least 1, got 0"),
     (["--out", "/proc/forbidden"], "cannot create output folder"),
 ])
 def test_bad_input_gets_clear_error(tiny_onnx, tmp_path, args, message):
@@ -113,3 +114,44 @@ def test_export_command_errors(tiny_source, tiny_onnx, tmp_path):
     assert proc.returncode == 2 and "already exists" in proc.stderr and "--force" in proc.stderr
     proc = sdonnx("export", tmp_path / "nothing", tmp_path / "out")
     assert proc.returncode == 2 and "source not found" in proc.stderr
+
+
+def test_n_iter_continues_seeds_and_grid_has_a_batch_per_row(tiny_onnx, tiny_pipeline, tmp_path):
+    import re
+
+    proc = sdonnx("generate", "a cat", "--model", tiny_onnx, "--steps", 1, "--size", "64x48", "-n", 2,
+                  "--n-iter", 2, "--grid", "--out", tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    files = sorted(tmp_path.iterdir())
+    assert len(files) == 5
+    *image_files, grid_file = files
+    seeds = [int(re.search(r"Seed: (\d+)", Image.open(f).text["parameters"])[1]) for f in image_files]
+    first = seeds[0]
+    assert seeds == [first, first + 1, first + 2, first + 3]
+    assert [f.name for f in image_files] == [f"{i:05d}-{first + i}.png" for i in range(4)]
+    assert grid_file.name == f"00004-{first}-grid.png"
+    # The second batch really was drawn with the continued seeds.
+    alone = tiny_pipeline.generate("a cat", steps=1, width=64, height=48, seed=first + 2)[0]
+    assert Image.open(image_files[2]).tobytes() == alone.tobytes()
+    grid = Image.open(grid_file)
+    assert grid.size == (2 * 64, 2 * 48)
+    for i, f in enumerate(image_files):
+        row, col = divmod(i, 2)
+        tile = grid.convert("RGB").crop((col * 64, row * 48, (col + 1) * 64, (row + 1) * 48))
+        assert tile.tobytes() == Image.open(f).convert("RGB").tobytes()
+
+
+def test_grid_beside_explicit_file_is_not_overwritten(tiny_onnx, tmp_path):
+    target = tmp_path / "run.png"
+    args = ("generate", "a cat", "--model", tiny_onnx, "--steps", 1, "--size", "64x64", "-n", 2,
+            "--grid", "--out", target)
+    proc = sdonnx(*args)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run-0.png", "run-1.png", "run-grid.png"]
+    assert Image.open(tmp_path / "run-grid.png").size == (128, 64)
+    (tmp_path / "run-0.png").unlink()
+    (tmp_path / "run-1.png").unlink()
+    grid = (tmp_path / "run-grid.png").read_bytes()
+    proc = sdonnx(*args)
+    assert proc.returncode == 2 and "run-grid.png already exists" in proc.stderr
+    assert (tmp_path / "run-grid.png").read_bytes() == grid
