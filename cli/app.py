@@ -14,6 +14,7 @@ from typing import Optional
 import typer
 
 from sdonnx.runtime.errors import InputError, SdonnxError
+from sdonnx.runtime.pipeline import SAMPLERS, SCHEDULES
 
 app = typer.Typer(
     help="Export Stable Diffusion to ONNX once, then generate images fast without torch.",
@@ -94,7 +95,17 @@ def generate(
     guidance: float = typer.Option(7.5, "--guidance", "-g", help="Classifier-free guidance scale; <= 1 disables it."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed (random when omitted); image i uses seed + i."),
     size: Optional[str] = typer.Option(None, "--size", help="WIDTHxHEIGHT in pixels, multiples of 8 (default: the model's native size)."),
-    sampler: str = typer.Option("euler", "--sampler", help="euler, ddim or plms."),
+    sampler: str = typer.Option("euler", "--sampler", help=f"One of: {', '.join(SAMPLERS)}."),
+    schedule: str = typer.Option("default", "--schedule",
+                                 help=f"Noise schedule: {' or '.join(SCHEDULES)} (Karras et al. 2022 sigmas)."),
+    eta: Optional[float] = typer.Option(
+        None, "--eta", help="Share of fresh noise per step, 0 to 1, for ddim (default 0) and euler_a (default 1)."),
+    init_image: Optional[Path] = typer.Option(
+        None, "--init-image", help="Start from this image (img2img; default size: the image's own)."),
+    strength: Optional[float] = typer.Option(
+        None, "--strength", help="With --init-image: how much to change it, 0 to 1 (default 0.75)."),
+    mask: Optional[Path] = typer.Option(
+        None, "--mask", help="With --init-image and an inpainting model: repaint where the mask is white."),
     n: int = typer.Option(1, "-n", help="Images per batch."),
     n_iter: int = typer.Option(1, "--n-iter", help="Batches to run; image j of the run uses seed + j."),
     grid: bool = typer.Option(False, "--grid", help="Also save one grid of all images, a batch per row."),
@@ -108,12 +119,24 @@ def generate(
 
     from sdonnx.runtime import GenerationConfig, Pipeline
     from sdonnx.runtime.grid import image_grid
+    from sdonnx.runtime.images import load_image
 
     width, height = parse_size(size) if size else (None, None)
     # Validated here so that a random seed is drawn once and batches continue from it.
-    seed = GenerationConfig(prompt, negative, steps, guidance, seed, width, height, sampler, n).validate().seed
+    seed = GenerationConfig(prompt, negative, steps, guidance, seed, width, height, sampler, n,
+                            schedule=schedule, eta=eta, strength=strength).validate().seed
     if n_iter < 1:
         raise InputError(f"--n-iter (batches) must be at least 1, got {n_iter}")
+    if init_image is None and (strength is not None or mask is not None):
+        raise InputError(f"{'--strength' if strength is not None else '--mask'} needs --init-image")
+    # Read once, before the model loads, so a bad file fails fast.
+    image_options = {}
+    if init_image is not None:
+        image_options["init_image"] = load_image(init_image)
+    if strength is not None:
+        image_options["strength"] = strength
+    if mask is not None:
+        image_options["mask_image"] = load_image(mask, "mask image")
     folder = _prepare_out_dir(out)
     start = time.perf_counter()
     pipe = Pipeline.load(model, provider=provider, threads=threads)
@@ -137,7 +160,7 @@ def generate(
 
             images = pipe.generate(prompt, negative_prompt=negative, steps=steps, guidance=guidance,
                                    seed=seed + batch * n, width=width, height=height, sampler=sampler,
-                                   n=n, callback=on_step)
+                                   n=n, callback=on_step, schedule=schedule, eta=eta, **image_options)
         for i, image in enumerate(images):
             image_seed = image.info["seed"]
             written = save_png(image, paths[batch * n + i] if paths else None, folder, image_seed)

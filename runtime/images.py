@@ -27,9 +27,9 @@ def load_image(image: Image.Image | str | Path, what: str = "init image") -> Ima
         raise InputError(f"{what} {image} cannot be read as an image ({e})") from None
 
 
-def default_size(image: Image.Image) -> tuple[int, int]:
-    """The image's own size rounded down to multiples of 8, as diffusers does."""
-    w, h = (max(parts.VAE_SCALE, side - side % parts.VAE_SCALE) for side in image.size)
+def default_size(image: Image.Image, multiple: int = parts.VAE_SCALE) -> tuple[int, int]:
+    """The image's own size rounded down to a multiple the model takes (at least one)."""
+    w, h = (max(multiple, side - side % multiple) for side in image.size)
     return w, h
 
 

@@ -181,8 +181,11 @@ class Pipeline:
         vae_config = _read_json(path / parts.VAE_DECODER.name / "config.json")
         self.vae_scaling_factor = vae_config.get("scaling_factor", parts.DEFAULT_VAE_SCALING_FACTOR)
         # The size the UNet was trained at, as diffusers defaults to it (SD 1.x: 512).
-        latent_size = _read_json(path / parts.UNET.name / "config.json").get("sample_size", 64)
-        self.native_size = int(latent_size) * parts.VAE_SCALE
+        unet_config = _read_json(path / parts.UNET.name / "config.json")
+        self.native_size = int(unet_config.get("sample_size", 64)) * parts.VAE_SCALE
+        # Each UNet level but the last halves the latent; sizes must survive that exactly.
+        levels = len(unet_config.get("block_out_channels", (0,) * 4))
+        self.size_multiple = parts.VAE_SCALE * 2 ** max(levels - 1, 0)
 
         def load(part: parts.Part) -> OnnxModel:
             return OnnxModel(path / part.onnx_path, part, config.provider, config.threads)
@@ -311,13 +314,19 @@ class Pipeline:
             raise InputError(f"{self.name} is an inpainting model: pass init_image and mask_image")
         if init_image is not None:
             init_image = load_image(init_image)
-            width, height = width or default_size(init_image)[0], height or default_size(init_image)[1]
+            own_width, own_height = default_size(init_image, self.size_multiple)
+            width, height = width or own_width, height or own_height
         width = width or self.native_size
         height = height or self.native_size
         config = GenerationConfig(
             prompt, negative_prompt, steps, guidance, seed, width, height, sampler, n, schedule, eta,
             None if init_image is None else strength,
         ).validate()
+        if width % self.size_multiple or height % self.size_multiple:
+            raise InputError(
+                f"{self.name} needs width and height in multiples of {self.size_multiple} (its UNet "
+                f"halves the latent image at each level); got {width}x{height}"
+            )
         if latents is None:
             latents = self.initial_noise(config)
         elif np.shape(latents) != config.latent_shape:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -61,7 +62,15 @@ def test_explicit_file_is_not_overwritten(tiny_onnx, tmp_path):
     (["--size", "64x60"], "height must be a positive multiple of 8"),
     (["--size", "big"], "--size must look like 512x512"),
     (["--steps", "0"], "steps must be a whole number of at least 1"),
-    (["--sampler", "nope"], "unknown sampler 'nope'; choose one of: euler, ddim, plms"),
+    (["--sampler", "nope"], "unknown sampler 'nope'; choose one of: euler, "),
+    (["--schedule", "nope"], "unknown schedule 'nope'; choose one of: default, karras"),
+    (["--eta", "0.5"], "eta applies to the euler_a and ddim samplers, not euler"),
+    (["--init-image", "{png}", "--strength", "1.5"], "strength must be between 0 and 1, got 1.5"),
+    (["--strength", "0.5"], "--strength needs --init-image"),
+    (["--init-image", "{missing}"], "init image not found"),
+    (["--init-image", "{text}"], "cannot be read as an image"),
+    (["--mask", "{png}"], "--mask needs --init-image"),
+    (["--init-image", "{png}", "--mask", "{png}"], "mask_image needs an inpainting model"),
     (["--provider", "tpu"], "unknown provider 'tpu'"),
     (["--provider", "cuda"], "onnxruntime-gpu"),
     (["-n", "0"], "n (images per call) must be at least 1"),
@@ -69,7 +78,10 @@ def test_explicit_file_is_not_overwritten(tiny_onnx, tmp_path):
     (["--out", "/proc/forbidden"], "cannot create output folder"),
 ])
 def test_bad_input_gets_clear_error(tiny_onnx, tmp_path, args, message):
-    args = [a.format(missing=tmp_path / "missing") for a in args]
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "in.png")
+    (tmp_path / "notes.png").write_text("not an image")
+    args = [a.format(missing=tmp_path / "missing", png=tmp_path / "in.png", text=tmp_path / "notes.png")
+            for a in args]
     if "--model" not in args:
         args = ["--model", str(tiny_onnx), *args]
     if "--out" not in args:
@@ -155,3 +167,54 @@ def test_grid_beside_explicit_file_is_not_overwritten(tiny_onnx, tmp_path):
     proc = sdonnx(*args)
     assert proc.returncode == 2 and "run-grid.png already exists" in proc.stderr
     assert (tmp_path / "run-grid.png").read_bytes() == grid
+
+
+def test_img2img_from_png_file(tiny_onnx, tiny_pipeline, tmp_path):
+    init = Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8))
+    init.save(tmp_path / "in.png")
+    args = ("generate", "a cat", "--model", tiny_onnx, "--steps", 4, "--seed", 5)
+    proc = sdonnx(*args, "--init-image", tmp_path / "in.png", "--strength", 0.5, "--out", tmp_path / "img.png")
+    assert proc.returncode == 0, proc.stderr
+    proc = sdonnx(*args, "--size", "64x48", "--out", tmp_path / "txt.png")
+    assert proc.returncode == 0, proc.stderr
+    img2img, txt2img = Image.open(tmp_path / "img.png"), Image.open(tmp_path / "txt.png")
+    assert img2img.size == (64, 48), "the size defaults to the init image's"
+    assert "Denoising strength: 0.5" in img2img.text["parameters"]
+    assert "Denoising strength" not in txt2img.text["parameters"]
+    assert img2img.tobytes() != txt2img.tobytes()
+    alone = tiny_pipeline.generate("a cat", steps=4, seed=5, init_image=init, strength=0.5)[0]
+    assert img2img.tobytes() == alone.tobytes()
+
+
+@pytest.mark.parametrize("args, field", [
+    (["--schedule", "karras"], "Schedule type: Karras"),
+    (["--eta", "0.5", "--sampler", "ddim"], "Eta DDIM: 0.5"),
+    (["--eta", "0.5", "--sampler", "euler_a"], "Eta: 0.5"),
+])
+def test_sampler_options_reach_parameters(tiny_onnx, tmp_path, args, field):
+    proc = sdonnx("generate", "a cat", "--model", tiny_onnx, "--steps", 2, "--size", "64x64", "--seed", 1,
+                  *args, "--out", tmp_path / "x.png")
+    assert proc.returncode == 0, proc.stderr
+    assert field in Image.open(tmp_path / "x.png").text["parameters"]
+
+
+def test_sampler_help_lists_every_sampler():
+    from sdonnx.runtime.pipeline import SAMPLERS
+
+    proc = sdonnx("generate", "--help")
+    assert proc.returncode == 0, proc.stderr
+    help_text = " ".join(proc.stdout.split())
+    assert all(name in help_text for name in SAMPLERS)
+
+
+def test_inpainting_with_mask(inpaint_pipeline, tmp_path):
+    init = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    init.save(tmp_path / "in.png")
+    mask.save(tmp_path / "mask.png")
+    proc = sdonnx("generate", "a cat", "--model", inpaint_pipeline.config.path, "--steps", 2, "--seed", 3,
+                  "--init-image", tmp_path / "in.png", "--mask", tmp_path / "mask.png", "--out", tmp_path / "x.png")
+    assert proc.returncode == 0, proc.stderr
+    alone = inpaint_pipeline.generate("a cat", steps=2, seed=3, init_image=init, mask_image=mask)[0]
+    assert Image.open(tmp_path / "x.png").tobytes() == alone.tobytes()
