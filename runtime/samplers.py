@@ -167,14 +167,22 @@ def sample_heun(denoise: Denoise, x: np.ndarray, sigmas: np.ndarray, *,
     return x
 
 
+_GAUSS_NODES, _GAUSS_WEIGHTS = np.polynomial.legendre.leggauss(4)  # exact up to degree 7
+
+
 def lms_coefficient(sigmas: np.ndarray, i: int, order: int, j: int) -> float:
-    """Integral over [sigma_i, sigma_i+1] of the Lagrange basis polynomial of sigma_(i-j)."""
-    basis = np.polynomial.Polynomial([1.0])
+    """Integral over [sigma_i, sigma_i+1] of the Lagrange basis polynomial of sigma_(i-j).
+
+    The basis has degree order - 1 <= 3, so 4-point Gauss-Legendre quadrature is exact
+    (diffusers integrates numerically with scipy to the same value).
+    """
+    a, b = float(sigmas[i]), float(sigmas[i + 1])
+    tau = (b - a) / 2 * _GAUSS_NODES + (a + b) / 2
+    basis = np.ones_like(tau)
     for k in range(order):
         if k != j:
-            basis *= np.polynomial.Polynomial([-sigmas[i - k], 1.0]) / (sigmas[i - j] - sigmas[i - k])
-    antiderivative = basis.integ()
-    return float(antiderivative(sigmas[i + 1]) - antiderivative(sigmas[i]))
+            basis *= (tau - sigmas[i - k]) / (sigmas[i - j] - sigmas[i - k])
+    return float((b - a) / 2 * np.dot(_GAUSS_WEIGHTS, basis))
 
 
 def sample_lms(denoise: Denoise, x: np.ndarray, sigmas: np.ndarray, *, order: int = 4,

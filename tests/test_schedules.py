@@ -13,6 +13,8 @@ from sdonnx.runtime.schedules import (
     alphas_cumprod,
     discrete_schedule,
     euler_schedule,
+    lcm_schedule,
+    multistep_schedule,
     sigma_of_alpha,
 )
 
@@ -112,3 +114,109 @@ def test_config_errors_name_the_field(tmp_path):
         SchedulerConfig.from_file(path)
     with pytest.raises(ModelFolderError, match="scheduler config missing"):
         SchedulerConfig.from_file(tmp_path / "nope.json")
+
+
+# Every schedule family, by the sampler names that use it.
+FAMILIES = {
+    "euler": euler_schedule,
+    "dpmpp_2m": multistep_schedule,
+    "ddim": discrete_schedule,
+    "lcm": lcm_schedule,
+}
+KARRAS = ("euler", "dpmpp_2m")
+
+
+@pytest.mark.parametrize("spacing", SPACINGS)
+@pytest.mark.parametrize("steps", [1, 2, 6, 20, 50])
+@pytest.mark.parametrize("scheduler", ["DPMSolverMultistepScheduler", "UniPCMultistepScheduler"])
+@pytest.mark.parametrize("karras", [False, True])
+def test_multistep_schedule_matches_diffusers(scheduler, spacing, steps, karras):
+    import diffusers
+
+    reference = getattr(diffusers, scheduler).from_config(
+        {**SD15, "timestep_spacing": spacing, "use_karras_sigmas": karras})
+    reference.set_timesteps(steps)
+    ours = multistep_schedule(config(timestep_spacing=spacing), steps, karras=karras)
+    np.testing.assert_allclose(ours.sigmas, reference.sigmas.numpy(), rtol=1e-5)
+    np.testing.assert_array_equal(ours.timesteps, reference.timesteps.numpy())
+
+
+@pytest.mark.parametrize("scheduler", ["EulerDiscreteScheduler", "HeunDiscreteScheduler", "LMSDiscreteScheduler"])
+@pytest.mark.parametrize("spacing", SPACINGS)
+@pytest.mark.parametrize("steps", [2, 6, 20])
+def test_karras_sigmas_match_diffusers(scheduler, spacing, steps):
+    import diffusers
+
+    reference = getattr(diffusers, scheduler).from_config(
+        {**SD15, "timestep_spacing": spacing, "use_karras_sigmas": True})
+    reference.set_timesteps(steps)
+    ours = euler_schedule(config(timestep_spacing=spacing), steps, karras=True)
+    sigmas = reference.sigmas.numpy()
+    if scheduler == "HeunDiscreteScheduler":  # interleaved: s0, s1, s1, s2, s2, ..., 0
+        sigmas = np.append(sigmas[:-1:2], 0.0)
+    np.testing.assert_allclose(ours.sigmas, sigmas, rtol=1e-5)
+    np.testing.assert_allclose(ours.timesteps, np.unique(reference.timesteps.numpy())[::-1], atol=1e-3)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4, 6, 8, 50])
+def test_lcm_timesteps_match_diffusers(steps):
+    from diffusers import LCMScheduler
+
+    reference = LCMScheduler.from_config(SD15)
+    reference.set_timesteps(steps)
+    ours = lcm_schedule(config(), steps)
+    np.testing.assert_array_equal(ours.timesteps, reference.timesteps.numpy())
+    with pytest.raises(InputError, match="at most the model's original_inference_steps"):
+        lcm_schedule(config(), 51)
+
+
+@pytest.mark.parametrize("scheduler", ["EulerDiscreteScheduler", "DPMSolverMultistepScheduler"])
+def test_zero_terminal_snr_matches_diffusers(scheduler):
+    import diffusers
+
+    settings_ = {**SD15, "rescale_betas_zero_snr": True, "timestep_spacing": "trailing",
+                 "prediction_type": "v_prediction"}
+    reference = getattr(diffusers, scheduler).from_config(settings_)
+    np.testing.assert_allclose(alphas_cumprod(config(**settings_)), reference.alphas_cumprod.numpy(),
+                               rtol=1e-5, atol=1e-9)
+    reference.set_timesteps(10)
+    family = euler_schedule if scheduler == "EulerDiscreteScheduler" else multistep_schedule
+    ours = family(config(**settings_), 10)
+    np.testing.assert_allclose(ours.sigmas, reference.sigmas.numpy(), rtol=1e-4)
+
+
+@settings(max_examples=300, deadline=None)
+@given(steps=st.integers(1, 1000), spacing=st.sampled_from(SPACINGS), offset=st.integers(0, 1),
+       family=st.sampled_from(list(FAMILIES)), karras=st.booleans(),
+       strength=st.one_of(st.none(), st.floats(0, 1)),
+       beta=st.sampled_from(["linear", "scaled_linear", "squaredcos_cap_v2"]), zero_snr=st.booleans())
+def test_every_schedule_decreases_with_the_right_length(steps, spacing, offset, family, karras, strength,
+                                                        beta, zero_snr):
+    """Strictly decreasing sigmas, finite, ending at 0 (or the final alpha's sigma for DDIM and
+    PNDM), one timestep per step, and int(steps x strength) steps for img2img."""
+    cfg = config(timestep_spacing=spacing, steps_offset=offset, beta_schedule=beta,
+                 rescale_betas_zero_snr=zero_snr)
+    karras = karras and family in KARRAS
+    try:
+        schedule = FAMILIES[family](cfg, steps, karras=karras)
+    except InputError as e:
+        # Only the documented refusals: too many steps for the model or for LCM's schedule.
+        assert "training timesteps" in str(e) or "original_inference_steps" in str(e)
+        return
+    if strength is not None:
+        expected = min(int(steps * strength), steps)
+        schedule = schedule.tail(strength)
+        assert schedule.steps == expected
+        if expected == 0:
+            return
+    else:
+        assert schedule.steps == steps
+    sigmas = schedule.sigmas
+    assert len(schedule.timesteps) == schedule.steps
+    assert np.all(np.isfinite(sigmas)) and np.all(np.isfinite(schedule.timesteps))
+    if family == "ddim":
+        assert np.all(np.diff(sigmas[:-1]) < 0) and sigmas[-1] > 0
+    else:
+        assert sigmas[-1] == 0
+        # Karras sigmas of many steps can repeat in float32 near sigma_min, as in diffusers.
+        assert np.all(np.diff(sigmas) < 0) or (karras and np.all(np.diff(sigmas) <= 0))
