@@ -2,8 +2,9 @@
 
 Deterministic image analysis, no model: the background is the median colour of the border,
 the object is the largest connected region of pixels far from it, its colour is the nearest
-of the training palette to the object's median colour, and its shape follows from how much of
-its bounding box it fills (square 1, circle pi/4, triangle 1/2, star 0.4 on clean drawings).
+of the training palette to the object's median colour, its outline is where pixels are half-way
+from the background to that colour, and its shape follows from how much of its bounding box
+the outlined region fills (square 1, circle pi/4, triangle 1/2, star 0.4 on clean drawings).
 """
 
 from __future__ import annotations
@@ -48,13 +49,18 @@ def judge(image: Image.Image) -> tuple[str | None, str | None]:
     pixels = np.asarray(image.convert("RGB"), dtype=np.float64)
     border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
     background = np.median(border, axis=0)
-    mask = largest_region(np.linalg.norm(pixels - background, axis=-1) > MIN_DISTANCE)
-    if mask.sum() < MIN_PIXELS:
+    core = largest_region(np.linalg.norm(pixels - background, axis=-1) > MIN_DISTANCE)
+    if core.sum() < MIN_PIXELS:
         return None, None
+    median = np.median(pixels[core], axis=0)
+    # The outline lies where a pixel is half-way from the background to the object's colour,
+    # so a soft (decoded) edge neither grows nor shrinks the shape.
+    contrast = median - background
+    share = (pixels - background) @ contrast / max(float(contrast @ contrast), 1e-9)
+    mask = largest_region(share > 0.5)
     ys, xs = np.nonzero(mask)
     fill = mask.sum() / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
     shape = next(name for bound, name in FILL_BOUNDS if fill < bound)
-    median = np.median(pixels[mask], axis=0)
     palette = {name: np.array(rgb, dtype=np.float64) for name, rgb in shapes.COLORS.items()}
     color = min(palette, key=lambda name: np.linalg.norm(palette[name] - median))
     return color, shape

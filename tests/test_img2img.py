@@ -205,3 +205,18 @@ def test_size_the_unet_cannot_halve_is_a_clear_error(tiny_pipeline):
 
     with pytest.raises(InputError, match="multiples of 16"):
         tiny_pipeline.generate(PROMPT, width=72, height=64)
+
+
+def test_img2img_without_a_vae_encoder_says_what_to_do(tiny_onnx, tmp_path):
+    """A sampler need the model cannot meet: an export without the VAE encoder."""
+    import shutil
+
+    from sdonnx import Pipeline
+    from sdonnx.runtime.errors import ModelFolderError
+
+    folder = tmp_path / "no-encoder"
+    shutil.copytree(tiny_onnx, folder, ignore=shutil.ignore_patterns("vae_encoder"))
+    pipe = Pipeline.load(folder, provider="cpu")
+    assert pipe.generate(PROMPT, steps=2)[0].size == (64, 64)  # txt2img does not need it
+    with pytest.raises(ModelFolderError, match="img2img and inpainting need vae_encoder/model.onnx"):
+        pipe.generate(PROMPT, steps=2, init_image=init_image())
