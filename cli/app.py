@@ -15,6 +15,7 @@ import typer
 
 from sdonnx.runtime.errors import InputError, SdonnxError
 from sdonnx.runtime.pipeline import SAMPLERS, SCHEDULES
+from sdonnx.runtime.providers import CHOICES as PROVIDER_CHOICES
 
 app = typer.Typer(
     help="Export Stable Diffusion to ONNX once, then generate images fast without torch.",
@@ -110,8 +111,10 @@ def generate(
     n_iter: int = typer.Option(1, "--n-iter", help="Batches to run; image j of the run uses seed + j."),
     grid: bool = typer.Option(False, "--grid", help="Also save one grid of all images, a batch per row."),
     out: Path = typer.Option(DEFAULT_OUT, "--out", "-o", help="Output folder, or a .png file name."),
-    provider: str = typer.Option("auto", "--provider", help="cpu, cuda, openvino or auto."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: onnxruntime's)."),
+    provider: str = typer.Option("auto", "--provider", help=f"One of: {', '.join(PROVIDER_CHOICES)}."),
+    precision: str = typer.Option("auto", "--precision",
+                                  help="fp32, bf16 (openvino) or auto: bf16 where the provider and CPU do it."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: all physical cores)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Print load and per-step times."),
 ) -> None:
     """Generate images from a prompt and write them as PNGs with their parameters."""
@@ -139,9 +142,10 @@ def generate(
         image_options["mask_image"] = load_image(mask, "mask image")
     folder = _prepare_out_dir(out)
     start = time.perf_counter()
-    pipe = Pipeline.load(model, provider=provider, threads=threads)
+    pipe = Pipeline.load(model, provider=provider, threads=threads, precision=precision)
     if verbose:
-        typer.echo(f"loaded {pipe.config.path} on {pipe.config.provider} in {time.perf_counter() - start:.2f} s")
+        typer.echo(f"loaded {pipe.config.path} on {pipe.config.provider} ({pipe.config.precision}) "
+                   f"in {time.perf_counter() - start:.2f} s")
     step_times: list[float] = []
     paths = output_paths(out, n * n_iter)
     run: list = []
@@ -190,6 +194,30 @@ def export(
 
     result = run_export(ExportConfig(source, out, force, opset, check), log=typer.echo)
     typer.echo(f"wrote {result.out} in {result.seconds:.1f} s")
+
+
+@app.command()
+def bench(
+    model: Optional[Path] = typer.Argument(None, help="An ONNX model folder (default: the embedded model)."),
+    size: Optional[str] = typer.Option(None, "--size", help="WIDTHxHEIGHT (default: the model's native size)."),
+    repeats: int = typer.Option(3, "--repeats", help="Timed calls per part after the first (median)."),
+    provider: Optional[list[str]] = typer.Option(None, "--provider", help="Only these providers (repeatable)."),
+) -> None:
+    """Time text encoding, a UNet step, VAE decoding, load time and peak RSS per provider."""
+    from sdonnx.runtime import bench as benchmark
+    from sdonnx.runtime.pipeline import Pipeline, check_model_folder, default_model_path
+
+    folder = model or default_model_path()
+    check_model_folder(folder)
+    width, height = parse_size(size) if size else (None, None)
+    if repeats < 1:
+        raise InputError(f"--repeats must be at least 1, got {repeats}")
+    for name in provider or []:
+        if name not in PROVIDER_CHOICES:
+            raise InputError(f"unknown provider {name!r}; choose one of: {', '.join(PROVIDER_CHOICES)}")
+    native = Pipeline.load(folder, provider="cpu").native_size
+    results = benchmark.run(folder, width, height, repeats, provider)
+    typer.echo(benchmark.table(results, width or native, height or native))
 
 
 @app.command()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from sdonnx.runtime import parts
+from sdonnx.runtime import parts, providers
 from sdonnx.runtime.errors import ModelFolderError
 from sdonnx.runtime.pipeline import check_model_folder
 from sdonnx.runtime.schedules import SchedulerConfig
@@ -67,4 +67,15 @@ def describe(path: Path) -> str:
         if "parity" in recorded:
             lines.append(f"    parity vs torch: max abs diff {recorded['parity']['max_abs_diff']:.2e}")
     lines.append(f"total: {_human(total)}")
+    lines.append(runtime_choice())
     return "\n".join(lines)
+
+
+def runtime_choice() -> str:
+    """Which providers this machine has, and what `auto` would run with."""
+    available = [name for name, p in providers.PROVIDERS.items() if p.available()]
+    chosen = providers.resolve("auto")
+    precision = providers.resolve_precision(chosen, "auto")
+    bf16 = "yes" if providers.cpu_has_bf16() else "no"
+    return (f"providers here: {', '.join(available)}; auto runs {chosen} in {precision} "
+            f"(CPU computes bf16: {bf16})")

@@ -20,7 +20,59 @@ _NUMPY_TYPES = {
 }
 
 
-class OnnxModel:
+class PartModel:
+    """What the pipeline needs of a loaded part: input names, dtypes, shapes, and a call."""
+
+    part: Part
+    path: Path
+    input_types: dict[str, type]  # numpy dtype per input name
+    input_shapes: dict[str, list]  # ints for fixed axes, names or None for dynamic ones
+
+    def _check_contract(self) -> None:
+        missing = [name for name in self.part.inputs if name not in self.input_types]
+        if missing:
+            raise ModelFolderError(
+                f"{self.path} is not a {self.part.name} model: it lacks the input(s) {', '.join(missing)} "
+                f"(it has {', '.join(self.input_types)})"
+            )
+
+    def dtype(self, name: str) -> type:
+        return self.input_types[name]
+
+    def shape(self, name: str) -> list:
+        return self.input_shapes[name]
+
+    def _check(self, name: str, value: np.ndarray) -> None:
+        declared = self.input_shapes[name]
+        if value.dtype != self.dtype(name):
+            raise InputError(
+                f"{self.part.name} input {name!r}: dtype {value.dtype} given, the model declares "
+                f"{np.dtype(self.dtype(name)).name}"
+            )
+        if len(value.shape) != len(declared):
+            raise InputError(
+                f"{self.part.name} input {name!r}: shape {value.shape} given, the model declares "
+                f"{len(declared)} dimensions {declared}"
+            )
+        for axis, (got, want) in enumerate(zip(value.shape, declared)):
+            if isinstance(want, int) and want > 0 and got != want:
+                raise InputError(
+                    f"{self.part.name} input {name!r}: size {got} on axis {axis}, the model "
+                    f"declares {want} (shape {declared})"
+                )
+
+    def _check_inputs(self, inputs: dict[str, np.ndarray]) -> None:
+        unknown = set(inputs) - set(self.input_types)
+        if unknown:
+            raise InputError(f"{self.part.name}: unknown input(s) {', '.join(sorted(unknown))}")
+        missing = [name for name in self.input_types if name not in inputs]
+        if missing:
+            raise InputError(f"{self.part.name}: missing input(s) {', '.join(missing)}")
+        for name, value in inputs.items():
+            self._check(name, value)
+
+
+class OnnxModel(PartModel):
     """An onnxruntime session for one part, called with numpy arrays by input name."""
 
     def __init__(self, path: Path, part: Part, provider: str = "cpu", threads: int | None = None):
@@ -28,53 +80,19 @@ class OnnxModel:
             raise ModelFolderError(f"{part.name}: model file missing: {path}")
         try:
             self.session = ort.InferenceSession(
-                str(path), providers.session_options(threads), providers=providers.PROVIDERS[provider]
+                str(path), providers.session_options(threads),
+                providers=providers.PROVIDERS[provider].ort_providers,
             )
         except Exception as e:  # onnxruntime raises its own untyped errors
             raise ModelFolderError(f"{part.name}: cannot load {path}: {e}") from e
         self.part = part
         self.path = path
-        self.inputs = {i.name: i for i in self.session.get_inputs()}
+        inputs = self.session.get_inputs()
+        self.input_types = {i.name: _NUMPY_TYPES.get(i.type, np.float32) for i in inputs}
+        self.input_shapes = {i.name: list(i.shape) for i in inputs}
         self.output_names = [o.name for o in self.session.get_outputs()]
-        missing = [name for name in part.inputs if name not in self.inputs]
-        if missing:
-            raise ModelFolderError(
-                f"{path} is not a {part.name} model: it lacks the input(s) {', '.join(missing)} "
-                f"(it has {', '.join(self.inputs)})"
-            )
-
-    def dtype(self, name: str) -> type:
-        return _NUMPY_TYPES.get(self.inputs[name].type, np.float32)
-
-    def shape(self, name: str) -> list:
-        return self.inputs[name].shape
-
-    def _check(self, name: str, value: np.ndarray) -> None:
-        declared = self.inputs[name]
-        if value.dtype != self.dtype(name):
-            raise InputError(
-                f"{self.part.name} input {name!r}: dtype {value.dtype} given, the model declares "
-                f"{declared.type}"
-            )
-        if len(value.shape) != len(declared.shape):
-            raise InputError(
-                f"{self.part.name} input {name!r}: shape {value.shape} given, the model declares "
-                f"{len(declared.shape)} dimensions {declared.shape}"
-            )
-        for axis, (got, want) in enumerate(zip(value.shape, declared.shape)):
-            if isinstance(want, int) and want > 0 and got != want:
-                raise InputError(
-                    f"{self.part.name} input {name!r}: size {got} on axis {axis}, the model "
-                    f"declares {want} (shape {declared.shape})"
-                )
+        self._check_contract()
 
     def __call__(self, **inputs: np.ndarray) -> dict[str, np.ndarray]:
-        unknown = set(inputs) - set(self.inputs)
-        if unknown:
-            raise InputError(f"{self.part.name}: unknown input(s) {', '.join(sorted(unknown))}")
-        missing = [name for name in self.inputs if name not in inputs]
-        if missing:
-            raise InputError(f"{self.part.name}: missing input(s) {', '.join(missing)}")
-        for name, value in inputs.items():
-            self._check(name, value)
+        self._check_inputs(inputs)
         return dict(zip(self.output_names, self.session.run(None, inputs)))

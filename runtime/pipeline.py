@@ -19,7 +19,7 @@ from sdonnx.runtime.denoiser import Denoiser
 from sdonnx.runtime.errors import InputError, ModelFolderError
 from sdonnx.runtime.images import default_size, fit, load_image, to_mask, to_pixels
 from sdonnx.runtime.infotext import infotext
-from sdonnx.runtime.onnx_model import OnnxModel
+from sdonnx.runtime.onnx_model import OnnxModel, PartModel
 from sdonnx.runtime import samplers
 from sdonnx.runtime.schedules import (
     Schedule,
@@ -70,6 +70,9 @@ class LoadConfig:
     path: Path
     provider: str = "cpu"
     threads: int | None = None
+    precision: str = "fp32"  # resolved: fp32 or bf16
+    cache_dir: Path | None = None  # OpenVINO's compiled models (default ~/.cache/sdonnx/openvino)
+    static_shapes: bool = True  # OpenVINO: compile once per set of input shapes
 
 
 @dataclass(frozen=True)
@@ -187,7 +190,12 @@ class Pipeline:
         levels = len(unet_config.get("block_out_channels", (0,) * 4))
         self.size_multiple = parts.VAE_SCALE * 2 ** max(levels - 1, 0)
 
-        def load(part: parts.Part) -> OnnxModel:
+        def load(part: parts.Part) -> PartModel:
+            if providers.PROVIDERS[config.provider].backend == "openvino":
+                from sdonnx.runtime.openvino_model import OpenVinoModel
+
+                return OpenVinoModel(path / part.onnx_path, part, config.precision, config.threads,
+                                     config.cache_dir, config.static_shapes)
             return OnnxModel(path / part.onnx_path, part, config.provider, config.threads)
 
         self.text_encoder = load(parts.TEXT_ENCODER)
@@ -198,8 +206,12 @@ class Pipeline:
 
     @classmethod
     def load(cls, path: str | Path | None = None, provider: str = "auto",
-             threads: int | None = None) -> "Pipeline":
-        """Load a model folder (default: the embedded model, or $SDONNX_MODEL)."""
+             threads: int | None = None, precision: str = "auto", cache_dir: str | Path | None = None,
+             static_shapes: bool = True) -> "Pipeline":
+        """Load a model folder (default: the embedded model, or $SDONNX_MODEL).
+
+        `precision` fp32, bf16 or auto (bf16 where the provider and the CPU both do it).
+        """
         if path is None:
             path = default_model_path()
             if not path.is_dir():
@@ -207,7 +219,9 @@ class Pipeline:
                     f"the embedded default model is missing ({path}); pass a model folder, "
                     "or set SDONNX_MODEL"
                 )
-        return cls(LoadConfig(Path(path), providers.resolve(provider), threads))
+        provider = providers.resolve(provider)
+        return cls(LoadConfig(Path(path), provider, threads, providers.resolve_precision(provider, precision),
+                              Path(cache_dir) if cache_dir else None, static_shapes))
 
     @property
     def name(self) -> str:

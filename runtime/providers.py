@@ -1,38 +1,94 @@
-"""Execution providers as data: a name maps to what onnxruntime's session needs."""
+"""Execution providers as data: a name maps to a backend, its settings and what it can do.
+
+`cpu` and `cuda` run the ONNX files with onnxruntime's execution providers; `openvino` runs the
+same files with the OpenVINO runtime (it reads ONNX directly, no second export), which offers
+bf16 inference on CPUs with AVX512-BF16 or AMX, static shapes and a compiled-model cache;
+`ort-openvino` is onnxruntime's OpenVINO execution provider (the `onnxruntime-openvino` build,
+which replaces `onnxruntime`). `auto` takes the first available of AUTO_ORDER.
+"""
 
 from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
 
 import onnxruntime as ort
 
 from sdonnx.runtime.errors import ProviderError
 
-PROVIDERS = {
-    "cpu": ["CPUExecutionProvider"],
-    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
-    "openvino": ["OpenVINOExecutionProvider", "CPUExecutionProvider"],
-}
-INSTALL_HINT = {
-    "cuda": "pip install onnxruntime-gpu (in place of onnxruntime) on a machine with CUDA",
-    "openvino": "pip install onnxruntime-openvino (in place of onnxruntime)",
-}
-# `auto` takes the first one installed.
+
+@dataclass(frozen=True)
+class Provider:
+    name: str
+    backend: str  # "onnxruntime" or "openvino"
+    ort_providers: tuple[str, ...] = ()
+    precisions: tuple[str, ...] = ("fp32",)
+    install: str = ""
+
+    def available(self) -> bool:
+        if self.backend == "openvino":
+            return importlib.util.find_spec("openvino") is not None
+        return self.ort_providers[0] in ort.get_available_providers()
+
+
+PROVIDERS = {p.name: p for p in (
+    Provider("cpu", "onnxruntime", ("CPUExecutionProvider",)),
+    Provider("cuda", "onnxruntime", ("CUDAExecutionProvider", "CPUExecutionProvider"),
+             install="pip install onnxruntime-gpu (in place of onnxruntime) on a machine with CUDA"),
+    Provider("openvino", "openvino", precisions=("fp32", "bf16"),
+             install="pip install 'sdonnx[openvino]'"),
+    Provider("ort-openvino", "onnxruntime", ("OpenVINOExecutionProvider", "CPUExecutionProvider"),
+             install="pip install onnxruntime-openvino (in place of onnxruntime)"),
+)}
 AUTO_ORDER = ("cuda", "openvino", "cpu")
 CHOICES = (*PROVIDERS, "auto")
+PRECISIONS = ("fp32", "bf16", "auto")
 
 
 def resolve(name: str) -> str:
-    """Map a user's provider choice to an installed provider name, or fail saying what to do."""
-    available = set(ort.get_available_providers())
+    """Map a user's provider choice to an available provider name, or fail saying what to do."""
     if name == "auto":
-        return next(p for p in AUTO_ORDER if PROVIDERS[p][0] in available)
+        return next(p for p in AUTO_ORDER if PROVIDERS[p].available())
     if name not in PROVIDERS:
         raise ProviderError(f"unknown provider {name!r}; choose one of: {', '.join(CHOICES)}")
-    if PROVIDERS[name][0] not in available:
+    if not PROVIDERS[name].available():
+        have = ", ".join(p for p in PROVIDERS if PROVIDERS[p].available())
         raise ProviderError(
-            f"provider {name!r} is not available in this onnxruntime "
-            f"(available: {', '.join(sorted(available))}); to use it: {INSTALL_HINT[name]}"
+            f"provider {name!r} is not installed (available here: {have}); to use it: {PROVIDERS[name].install}"
         )
     return name
+
+
+def cpu_has_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether the CPU computes bf16 natively (AVX512-BF16 or AMX); False where unknown."""
+    try:
+        flags = next(line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(provider: str, precision: str) -> str:
+    """fp32 or bf16 for a provider; `auto` is bf16 where the provider and the CPU both do it."""
+    if precision not in PRECISIONS:
+        raise ProviderError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
+    supported = PROVIDERS[provider].precisions
+    if precision == "auto":
+        return "bf16" if "bf16" in supported and cpu_has_bf16() else "fp32"
+    if precision not in supported:
+        can = [name for name, p in PROVIDERS.items() if precision in p.precisions]
+        raise ProviderError(
+            f"provider {provider!r} cannot run in {precision}; choose --precision fp32, "
+            f"or a provider that can: {', '.join(can)}"
+        )
+    if precision == "bf16" and not cpu_has_bf16():
+        # OpenVINO would silently compute in fp32: say so instead.
+        raise ProviderError(
+            "this CPU has neither AVX512-BF16 nor AMX, so bf16 would run as fp32; "
+            "choose --precision fp32 or auto"
+        )
+    return precision
 
 
 def session_options(threads: int | None = None) -> ort.SessionOptions:

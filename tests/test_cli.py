@@ -73,6 +73,8 @@ def test_explicit_file_is_not_overwritten(tiny_onnx, tmp_path):
     (["--init-image", "{png}", "--mask", "{png}"], "mask_image needs an inpainting model"),
     (["--provider", "tpu"], "unknown provider 'tpu'"),
     (["--provider", "cuda"], "onnxruntime-gpu"),
+    (["--precision", "fp8"], "unknown precision 'fp8'"),
+    (["--provider", "cpu", "--precision", "bf16"], "'cpu' cannot run in bf16"),
     (["-n", "0"], "n (images per call) must be at least 1"),
     (["--n-iter", "0"], "--n-iter (batches) must be at least 1, got 0"),
     (["--out", "/proc/forbidden"], "cannot create output folder"),
@@ -218,3 +220,33 @@ def test_inpainting_with_mask(inpaint_pipeline, tmp_path):
     assert proc.returncode == 0, proc.stderr
     alone = inpaint_pipeline.generate("a cat", steps=2, seed=3, init_image=init, mask_image=mask)[0]
     assert Image.open(tmp_path / "x.png").tobytes() == alone.tobytes()
+
+
+def test_verbose_reports_provider_and_precision(tiny_onnx, tmp_path):
+    proc = sdonnx("generate", "a cat", "--model", tiny_onnx, "--steps", 2, "--provider", "cpu", "-v",
+                  "--out", tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "on cpu (fp32)" in proc.stdout and "s per step" in proc.stdout
+
+
+def test_bench_prints_a_table_per_provider(tiny_onnx):
+    proc = sdonnx("bench", tiny_onnx, "--provider", "cpu", "--repeats", 1, "--size", "64x48")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert "CFG pair at 64x48" in lines[0]
+    row = next(line for line in lines if line.startswith("| cpu | fp32 |"))
+    cells = [float(c) for c in row.strip("|").split("|")[2:]]
+    assert len(cells) == 6 and all(c > 0 for c in cells)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--provider", "tpu"], "unknown provider 'tpu'"),
+    (["--repeats", "0"], "--repeats must be at least 1"),
+    (["{missing}"], "model folder not found"),
+])
+def test_bench_bad_input(tiny_onnx, tmp_path, args, message):
+    args = [a.format(missing=tmp_path / "missing") for a in args]
+    if not any("missing" in a for a in args):
+        args = [str(tiny_onnx), *args]
+    proc = sdonnx("bench", *args)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr

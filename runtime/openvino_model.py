@@ -1,0 +1,73 @@
+"""A model part run by the OpenVINO runtime, which reads the exported ONNX file directly.
+
+Compiled for the CPU with an inference precision (fp32, or bf16 on CPUs that compute it) and a
+cache directory of compiled models, so a second start skips compilation. With `static_shapes`
+each new set of input shapes (width, height, batch) is compiled once with those shapes fixed,
+which lets OpenVINO plan memory and pick kernels for them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from sdonnx.runtime.errors import ModelFolderError
+from sdonnx.runtime.onnx_model import PartModel
+from sdonnx.runtime.parts import Part
+
+PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16"}
+
+
+def default_cache_dir() -> Path:
+    return Path.home() / ".cache" / "sdonnx" / "openvino"
+
+
+class OpenVinoModel(PartModel):
+    def __init__(self, path: Path, part: Part, precision: str = "fp32", threads: int | None = None,
+                 cache_dir: Path | None = None, static_shapes: bool = True):
+        import openvino as ov
+
+        if not path.is_file():
+            raise ModelFolderError(f"{part.name}: model file missing: {path}")
+        self.core = ov.Core()
+        try:
+            self.model = self.core.read_model(str(path))
+        except Exception as e:  # OpenVINO raises its own untyped errors
+            raise ModelFolderError(f"{part.name}: OpenVINO cannot read {path}: {e}") from e
+        self.part, self.path = part, path
+        self.config = {
+            "INFERENCE_PRECISION_HINT": PRECISION_HINTS[precision],
+            "PERFORMANCE_HINT": "LATENCY",
+            "CACHE_DIR": str(cache_dir or default_cache_dir()),
+        }
+        if threads:
+            self.config["INFERENCE_NUM_THREADS"] = threads
+        self.static_shapes = static_shapes
+        self.input_types = {i.get_any_name(): i.get_element_type().to_dtype().type for i in self.model.inputs}
+        self.input_shapes = {
+            i.get_any_name(): [d.get_length() if d.is_static else None for d in i.get_partial_shape()]
+            for i in self.model.inputs
+        }
+        self.output_names = [o.get_any_name() for o in self.model.outputs]
+        self._check_contract()
+        self._compiled: dict[tuple, object] = {}
+        if not static_shapes:
+            self._compiled[()] = self.core.compile_model(self.model, "CPU", self.config)
+
+    def compiled(self, inputs: dict[str, np.ndarray]):
+        """The compiled model for these input shapes (one for all when shapes are dynamic)."""
+        if not self.static_shapes:
+            return self._compiled[()]
+        key = tuple((name, value.shape) for name, value in sorted(inputs.items()))
+        if key not in self._compiled:
+            model = self.model.clone()
+            model.reshape({name: list(value.shape) for name, value in inputs.items()})
+            self._compiled[key] = self.core.compile_model(model, "CPU", self.config)
+        return self._compiled[key]
+
+    def __call__(self, **inputs: np.ndarray) -> dict[str, np.ndarray]:
+        self._check_inputs(inputs)
+        request = self.compiled(inputs).create_infer_request()
+        result = request.infer(inputs)
+        return {name: np.asarray(result[i]) for i, name in enumerate(self.output_names)}

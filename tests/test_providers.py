@@ -1,0 +1,84 @@
+"""Providers and precisions: choices, errors that say what to do, and the OpenVINO backend
+giving the same pictures as onnxruntime's CPU provider."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+
+from sdonnx.runtime import providers
+from sdonnx.runtime.errors import ProviderError
+
+from conftest import psnr
+
+needs_openvino = pytest.mark.skipif(importlib.util.find_spec("openvino") is None,
+                                    reason="the openvino extra is not installed")
+
+
+def test_unknown_provider_lists_the_choices():
+    with pytest.raises(ProviderError, match="unknown provider 'tpu'; choose one of: cpu, cuda, openvino"):
+        providers.resolve("tpu")
+
+
+def test_provider_not_installed_says_what_to_install(monkeypatch):
+    monkeypatch.setattr(providers.Provider, "available", lambda self: self.name == "cpu")
+    with pytest.raises(ProviderError, match=r"'openvino' is not installed.*pip install 'sdonnx\[openvino\]'"):
+        providers.resolve("openvino")
+    with pytest.raises(ProviderError, match="pip install onnxruntime-gpu"):
+        providers.resolve("cuda")
+    assert providers.resolve("auto") == "cpu"
+
+
+def test_precision_choices_and_errors(monkeypatch):
+    with pytest.raises(ProviderError, match="unknown precision 'fp8'"):
+        providers.resolve_precision("cpu", "fp8")
+    with pytest.raises(ProviderError, match="'cpu' cannot run in bf16; .*a provider that can: openvino"):
+        providers.resolve_precision("cpu", "bf16")
+    monkeypatch.setattr(providers, "cpu_has_bf16", lambda: False)
+    assert providers.resolve_precision("openvino", "auto") == "fp32"
+    with pytest.raises(ProviderError, match="neither AVX512-BF16 nor AMX"):
+        providers.resolve_precision("openvino", "bf16")
+    monkeypatch.setattr(providers, "cpu_has_bf16", lambda: True)
+    assert providers.resolve_precision("openvino", "auto") == "bf16"
+    assert providers.resolve_precision("cpu", "auto") == "fp32"
+
+
+def test_cpu_flags_are_read(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor : 0\nflags : fpu avx2 avx512f avx512_bf16\n")
+    assert providers.cpu_has_bf16(info)
+    info.write_text("processor : 0\nflags : fpu avx2 amx_bf16 amx_tile\n")
+    assert providers.cpu_has_bf16(info)
+    info.write_text("processor : 0\nflags : fpu avx2 avx512f\n")
+    assert not providers.cpu_has_bf16(info)
+    assert not providers.cpu_has_bf16(tmp_path / "missing")
+
+
+@needs_openvino
+@pytest.mark.parametrize("static_shapes", [True, False])
+def test_openvino_gives_the_cpu_provider_picture(tiny_onnx, tiny_pipeline, tmp_path, static_shapes):
+    from sdonnx import Pipeline
+
+    pipe = Pipeline.load(tiny_onnx, provider="openvino", precision="fp32", cache_dir=tmp_path / "cache",
+                         static_shapes=static_shapes)
+    for kwargs in ({}, {"width": 96, "height": 64, "n": 2, "sampler": "dpmpp_2m"}):
+        want = tiny_pipeline.generate("a red circle", steps=4, seed=1, **kwargs)
+        got = pipe.generate("a red circle", steps=4, seed=1, **kwargs)
+        for a, b in zip(got, want):
+            assert psnr(np.asarray(a), np.asarray(b)) >= 45
+    if static_shapes:
+        assert any((tmp_path / "cache").iterdir()), "the compiled-model cache stayed empty"
+
+
+@needs_openvino
+@pytest.mark.skipif(not providers.cpu_has_bf16(), reason="this CPU does not compute bf16")
+def test_bf16_stays_close_to_fp32(tiny_onnx, tmp_path):
+    from sdonnx import Pipeline
+
+    fp32 = Pipeline.load(tiny_onnx, provider="openvino", precision="fp32", cache_dir=tmp_path)
+    bf16 = Pipeline.load(tiny_onnx, provider="openvino", precision="bf16", cache_dir=tmp_path)
+    a = fp32.generate("a red circle", steps=6, seed=0)[0]
+    b = bf16.generate("a red circle", steps=6, seed=0)[0]
+    assert psnr(np.asarray(a), np.asarray(b)) >= 30
