@@ -33,6 +33,21 @@ class BenchResult:
     peak_rss_gb: float
 
 
+def peak_rss_gb() -> float:
+    """This process's peak resident memory, in GB.
+
+    /proc's VmHWM belongs to the process image, so a freshly started child reports its own
+    peak; getrusage's ru_maxrss would carry the parent's peak across exec on Linux.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
 def combinations() -> list[tuple[str, str]]:
     """Every (provider, precision) this machine can run."""
     runnable = []
@@ -76,8 +91,7 @@ def measure(model: Path | None, provider: str, precision: str, width: int | None
     first_step_s = time.perf_counter() - start
     unet_s = _timed(lambda: pipe._unet(sample, 500.0, context), repeats)
     vae_s = _timed(lambda: pipe.decode(sample[:1, : parts.LATENT_CHANNELS]), repeats)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-    return BenchResult(provider, precision, load_s, text_s, first_step_s, unet_s, vae_s, peak)
+    return BenchResult(provider, precision, load_s, text_s, first_step_s, unet_s, vae_s, peak_rss_gb())
 
 
 def run(model: Path | None, width: int | None = None, height: int | None = None, repeats: int = 3,
