@@ -134,7 +134,7 @@ def test_n_iter_continues_seeds_and_grid_has_a_batch_per_row(tiny_onnx, tiny_pip
     import re
 
     proc = sdonnx("generate", "a cat", "--model", tiny_onnx, "--steps", 1, "--size", "64x48", "-n", 2,
-                  "--n-iter", 2, "--grid", "--out", tmp_path)
+                  "--n-iter", 2, "--grid", "--provider", "cpu", "--out", tmp_path)
     assert proc.returncode == 0, proc.stderr
     files = sorted(tmp_path.iterdir())
     assert len(files) == 5
@@ -174,7 +174,7 @@ def test_grid_beside_explicit_file_is_not_overwritten(tiny_onnx, tmp_path):
 def test_img2img_from_png_file(tiny_onnx, tiny_pipeline, tmp_path):
     init = Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8))
     init.save(tmp_path / "in.png")
-    args = ("generate", "a cat", "--model", tiny_onnx, "--steps", 4, "--seed", 5)
+    args = ("generate", "a cat", "--model", tiny_onnx, "--steps", 4, "--seed", 5, "--provider", "cpu")
     proc = sdonnx(*args, "--init-image", tmp_path / "in.png", "--strength", 0.5, "--out", tmp_path / "img.png")
     assert proc.returncode == 0, proc.stderr
     proc = sdonnx(*args, "--size", "64x48", "--out", tmp_path / "txt.png")
@@ -216,7 +216,8 @@ def test_inpainting_with_mask(inpaint_pipeline, tmp_path):
     init.save(tmp_path / "in.png")
     mask.save(tmp_path / "mask.png")
     proc = sdonnx("generate", "a cat", "--model", inpaint_pipeline.config.path, "--steps", 2, "--seed", 3,
-                  "--init-image", tmp_path / "in.png", "--mask", tmp_path / "mask.png", "--out", tmp_path / "x.png")
+                  "--init-image", tmp_path / "in.png", "--mask", tmp_path / "mask.png", "--provider", "cpu",
+                  "--out", tmp_path / "x.png")
     assert proc.returncode == 0, proc.stderr
     alone = inpaint_pipeline.generate("a cat", steps=2, seed=3, init_image=init, mask_image=mask)[0]
     assert Image.open(tmp_path / "x.png").tobytes() == alone.tobytes()
