@@ -7,12 +7,14 @@ together on its latents (epsilon prediction, SD 1.5's noise schedule, 10% empty 
 classifier-free guidance). Writes a diffusers folder with fp16 weights and `training.json`
 (settings, time, loss curve).
 
-    python models/train.py models/stage1 --vae-minutes 12 --unet-minutes 48
-    python models/train.py models/default-diffusers --decoder-only models/stage1 --decoder-minutes 14
+    python models/train.py models/stage1 --vae-minutes 12 --decoder-minutes 20 --unet-minutes 48
+    python models/train.py models/next --decoder-only models/stage1 --decoder-minutes 14
 
-The second stage trains the VAE decoder alone for longer: the first stage's short autoencoder
-run leaves a decoder that blurs shapes and colours, and retraining the decoder keeps the
-latent space, so the UNet stays valid.
+The first run trains the autoencoder, then its decoder alone on the fixed latent space (the
+joint run's moving encoder keeps the reconstruction blurry; a frozen encoder lets the decoder
+learn sharp shapes), then the UNet. `--decoder-only` continues a trained pipeline's decoder;
+the latent space stays, so the UNet stays valid. The Makefile's `default-model` target replays
+the runs that made models/default.
 """
 
 from __future__ import annotations
@@ -90,8 +92,13 @@ def save(pipe, out: Path, record: dict) -> None:
     tmp.rename(out)
 
 
+LR_SCHEDULES = ("cosine", "constant")
+LR_SCHEDULE = "cosine"  # set from --lr-schedule
+
+
 class TimedSchedule:
-    """Learning rate over a wall-clock budget: 100 steps of warm-up, then cosine decay to 5%.
+    """Learning rate over a wall-clock budget: 100 steps of warm-up, then cosine decay to 5%
+    (or the peak throughout with --lr-schedule constant, as the first default model's runs).
 
     Runs here are budgeted in minutes, not steps, so the decay follows the elapsed time.
     """
@@ -104,7 +111,9 @@ class TimedSchedule:
         done = (time.time() - self.start) / self.seconds if self.seconds > 0 else 1.0
         if done >= 1:
             return False
-        lr = self.peak * min(1.0, (step + 1) / 100) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * done)))
+        lr = self.peak
+        if LR_SCHEDULE == "cosine":
+            lr *= min(1.0, (step + 1) / 100) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * done)))
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         return True
@@ -227,12 +236,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--vae-from", type=Path, metavar="DIR",
                         help="take the trained autoencoder of the pipeline DIR instead of training one")
+    parser.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="cosine")
     parser.add_argument("--decoder-only", type=Path, metavar="DIR",
                         help="fine-tune the VAE decoder of the trained pipeline DIR into OUT")
     args = parser.parse_args()
     if args.out.exists():
         parser.error(f"{args.out} exists; choose a new folder")
     torch.set_num_threads(args.threads)
+    global LR_SCHEDULE
+    LR_SCHEDULE = args.lr_schedule
     from diffusers import StableDiffusionPipeline
 
     if args.decoder_only:
@@ -252,10 +264,10 @@ def main() -> None:
         log += [entry for entry in source["loss"] if entry["part"].startswith("vae")]
         vae_minutes = source["vae_minutes"]
     else:
-        train_vae(vae, rng, args.vae_minutes, 16, log)
+        train_vae(vae, rng, args.vae_minutes, 32, log)
         # The decoder alone, on the now fixed latent space: the joint run's shifting encoder
         # keeps its reconstruction loss high; frozen, the decoder learns much sharper shapes.
-        finetune_decoder(vae, rng, args.decoder_minutes, 16, log)
+        finetune_decoder(vae, rng, args.decoder_minutes, 32, log)
     vae.eval().requires_grad_(False)
     if not args.vae_from:
         vae.register_to_config(scaling_factor=latent_scale(vae, rng))
