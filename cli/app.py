@@ -100,7 +100,7 @@ def generate(
     schedule: str = typer.Option("default", "--schedule",
                                  help=f"Noise schedule: {' or '.join(SCHEDULES)} (Karras et al. 2022 sigmas)."),
     eta: Optional[float] = typer.Option(
-        None, "--eta", help="Share of fresh noise per step, 0 to 1, for ddim (default 0) and euler_a (default 1)."),
+        None, "--eta", help="Share of fresh noise per step, 0 to 1, for ddim (default 0), euler_a and dpmpp_2m_sde (default 1)."),
     init_image: Optional[Path] = typer.Option(
         None, "--init-image", help="Start from this image (img2img; default size: the image's own)."),
     strength: Optional[float] = typer.Option(

@@ -89,7 +89,7 @@ class GenerationConfig:
     sampler: str = "euler"
     n: int = 1
     schedule: str = "default"
-    eta: float | None = None  # ddim and euler_a: the share of fresh noise per step
+    eta: float | None = None  # ddim, euler_a, dpmpp_2m_sde: the share of fresh noise per step
     strength: float | None = None  # img2img and inpainting only
 
     def validate(self) -> "GenerationConfig":
@@ -112,7 +112,7 @@ class GenerationConfig:
         if self.eta is not None:
             if "eta" not in SAMPLERS[self.sampler].options:
                 takes = [name for name, s in SAMPLERS.items() if "eta" in s.options]
-                raise InputError(f"eta applies to the {' and '.join(takes)} samplers, not {self.sampler}")
+                raise InputError(f"eta applies to the {', '.join(takes)} samplers, not {self.sampler}")
             if not 0 <= self.eta <= 1:
                 raise InputError(f"eta must be between 0 and 1, got {self.eta!r}")
         if self.strength is not None and not (0 <= self.strength <= 1):
@@ -314,7 +314,7 @@ class Pipeline:
         int(steps x strength) steps from the encoded image noised to that level, as diffusers'
         StableDiffusionImg2ImgPipeline; with `mask_image` (white = repaint, the init image's
         size) an inpainting model repaints the masked part. `schedule="karras"` uses Karras
-        sigmas; `eta` sets ddim's (default 0) or euler_a's (default 1) noise.
+        sigmas; `eta` sets ddim's (default 0), euler_a's or dpmpp_2m_sde's (default 1) noise.
         `callback(step, total_steps)` is called after every sampler step.
         """
         if mask_image is not None and init_image is None:

@@ -204,6 +204,15 @@ def sample_dpmpp_2m(denoise: Denoise, x: np.ndarray, sigmas: np.ndarray, *,
                     callback: Callback = None) -> np.ndarray:
     """DPM-Solver++(2M), Lu et al. (2022); first order onto sigma 0.
     DPMSolverMultistepScheduler (dpmsolver++, midpoint)."""
+    return sample_dpmpp_2m_sde(denoise, x, sigmas, eta=0.0, callback=callback)
+
+
+def sample_dpmpp_2m_sde(denoise: Denoise, x: np.ndarray, sigmas: np.ndarray, *, noise: Noise | None = None,
+                        eta: float = 1.0, callback: Callback = None) -> np.ndarray:
+    """DPM-Solver++(2M) SDE, Lu et al. (2022). DPMSolverMultistepScheduler (sde-dpmsolver++).
+
+    eta = 0 removes the noise and is exactly the (ODE) 2M solver.
+    """
     old_denoised = None
     for i in range(len(sigmas) - 1):
         denoised = denoise(x, sigmas[i])
@@ -211,33 +220,14 @@ def sample_dpmpp_2m(denoise: Denoise, x: np.ndarray, sigmas: np.ndarray, *,
             x = denoised
         else:
             h = np.log(sigmas[i] / sigmas[i + 1])
-            d = denoised
-            if old_denoised is not None:
-                r = np.log(sigmas[i - 1] / sigmas[i]) / h
-                d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
-            x = (sigmas[i + 1] / sigmas[i]) * x - np.expm1(-h) * d
-        old_denoised = denoised
-        if callback:
-            callback(i, x, denoised)
-    return x
-
-
-def sample_dpmpp_2m_sde(denoise: Denoise, x: np.ndarray, sigmas: np.ndarray, *, noise: Noise,
-                        callback: Callback = None) -> np.ndarray:
-    """DPM-Solver++(2M) SDE, Lu et al. (2022). DPMSolverMultistepScheduler (sde-dpmsolver++)."""
-    old_denoised = None
-    for i in range(len(sigmas) - 1):
-        denoised = denoise(x, sigmas[i])
-        if sigmas[i + 1] == 0:
-            x = denoised
-        else:
-            h = np.log(sigmas[i] / sigmas[i + 1])
+            eta_h = eta * h
             d = denoised
             if old_denoised is not None:
                 r = np.log(sigmas[i - 1] / sigmas[i]) / h
                 d = denoised + (denoised - old_denoised) / (2 * r)
-            x = ((sigmas[i + 1] / sigmas[i]) * np.exp(-h) * x - np.expm1(-2 * h) * d
-                 + sigmas[i + 1] * np.sqrt(-np.expm1(-2 * h)) * noise())
+            x = (sigmas[i + 1] / sigmas[i]) * np.exp(-eta_h) * x - np.expm1(-h - eta_h) * d
+            if eta:
+                x = x + sigmas[i + 1] * np.sqrt(-np.expm1(-2 * eta_h)) * noise()
         old_denoised = denoised
         if callback:
             callback(i, x, denoised)

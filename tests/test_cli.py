@@ -64,7 +64,7 @@ def test_explicit_file_is_not_overwritten(tiny_onnx, tmp_path):
     (["--steps", "0"], "steps must be a whole number of at least 1"),
     (["--sampler", "nope"], "unknown sampler 'nope'; choose one of: euler, "),
     (["--schedule", "nope"], "unknown schedule 'nope'; choose one of: default, karras"),
-    (["--eta", "0.5"], "eta applies to the euler_a and ddim samplers, not euler"),
+    (["--eta", "0.5"], "eta applies to the euler_a, ddim, dpmpp_2m_sde samplers, not euler"),
     (["--init-image", "{png}", "--strength", "1.5"], "strength must be between 0 and 1, got 1.5"),
     (["--strength", "0.5"], "--strength needs --init-image"),
     (["--init-image", "{missing}"], "init image not found"),

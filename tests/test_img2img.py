@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from conftest import psnr
+from conftest import _reference, psnr
 from test_parity import NEGATIVE, PARITY_DB, PROMPT, use_scheduler
 
 WIDTH, HEIGHT = 96, 64
@@ -73,22 +73,12 @@ def deterministic_reference(monkeypatch):
 
 @pytest.fixture(scope="module")
 def img2img_reference(tiny_source):
-    from diffusers import StableDiffusionImg2ImgPipeline
-
-    pipe = StableDiffusionImg2ImgPipeline.from_pretrained(tiny_source, safety_checker=None)
-    pipe.set_progress_bar_config(disable=True)
-    pipe.base_scheduler_config = dict(pipe.scheduler.config)
-    return pipe
+    return _reference(tiny_source, "StableDiffusionImg2ImgPipeline")
 
 
 @pytest.fixture(scope="module")
 def inpaint_reference(inpaint_source):
-    from diffusers import StableDiffusionInpaintPipeline
-
-    pipe = StableDiffusionInpaintPipeline.from_pretrained(inpaint_source, safety_checker=None)
-    pipe.set_progress_bar_config(disable=True)
-    pipe.base_scheduler_config = dict(pipe.scheduler.config)
-    return pipe
+    return _reference(inpaint_source, "StableDiffusionInpaintPipeline")
 
 
 def reference(pipe, noise_holder, noise, sampler, strength, **images):
