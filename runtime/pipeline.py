@@ -349,16 +349,8 @@ class Pipeline:
                 f"got {np.shape(latents)}"
             )
         chosen = SAMPLERS[config.sampler]
-        noise = np.asarray(latents, dtype=np.float32)
-        conditioning = None
-        if mask_image is None:
-            schedule_ = config.schedule_for(self.scheduler)
-            x = noise * schedule_.noise_scale
-            if init_image is not None:
-                start = self.encode_image(to_pixels(fit(init_image, width, height)))
-                x = start + noise * schedule_.sigmas[0]
-        else:
-            schedule_, x, conditioning = self._inpainting_start(config, init_image, mask_image, noise)
+        schedule_, x, conditioning = self._start(config, np.asarray(latents, dtype=np.float32),
+                                                 init_image, mask_image)
         context = self.encode_context(config)
         denoise = Denoiser(self._unet, context, config.guidance, self.scheduler.prediction_type,
                            schedule_.sigma_to_t, conditioning)
@@ -377,25 +369,30 @@ class Pipeline:
             )
         return images
 
-    def _inpainting_start(self, config: GenerationConfig, init_image: Image.Image,
-                          mask_image, noise: np.ndarray):
-        """Schedule, starting latents and the UNet's extra channels, as diffusers'
-        StableDiffusionInpaintPipeline: the masked-out image is encoded, the mask is taken at
-        every 8th pixel, and strength 1 starts from pure noise."""
+    def _start(self, config: GenerationConfig, noise: np.ndarray, init_image: Image.Image | None,
+               mask_image) -> tuple[Schedule, np.ndarray, np.ndarray | None]:
+        """The schedule, the starting x in sigma space, and an inpainting UNet's extra channels.
+
+        txt2img: scaled noise. img2img: the encoded image plus noise at the tail's first sigma
+        (diffusers' add_noise). Inpainting, as StableDiffusionInpaintPipeline: the masked-out
+        image is encoded, the mask taken at every 8th pixel, and strength 1 starts from noise.
+        """
+        schedule = config.schedule_for(self.scheduler)
+        if init_image is None:
+            return schedule, noise * schedule.noise_scale, None
+        pixels = to_pixels(fit(init_image, config.width, config.height))
+        if mask_image is None:
+            return schedule, self.encode_image(pixels) + noise * schedule.sigmas[0], None
         mask_image = load_image(mask_image, "mask image")
         if mask_image.size != init_image.size:
             raise InputError(
                 f"the mask is {mask_image.width}x{mask_image.height} but the init image is "
                 f"{init_image.width}x{init_image.height}; they must be the same size"
             )
-        pixels = to_pixels(fit(init_image, config.width, config.height))
         mask = to_mask(fit(mask_image, config.width, config.height))
         masked = self.encode_image(pixels * (mask < 0.5))
         latent_mask = mask[:, :, :: parts.VAE_SCALE, :: parts.VAE_SCALE]
         conditioning = np.repeat(np.concatenate([latent_mask, masked], axis=1), config.n, axis=0)
-        schedule_ = config.schedule_for(self.scheduler)
         if config.strength == 1.0:
-            x = noise * schedule_.noise_scale
-        else:
-            x = self.encode_image(pixels) + noise * schedule_.sigmas[0]
-        return schedule_, x, conditioning
+            return schedule, noise * schedule.noise_scale, conditioning
+        return schedule, self.encode_image(pixels) + noise * schedule.sigmas[0], conditioning
