@@ -205,7 +205,7 @@ def bench(
 ) -> None:
     """Time text encoding, a UNet step, VAE decoding, load time and peak RSS per provider."""
     from sdonnx.runtime import bench as benchmark
-    from sdonnx.runtime.pipeline import Pipeline, check_model_folder, default_model_path
+    from sdonnx.runtime.pipeline import check_model_folder, default_model_path
 
     folder = model or default_model_path()
     check_model_folder(folder)
@@ -215,9 +215,7 @@ def bench(
     for name in provider or []:
         if name not in PROVIDER_CHOICES:
             raise InputError(f"unknown provider {name!r}; choose one of: {', '.join(PROVIDER_CHOICES)}")
-    native = Pipeline.load(folder, provider="cpu").native_size
-    results = benchmark.run(folder, width, height, repeats, provider)
-    typer.echo(benchmark.table(results, width or native, height or native))
+    typer.echo(benchmark.table(benchmark.run(folder, width, height, repeats, provider)))
 
 
 @app.command()

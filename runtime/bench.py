@@ -31,6 +31,8 @@ class BenchResult:
     unet_step_s: float
     vae_decode_s: float
     peak_rss_gb: float
+    width: int
+    height: int
 
 
 def peak_rss_gb() -> float:
@@ -91,7 +93,8 @@ def measure(model: Path | None, provider: str, precision: str, width: int | None
     first_step_s = time.perf_counter() - start
     unet_s = _timed(lambda: pipe._unet(sample, 500.0, context), repeats)
     vae_s = _timed(lambda: pipe.decode(sample[:1, : parts.LATENT_CHANNELS]), repeats)
-    return BenchResult(provider, precision, load_s, text_s, first_step_s, unet_s, vae_s, peak_rss_gb())
+    return BenchResult(provider, precision, load_s, text_s, first_step_s, unet_s, vae_s, peak_rss_gb(),
+                       width, height)
 
 
 def run(model: Path | None, width: int | None = None, height: int | None = None, repeats: int = 3,
@@ -111,8 +114,9 @@ def run(model: Path | None, width: int | None = None, height: int | None = None,
     return results
 
 
-def table(results: list[BenchResult], width: int, height: int) -> str:
-    rows = [f"UNet step = one call on a CFG pair at {width}x{height}",
+def table(results: list[BenchResult]) -> str:
+    size = f"{results[0].width}x{results[0].height}" if results else "?"
+    rows = [f"UNet step = one call on a CFG pair at {size}",
             "| provider | precision | load s | text enc s | first UNet step s | UNet step s | VAE decode s | peak RSS GB |",
             "|---|---|---|---|---|---|---|---|"]
     for r in results:
