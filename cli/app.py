@@ -197,6 +197,36 @@ def export(
 
 
 @app.command()
+def quantize(
+    source: Path = typer.Argument(..., help="An ONNX model folder (from sdonnx export)."),
+    out: Path = typer.Argument(..., help="Folder to write the quantized model to."),
+    mode: str = typer.Option("int8", "--mode", help="int8 (UNet weights+activations, others weights) or fp16 (weights)."),
+    min_psnr: Optional[float] = typer.Option(
+        None, "--min-psnr", help="A part whose images fall below this PSNR stays float (default: int8 22, fp16 35)."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+    check_prompts: int = typer.Option(2, "--check-prompts", help="Prompts the check generates (seed = index)."),
+    check_steps: int = typer.Option(10, "--check-steps", help="Sampler steps per check image."),
+    calibration_prompts: int = typer.Option(4, "--calibration-prompts", help="int8: prompts whose trajectories calibrate."),
+    size: Optional[int] = typer.Option(None, "--size", help="Check and calibration image side (default: native, at most 256)."),
+) -> None:
+    """Quantize a model folder, check its pictures against the float model, keep bad parts float."""
+    from sdonnx.export.quantize import CHECK_PROMPTS, CALIBRATION_PROMPTS, QuantizeConfig, check_mode
+    from sdonnx.export.quantize import quantize as run_quantize
+
+    check_mode(mode)
+    for name, value, most in (("--check-prompts", check_prompts, len(CHECK_PROMPTS)),
+                              ("--calibration-prompts", calibration_prompts, len(CALIBRATION_PROMPTS))):
+        if not 1 <= value <= most:
+            raise InputError(f"{name} must be between 1 and {most}, got {value}")
+    if check_steps < 1:
+        raise InputError(f"--check-steps must be at least 1, got {check_steps}")
+    result = run_quantize(QuantizeConfig(source, out, mode, force, min_psnr, check_prompts, check_steps,
+                                         calibration_prompts, check_steps, size), log=typer.echo)
+    typer.echo(f"wrote {result.out} in {result.seconds:.1f} s: PSNR {result.psnr:.1f} dB, "
+               f"SSIM {result.ssim:.3f} against the float model")
+
+
+@app.command()
 def bench(
     model: Optional[Path] = typer.Argument(None, help="An ONNX model folder (default: the embedded model)."),
     size: Optional[str] = typer.Option(None, "--size", help="WIDTHxHEIGHT (default: the model's native size)."),

@@ -167,7 +167,11 @@ def encode_text(tokenizer, text_encoder, captions):
 
 
 def train_unet(unet, text_encoder, tokenizer, vae, scheduler, rng, minutes: float, batch: int,
-               log: list) -> None:
+               log: list, min_snr: float = 0.0) -> None:
+    """Epsilon prediction; with `min_snr` > 0, each timestep's loss is weighted by
+    min(SNR, min_snr) / SNR (Hang et al. 2023, "Min-SNR"): the nearly clean timesteps, which
+    only polish texture, stop dominating the gradient, and the noisy ones that decide the
+    shape and colour get their share."""
     params = list(unet.parameters()) + list(text_encoder.parameters())
     optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-2)
     # Sampling uses an exponential moving average of the weights: much smoother than the last
@@ -187,7 +191,11 @@ def train_unet(unet, text_encoder, tokenizer, vae, scheduler, rng, minutes: floa
         a = alphas[t].view(-1, 1, 1, 1)
         noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
         pred = unet(noisy, t, encode_text(tokenizer, text_encoder, captions)).sample
-        loss = (pred - noise).pow(2).mean()
+        loss = (pred - noise).pow(2).mean(dim=(1, 2, 3))
+        if min_snr > 0:
+            snr = alphas[t] / (1 - alphas[t])
+            loss = loss * snr.clamp(max=min_snr) / snr
+        loss = loss.mean()
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -237,6 +245,8 @@ def main() -> None:
     parser.add_argument("--vae-from", type=Path, metavar="DIR",
                         help="take the trained autoencoder of the pipeline DIR instead of training one")
     parser.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="cosine")
+    parser.add_argument("--min-snr", type=float, default=5.0,
+                        help="Min-SNR loss weighting of the UNet (0: plain MSE, as the first runs)")
     parser.add_argument("--decoder-only", type=Path, metavar="DIR",
                         help="fine-tune the VAE decoder of the trained pipeline DIR into OUT")
     args = parser.parse_args()
@@ -255,14 +265,16 @@ def main() -> None:
     rng = np.random.default_rng(args.seed)
     tokenizer, unet, vae, text_encoder, scheduler = build(args.out.with_name(args.out.name + ".partial"), args.seed)
     log: list[dict] = []
-    vae_minutes = 0.0
+    vae_minutes, vae_stages = 0.0, []
     if args.vae_from:
         from diffusers import AutoencoderKL
 
         vae = AutoencoderKL.from_pretrained(args.vae_from / "vae", torch_dtype=torch.float32)
         source = json.loads((args.vae_from / "training.json").read_text())
         log += [entry for entry in source["loss"] if entry["part"].startswith("vae")]
-        vae_minutes = source["vae_minutes"]
+        # The autoencoder's whole history: its joint run and any decoder-only runs after it.
+        vae_minutes = source["vae_minutes"] + source.get("decoder_minutes", 0)
+        vae_stages = source.get("stages", [])
     else:
         train_vae(vae, rng, args.vae_minutes, 32, log)
         # The decoder alone, on the now fixed latent space: the joint run's shifting encoder
@@ -277,7 +289,7 @@ def main() -> None:
         (args.out.with_name(args.out.name + ".vae") / "training.json").write_text(
             json.dumps({"loss": log, "vae_minutes": round((time.time() - start) / 60, 1)}))
     vae_done = time.time()
-    train_unet(unet, text_encoder, tokenizer, vae, scheduler, rng, args.unet_minutes, 64, log)
+    train_unet(unet, text_encoder, tokenizer, vae, scheduler, rng, args.unet_minutes, 64, log, args.min_snr)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
@@ -288,7 +300,10 @@ def main() -> None:
                        for name, m in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder))},
         "vae_minutes": round(vae_minutes + (vae_done - start) / 60, 1),
         "unet_minutes": round((time.time() - vae_done) / 60, 1),
+        **({"vae_from": str(args.vae_from), "vae_stages": vae_stages} if args.vae_from else {}),
         "torch_threads": args.threads,
+        "lr_schedule": args.lr_schedule,
+        "min_snr": args.min_snr,
         "loss": log,
     }
     save(pipe, args.out, record)

@@ -66,7 +66,20 @@ def describe(path: Path) -> str:
             lines.append(f"    out {o.name}: {o.type} {o.shape}")
         if "parity" in recorded:
             lines.append(f"    parity vs torch: max abs diff {recorded['parity']['max_abs_diff']:.2e}")
+        checked = record.get("quantization", {}).get("parts", {}).get(part.name)
+        if checked:
+            verdict = " -> kept in fp32" if checked.get("kept_float") else ""
+            lines.append(f"    {record['quantization']['mode']} check: PSNR {checked['psnr']:.1f} dB, "
+                         f"SSIM {checked['ssim']:.3f}{verdict}")
+            if checked.get("float_nodes"):
+                lines.append(f"    kept float: {', '.join(checked['float_nodes'])}")
     lines.append(f"total: {_human(total)}")
+    if "quantization" in record:
+        q = record["quantization"]
+        check = q["check"]
+        lines.append(f"quantized: {q['mode']} from {q['source']}; against it on {len(check['prompts'])} "
+                     f"prompts x {check['steps']} steps at {check['size']} px: PSNR {q['psnr']:.1f} dB, "
+                     f"SSIM {q['ssim']:.3f} (parts below {q['min_psnr']:g} dB stay fp32)")
     lines.append(runtime_choice())
     return "\n".join(lines)
 

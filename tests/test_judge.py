@@ -1,9 +1,10 @@
-"""The judge itself, tested on the data generator's clean images."""
+"""The judge itself, tested on the data generator's clean and blurred images."""
 
 from __future__ import annotations
 
 import numpy as np
-from PIL import Image
+import pytest
+from PIL import Image, ImageFilter
 
 from judge import judge
 from sdonnx.models import shapes
@@ -14,6 +15,16 @@ def test_judge_reads_generated_scenes():
     scenes = [shapes.random_scene(rng) for _ in range(400)]
     wrong = [s for s in scenes if judge(shapes.draw(s, jitter=rng)) != (s.color, s.shape)]
     assert len(wrong) <= 4, wrong[:5]
+
+
+@pytest.mark.parametrize("radius", [1.0, 1.5])
+def test_judge_reads_blurred_scenes(radius):
+    """Decoded images have soft edges; a blur as wide as a decoder's must not change the verdict."""
+    rng = np.random.default_rng(int(radius * 10))
+    scenes = [shapes.random_scene(rng) for _ in range(200)]
+    wrong = [s for s in scenes
+             if judge(shapes.draw(s, jitter=rng).filter(ImageFilter.GaussianBlur(radius))) != (s.color, s.shape)]
+    assert len(wrong) <= 2, wrong[:5]
 
 
 def test_every_colour_and_shape_on_every_background():

@@ -1,0 +1,386 @@
+"""Quantize an exported model folder, prove the pictures survived, fall back part by part.
+
+Modes
+- `fp16`: every part's weights stored as float16 (export/weights.py), float32 arithmetic.
+- `int8`: the UNet statically quantized for ONNX Runtime (QDQ, Conv/MatMul/Gemm with constant
+  weights, per-channel weights, activation ranges calibrated by running the float pipeline over
+  whole sampler trajectories on real prompts), keeping its first and last convolutions and its
+  time embedding in float; the text encoder and the VAE get int8 weights only (their
+  activations have outliers that static ranges clip).
+
+The check ("doctor") generates the same prompts and seeds with the float folder and with each
+quantized part swapped in alone, and compares the images (PSNR, SSIM). A part whose images fall
+below `min_psnr` is copied back in float and the record says so; the kept combination is then
+measured as a whole. Everything is written to a temporary folder and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from sdonnx.export import weights
+from sdonnx.export.exporter import _interruptible, _swap_into_place, check_out
+from sdonnx.export.quality import compare
+from sdonnx.runtime import parts
+from sdonnx.runtime.errors import InputError, SdonnxError
+from sdonnx.runtime.info import folder_bytes
+from sdonnx.runtime.onnx_model import OnnxModel
+from sdonnx.runtime.pipeline import Pipeline, check_model_folder
+
+MODES = ("fp16", "int8")
+DEFAULT_MIN_PSNR = {"fp16": 35.0, "int8": 22.0}
+# Prompts for calibration and for the check: different sets, so the check is not the data
+# the ranges were fitted to. The shapes prompts exercise the embedded model.
+CALIBRATION_PROMPTS = (
+    "a photograph of an astronaut riding a horse",
+    "a red circle on a white background",
+    "a small blue square at the top left",
+    "a watercolor painting of a lighthouse at dusk",
+    "a large yellow star on a black background",
+    "portrait of an old man, oil on canvas",
+)
+CHECK_PROMPTS = (
+    "a green triangle at the bottom right on a gray background",
+    "a cozy cabin in a snowy forest, warm light",
+    "an orange circle on a black background",
+    "a bowl of fruit on a wooden table",
+)
+# UNet nodes kept in float by int8: the input and output convolutions (they carry the latent
+# image itself, whose precision shows directly in the picture) and the timestep embedding.
+UNET_FLOAT_PREFIXES = ("/conv_in/", "/conv_out/", "/time_embedding/", "/time_proj")
+
+
+class QuantizeFailed(SdonnxError):
+    """Quantization ran but left nothing worth writing."""
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    source: Path
+    out: Path
+    mode: str = "int8"
+    force: bool = False
+    min_psnr: float | None = None  # default per mode: DEFAULT_MIN_PSNR
+    check_prompts: int = 2
+    check_steps: int = 10
+    calibration_prompts: int = 4
+    calibration_steps: int = 10
+    size: int | None = None  # check and calibration image side (default: native, at most 256)
+
+    @property
+    def psnr_floor(self) -> float:
+        return DEFAULT_MIN_PSNR[self.mode] if self.min_psnr is None else self.min_psnr
+
+
+@dataclass
+class PartReport:
+    part: str
+    precision: str
+    psnr: float | None = None
+    ssim: float | None = None
+    kept_float: bool = False
+    bytes: int = 0
+    float_nodes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "part" and v not in (None, [])}
+
+
+@dataclass
+class QuantizeResult:
+    out: Path
+    seconds: float
+    parts: list[PartReport]
+    psnr: float
+    ssim: float
+
+
+class Recorder:
+    """A part model that remembers the inputs of every call (calibration data, latents)."""
+
+    def __init__(self, model):
+        self.model, self.calls = model, []
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def __call__(self, **inputs):
+        self.calls.append({k: np.array(v) for k, v in inputs.items()})
+        return self.model(**inputs)
+
+
+def check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise InputError(f"unknown quantization mode {mode!r}; choose one of: {', '.join(MODES)}")
+
+
+def _load_onnx(path: Path):
+    import onnx
+
+    return onnx.load(str(path))
+
+
+def _save_onnx(model, path: Path) -> None:
+    """Save a part; weights go to an external data file when the protobuf would pass 2 GB."""
+    import onnx
+
+    for stale in path.parent.iterdir():
+        if stale.name.startswith("model.onnx"):
+            stale.unlink()
+    stored = sum(len(t.raw_data) for t in model.graph.initializer)
+    large = stored > 1_800_000_000
+    onnx.save(model, str(path), save_as_external_data=large, all_tensors_to_one_file=True,
+              location=parts.EXTERNAL_DATA_FILE, size_threshold=1024)
+
+
+def _settings(pipe: Pipeline, config: QuantizeConfig) -> dict:
+    size = config.size or min(pipe.native_size, 256)
+    size = max(pipe.size_multiple, size // pipe.size_multiple * pipe.size_multiple)
+    return {"width": size, "height": size}
+
+
+def _images(pipe: Pipeline, prompts, steps: int, size: dict) -> list[np.ndarray]:
+    return [np.asarray(pipe.generate(p, steps=steps, seed=i, **size)[0])
+            for i, p in enumerate(prompts)]
+
+
+def calibration_data(source: Path, config: QuantizeConfig) -> list[dict[str, np.ndarray]]:
+    """The UNet's inputs over whole sampler trajectories of the float pipeline on real prompts."""
+    pipe = Pipeline.load(source, provider="cpu")
+    size = _settings(pipe, config)
+    recorder = pipe.unet = Recorder(pipe.unet)
+    for i, prompt in enumerate(CALIBRATION_PROMPTS[:config.calibration_prompts]):
+        pipe.generate(prompt, steps=config.calibration_steps, seed=100 + i, **size)
+    return recorder.calls
+
+
+class _Reader:
+    """onnxruntime's CalibrationDataReader protocol over recorded inputs."""
+
+    def __init__(self, calls):
+        self.calls = iter(calls)
+
+    def get_next(self):
+        return next(self.calls, None)
+
+    def rewind(self):  # pragma: no cover - the MinMax calibrator reads once
+        pass
+
+
+def unet_float_nodes(model) -> list[str]:
+    return [n.name for n in model.graph.node
+            if n.op_type in ("Conv", "MatMul", "Gemm") and n.name.startswith(UNET_FLOAT_PREFIXES)]
+
+
+def quantize_unet_int8(source: Path, target: Path, calls: list[dict]) -> list[str]:
+    """Static QDQ int8 of the UNet at `source` into `target`; returns the nodes kept in float."""
+    import onnx
+
+    model = onnx.load(str(source), load_external_data=False)
+    keep = unet_float_nodes(model)
+    del model
+    external = (source.parent / parts.EXTERNAL_DATA_FILE).is_file()
+    # onnxruntime logs advice (pre-processing) on the root logger; the run's own log says what
+    # happened.
+    root = logging.getLogger()
+    level, root.level = root.level, logging.ERROR
+    try:
+        _quantize_static(source, target, calls, keep, external)
+    finally:
+        root.setLevel(level)
+    return keep
+
+
+def _quantize_static(source: Path, target: Path, calls: list[dict], keep: list[str], external: bool) -> None:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    quantize_static(
+        str(source), str(target), _Reader(calls),
+        quant_format=QuantFormat.QDQ,
+        op_types_to_quantize=["Conv", "MatMul", "Gemm"],
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        nodes_to_exclude=keep,
+        calibrate_method=CalibrationMethod.MinMax,
+        use_external_data_format=external,
+        extra_options={
+            # Attention's activation x activation products stay float.
+            "MatMulConstBOnly": True,
+            # Ranges are reduced every 16 calls: memory stays bounded however long the trajectory.
+            "CalibMaxIntermediateOutputs": 16,
+            "WeightSymmetric": True,
+            "ActivationSymmetric": False,
+        },
+    )
+
+
+def _quantize_part(part: parts.Part, source: Path, tmp: Path, config: QuantizeConfig,
+                   calls: list[dict] | None, log) -> PartReport:
+    src, dst = source / part.onnx_path, tmp / part.onnx_path
+    if config.mode == "fp16":
+        model = _load_onnx(src)
+        weights.to_fp16(model)
+        _save_onnx(model, dst)
+        return PartReport(part.name, "fp16 weights")
+    if part is parts.UNET:
+        with tempfile.TemporaryDirectory(dir=tmp) as scratch:
+            staged = Path(scratch) / parts.ONNX_FILE
+            keep = quantize_unet_int8(src, staged, calls)
+            _save_onnx(_load_onnx(staged), dst)
+        return PartReport(part.name, "int8 weights and activations", float_nodes=keep)
+    model = _load_onnx(src)
+    done = weights.to_int8_weights(model)
+    _save_onnx(model, dst)
+    log(f"  {part.name}: int8 weights for {len(done)} nodes")
+    return PartReport(part.name, "int8 weights")
+
+
+class Doctor:
+    """Float reference images and latents, then each quantized part measured alone."""
+
+    def __init__(self, source: Path, config: QuantizeConfig):
+        self.config = config
+        self.pipe = Pipeline.load(source, provider="cpu")
+        self.size = _settings(self.pipe, config)
+        self.prompts = CHECK_PROMPTS[:config.check_prompts]
+        decoder = self.pipe.vae_decoder = Recorder(self.pipe.vae_decoder)
+        self.reference = self.images()
+        self.latents = [call["latent_sample"] for call in decoder.calls]
+        self.pipe.vae_decoder = decoder.model
+
+    def images(self) -> list[np.ndarray]:
+        return _images(self.pipe, self.prompts, self.config.check_steps, self.size)
+
+    def measure(self, part: parts.Part, path: Path) -> tuple[float, float]:
+        """PSNR and SSIM of the images with `part` loaded from `path`, the others float.
+
+        The VAE decoder decodes the float run's final latents; the VAE encoder is measured by a
+        round trip of the reference images against the float encoder's round trip.
+        """
+        original = getattr(self.pipe, part.name)
+        reference = self._round_trip() if part is parts.VAE_ENCODER else self.reference
+        setattr(self.pipe, part.name, OnnxModel(path, part, "cpu"))
+        try:
+            if part is parts.VAE_DECODER:
+                images = [self._decode(latent) for latent in self.latents]
+            elif part is parts.VAE_ENCODER:
+                images = self._round_trip()
+            else:
+                images = self.images()
+        finally:
+            setattr(self.pipe, part.name, original)
+        return compare(reference, images)
+
+    def measure_all(self, folder: Path) -> tuple[float, float]:
+        pipe = Pipeline.load(folder, provider="cpu")
+        return compare(self.reference, _images(pipe, self.prompts, self.config.check_steps, self.size))
+
+    def _decode(self, latent: np.ndarray) -> np.ndarray:
+        out = self.pipe.vae_decoder(latent_sample=latent)[parts.VAE_DECODER.output][0]
+        return (np.clip(out.transpose(1, 2, 0) / 2 + 0.5, 0, 1) * 255).round().astype(np.uint8)
+
+    def _round_trip(self) -> list[np.ndarray]:
+        images = []
+        for image in self.reference:
+            pixels = image.astype(np.float32).transpose(2, 0, 1)[None] / 127.5 - 1.0
+            latent = self.pipe.encode_image(pixels) / self.pipe.vae_scaling_factor
+            images.append(self._decode(latent.astype(np.float32)))
+        return images
+
+
+def quantize(config: QuantizeConfig, log: Callable[[str], None] = lambda msg: None) -> QuantizeResult:
+    """Quantize `config.source` into `config.out`; nothing appears at OUT unless the check ran."""
+    check_mode(config.mode)
+    source, out = config.source, config.out
+    check_model_folder(source)
+    if source.resolve() == out.resolve():
+        raise InputError("OUT must be a new folder, not the source folder itself")
+    check_out(out, config.force)
+    tmp = out.with_name(f".{out.name}.sdonnx-tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    start = time.perf_counter()
+    with _interruptible() as interrupted:
+        try:
+            shutil.copytree(source, tmp)
+            result = _quantize_into(tmp, config, start, log)
+            if interrupted:
+                raise KeyboardInterrupt
+            _swap_into_place(tmp, out)
+            return result
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+
+def _quantize_into(tmp: Path, config: QuantizeConfig, start: float, log) -> QuantizeResult:
+    source = config.source
+    present = [p for p in parts.PARTS if (source / p.onnx_path).is_file()]
+    calls = None
+    if config.mode == "int8":
+        log(f"calibrating: {config.calibration_prompts} prompts x {config.calibration_steps} steps")
+        calls = calibration_data(source, config)
+    log(f"checking against the float model: {config.check_prompts} prompts x {config.check_steps} steps")
+    doctor = Doctor(source, config)
+    reports = []
+    for part in present:
+        log(f"quantizing {part.name} ({config.mode})")
+        report = _quantize_part(part, source, tmp, config, calls, log)
+        report.psnr, report.ssim = doctor.measure(part, tmp / part.onnx_path)
+        if report.psnr < config.psnr_floor:
+            log(f"  {part.name}: PSNR {report.psnr:.1f} dB < {config.psnr_floor:g}: kept in float")
+            shutil.rmtree(tmp / part.name)
+            shutil.copytree(source / part.name, tmp / part.name)
+            report.kept_float, report.precision = True, "fp32"
+        else:
+            log(f"  {part.name}: PSNR {report.psnr:.1f} dB, SSIM {report.ssim:.3f}")
+        report.bytes = folder_bytes(tmp / part.name)
+        reports.append(report)
+    if all(r.kept_float for r in reports):
+        raise QuantizeFailed(
+            f"every part lost more than the {config.psnr_floor:g} dB floor to {config.mode}; nothing "
+            "was written. Lower --min-psnr to accept it, or keep the float model."
+        )
+    psnr, ssim = doctor.measure_all(tmp)
+    log(f"whole model: PSNR {psnr:.1f} dB, SSIM {ssim:.3f}")
+    seconds = time.perf_counter() - start
+    _record(tmp, config, reports, psnr, ssim, seconds, doctor)
+    return QuantizeResult(config.out, seconds, reports, psnr, ssim)
+
+
+def _record(tmp: Path, config: QuantizeConfig, reports: list[PartReport], psnr: float, ssim: float,
+            seconds: float, doctor: Doctor) -> None:
+    record_file = tmp / parts.RECORD
+    record = json.loads(record_file.read_text()) if record_file.is_file() else {"format": 1, "parts": {}}
+    for report in reports:
+        entry = record.setdefault("parts", {}).setdefault(report.part, {})
+        entry["precision"] = report.precision
+        if not report.kept_float:
+            entry.pop("parity", None)  # the float export's check, no longer this file's
+        entry["bytes"] = report.bytes
+        entry["external_data"] = (tmp / report.part / parts.EXTERNAL_DATA_FILE).is_file()
+    record["quantization"] = {
+        "mode": config.mode,
+        "source": str(config.source.resolve()),
+        "min_psnr": config.psnr_floor,
+        "check": {"prompts": list(doctor.prompts), "seeds": list(range(len(doctor.prompts))),
+                  "steps": config.check_steps, "size": doctor.size["width"], "sampler": "euler"},
+        "calibration": ({"prompts": config.calibration_prompts, "steps": config.calibration_steps}
+                        if config.mode == "int8" else None),
+        "parts": {r.part: r.as_dict() for r in reports},
+        "psnr": round(psnr, 2),
+        "ssim": round(ssim, 4),
+        "seconds": round(seconds, 1),
+    }
+    record_file.write_text(json.dumps(record, indent=2) + "\n")

@@ -1,0 +1,108 @@
+"""Weight-only rewrites of an ONNX graph: the stored weights shrink, the computation stays float.
+
+`to_fp16` stores every float32 initializer as float16 behind a Cast back to float32, so the
+graph keeps float32 inputs, outputs and arithmetic (no "not implemented for Half" anywhere:
+ONNX Runtime folds the casts at load time; OpenVINO keeps the f16 constants compressed and
+decompresses them inside the kernels). `to_int8_weights` stores the weights of Conv, MatMul
+and Gemm as symmetric per-output-channel int8, and embedding tables (Gather) per row, behind a
+DequantizeLinear.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+# Tensors smaller than this stay float32 (scalars, shape constants): nothing to gain.
+MIN_ELEMENTS = 16
+
+
+def _consumers(graph: onnx.GraphProto) -> dict[str, list[tuple[onnx.NodeProto, int]]]:
+    uses: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+    for node in graph.node:
+        for index, name in enumerate(node.input):
+            uses.setdefault(name, []).append((node, index))
+    return uses
+
+
+def _replace_initializer(graph: onnx.GraphProto, old: onnx.TensorProto, new: list[onnx.TensorProto],
+                         node: onnx.NodeProto) -> None:
+    """Swap an initializer for the new ones and a node that recomputes the old name."""
+    graph.initializer.remove(old)
+    graph.initializer.extend(new)
+    # Topological order: the new node goes first, ahead of every consumer.
+    graph.node.insert(0, node)
+
+
+def to_fp16(model: onnx.ModelProto) -> int:
+    """Store float32 initializers as float16 (+ Cast to float32); returns how many."""
+    graph = model.graph
+    count = 0
+    for init in list(graph.initializer):
+        if init.data_type != onnx.TensorProto.FLOAT or int(np.prod(init.dims)) < MIN_ELEMENTS:
+            continue
+        values = numpy_helper.to_array(init)
+        half = numpy_helper.from_array(values.astype(np.float16), f"{init.name}__fp16")
+        cast = helper.make_node("Cast", [half.name], [init.name], name=f"{init.name}__upcast",
+                                to=onnx.TensorProto.FLOAT)
+        _replace_initializer(graph, init, [half], cast)
+        count += 1
+    return count
+
+
+# Which input of a node is its weight: the kernel of a product, the table of an embedding.
+WEIGHT_INPUT = {"Conv": 1, "MatMul": 1, "Gemm": 1, "Gather": 0}
+
+
+def _channel_axis(node: onnx.NodeProto, rank: int) -> int:
+    """The axis of the weight that indexes output channels (an embedding's rows)."""
+    if node.op_type in ("Conv", "Gather"):
+        return 0
+    if node.op_type == "Gemm":
+        trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+        return 0 if trans_b else 1
+    return rank - 1  # MatMul: (..., K, N)
+
+
+def quantize_int8(values: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-channel int8: values ~ q * scale, q in [-127, 127]."""
+    moved = np.moveaxis(values, axis, 0).reshape(values.shape[axis], -1)
+    scale = np.abs(moved).max(axis=1) / 127.0
+    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+    shape = [1] * values.ndim
+    shape[axis] = -1
+    q = np.clip(np.round(values / scale.reshape(shape)), -127, 127).astype(np.int8)
+    return q, scale
+
+
+def to_int8_weights(model: onnx.ModelProto, exclude: set[str] = frozenset()) -> list[str]:
+    """Store Conv/MatMul/Gemm weights and Gather tables as int8 + DequantizeLinear; returns the
+    node names whose weights were rewritten. Nodes named in `exclude` keep float32 weights."""
+    graph = model.graph
+    initializers = {init.name: init for init in graph.initializer}
+    uses = _consumers(graph)
+    done: list[str] = []
+    for name, init in initializers.items():
+        if init.data_type != onnx.TensorProto.FLOAT or int(np.prod(init.dims)) < MIN_ELEMENTS:
+            continue
+        consumers = uses.get(name, [])
+        # Only a weight, used as nothing else, with one channel axis for all its users.
+        if not consumers or any(WEIGHT_INPUT.get(n.op_type) != i or n.name in exclude for n, i in consumers):
+            continue
+        values = numpy_helper.to_array(init)
+        axes = {_channel_axis(n, values.ndim) for n, _ in consumers}
+        if len(axes) != 1 or values.ndim < 2:
+            continue
+        axis = axes.pop()
+        q, scale = quantize_int8(values, axis)
+        tensors = [
+            numpy_helper.from_array(q, f"{name}__int8"),
+            numpy_helper.from_array(scale, f"{name}__scale"),
+            numpy_helper.from_array(np.zeros_like(scale, dtype=np.int8), f"{name}__zero"),
+        ]
+        dequantize = helper.make_node("DequantizeLinear", [t.name for t in tensors], [name],
+                                      name=f"{name}__dequantize", axis=axis)
+        _replace_initializer(graph, init, tensors, dequantize)
+        done.extend(n.name for n, _ in consumers)
+    return done
