@@ -6,7 +6,11 @@ Modes
   weights, per-channel weights, activation ranges calibrated by running the float pipeline over
   whole sampler trajectories on real prompts), keeping its first and last convolutions and its
   time embedding in float; the text encoder and the VAE get int8 weights only (their
-  activations have outliers that static ranges clip).
+  activations have outliers that static ranges clip). OpenVINO runs these files too.
+- `int8-openvino`: OpenVINO IR made with NNCF, as optimum-intel's "hybrid" mode: the UNet's
+  weighted MatMuls get int8 weights, its convolutions and the remaining operations int8
+  weights and activations (same calibration data); the other parts int8 weights. Only the
+  openvino provider runs the result.
 
 The check ("doctor") generates the same prompts and seeds with the float folder and with each
 quantized part swapped in alone, and compares the images (PSNR, SSIM). A part whose images fall
@@ -37,8 +41,9 @@ from sdonnx.runtime.info import folder_bytes
 from sdonnx.runtime.onnx_model import OnnxModel
 from sdonnx.runtime.pipeline import Pipeline, check_model_folder
 
-MODES = ("fp16", "int8")
-DEFAULT_MIN_PSNR = {"fp16": 35.0, "int8": 22.0}
+MODES = ("fp16", "int8", "int8-openvino")
+DEFAULT_MIN_PSNR = {"fp16": 35.0, "int8": 22.0, "int8-openvino": 22.0}
+NNCF_INSTALL = "pip install 'sdonnx[openvino-int8]'"
 # Prompts for calibration and for the check: different sets, so the check is not the data
 # the ranges were fitted to. The shapes prompts exercise the embedded model.
 CALIBRATION_PROMPTS = (
@@ -122,6 +127,12 @@ class Recorder:
 def check_mode(mode: str) -> None:
     if mode not in MODES:
         raise InputError(f"unknown quantization mode {mode!r}; choose one of: {', '.join(MODES)}")
+    if mode == "int8-openvino":
+        import importlib.util
+
+        missing = [name for name in ("openvino", "nncf") if importlib.util.find_spec(name) is None]
+        if missing:
+            raise SdonnxError(f"--mode int8-openvino needs {' and '.join(missing)}: {NNCF_INSTALL}")
 
 
 def _load_onnx(path: Path):
@@ -225,6 +236,46 @@ def _quantize_static(source: Path, target: Path, calls: list[dict], keep: list[s
     )
 
 
+def _weighted_matmuls(model) -> list[str]:
+    """OpenVINO MatMuls with a constant operand (through Convert/Reshape), as optimum-intel finds them."""
+    def constant(node) -> bool:
+        while node.get_type_name() in ("Convert", "Reshape", "FakeQuantize"):
+            node = node.input_value(0).get_node()
+        return node.get_type_name() == "Constant"
+
+    return [op.get_friendly_name() for op in model.get_ops() if op.get_type_name() == "MatMul"
+            and any(constant(op.input_value(i).get_node()) for i in (0, 1))]
+
+
+def quantize_openvino(part: parts.Part, source: Path, target: Path, calls: list[dict] | None) -> list[str]:
+    """NNCF int8 of one ONNX part into OpenVINO IR at `target`; returns the UNet's float nodes."""
+    import nncf
+    import openvino as ov
+
+    nncf.set_log_level(logging.ERROR)  # its tables and progress bars; the run's log says what happened
+    model = ov.Core().read_model(str(source))
+    keep: list[str] = []
+    if part is parts.UNET:
+        weighted = _weighted_matmuls(model)
+        # OpenVINO names the ONNX Conv/Gemm's product ".../Conv/WithoutBiases" and so on.
+        keep = [op.get_friendly_name() for op in model.get_ops()
+                if op.get_type_name() in ("Convolution", "MatMul")
+                and op.get_friendly_name().startswith(UNET_FLOAT_PREFIXES)]
+        model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM,
+                                      ignored_scope=nncf.IgnoredScope(types=["Convolution"]))
+        advanced = nncf.AdvancedQuantizationParameters()
+        advanced.smooth_quant_alphas.matmul = -1
+        model = nncf.quantize(
+            model, nncf.Dataset(calls), subset_size=len(calls), model_type=nncf.ModelType.TRANSFORMER,
+            fast_bias_correction=True, advanced_parameters=advanced,
+            ignored_scope=nncf.IgnoredScope(names=weighted + keep, validate=False),
+        )
+    else:
+        model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
+    ov.save_model(model, str(target), compress_to_fp16=False)
+    return sorted(keep)
+
+
 def _quantize_part(part: parts.Part, source: Path, tmp: Path, config: QuantizeConfig,
                    calls: list[dict] | None, log) -> PartReport:
     src, dst = source / part.onnx_path, tmp / part.onnx_path
@@ -233,6 +284,12 @@ def _quantize_part(part: parts.Part, source: Path, tmp: Path, config: QuantizeCo
         weights.to_fp16(model)
         _save_onnx(model, dst)
         return PartReport(part.name, "fp16 weights")
+    if config.mode == "int8-openvino":
+        keep = quantize_openvino(part, src, tmp / part.ir_path, calls)
+        for stale in dst.parent.glob("model.onnx*"):
+            stale.unlink()
+        kind = "int8 weights and activations" if part is parts.UNET else "int8 weights"
+        return PartReport(part.name, kind, float_nodes=keep)
     if part is parts.UNET:
         with tempfile.TemporaryDirectory(dir=tmp) as scratch:
             staged = Path(scratch) / parts.ONNX_FILE
@@ -244,6 +301,15 @@ def _quantize_part(part: parts.Part, source: Path, tmp: Path, config: QuantizeCo
     _save_onnx(model, dst)
     log(f"  {part.name}: int8 weights for {len(done)} nodes")
     return PartReport(part.name, "int8 weights")
+
+
+def _part_model(path: Path, part: parts.Part):
+    """ONNX files run in ONNX Runtime's CPU provider, IR in OpenVINO (fp32 arithmetic)."""
+    if path.name == parts.IR_FILE:
+        from sdonnx.runtime.openvino_model import OpenVinoModel
+
+        return OpenVinoModel(path, part, "fp32")
+    return OnnxModel(path, part, "cpu")
 
 
 class Doctor:
@@ -270,7 +336,7 @@ class Doctor:
         """
         original = getattr(self.pipe, part.name)
         reference = self._round_trip() if part is parts.VAE_ENCODER else self.reference
-        setattr(self.pipe, part.name, OnnxModel(path, part, "cpu"))
+        setattr(self.pipe, part.name, _part_model(path, part))
         try:
             if part is parts.VAE_DECODER:
                 images = [self._decode(latent) for latent in self.latents]
@@ -283,7 +349,8 @@ class Doctor:
         return compare(reference, images)
 
     def measure_all(self, folder: Path) -> tuple[float, float]:
-        pipe = Pipeline.load(folder, provider="cpu")
+        ir = any(part.file(folder).name == parts.IR_FILE for part in parts.PARTS if part.file(folder))
+        pipe = Pipeline.load(folder, provider="openvino" if ir else "cpu", precision="fp32")
         return compare(self.reference, _images(pipe, self.prompts, self.config.check_steps, self.size))
 
     def _decode(self, latent: np.ndarray) -> np.ndarray:
@@ -328,7 +395,7 @@ def _quantize_into(tmp: Path, config: QuantizeConfig, start: float, log) -> Quan
     source = config.source
     present = [p for p in parts.PARTS if (source / p.onnx_path).is_file()]
     calls = None
-    if config.mode == "int8":
+    if config.mode.startswith("int8"):
         log(f"calibrating: {config.calibration_prompts} prompts x {config.calibration_steps} steps")
         calls = calibration_data(source, config)
     log(f"checking against the float model: {config.check_prompts} prompts x {config.check_steps} steps")
@@ -337,7 +404,7 @@ def _quantize_into(tmp: Path, config: QuantizeConfig, start: float, log) -> Quan
     for part in present:
         log(f"quantizing {part.name} ({config.mode})")
         report = _quantize_part(part, source, tmp, config, calls, log)
-        report.psnr, report.ssim = doctor.measure(part, tmp / part.onnx_path)
+        report.psnr, report.ssim = doctor.measure(part, part.file(tmp))
         if report.psnr < config.psnr_floor:
             log(f"  {part.name}: PSNR {report.psnr:.1f} dB < {config.psnr_floor:g}: kept in float")
             shutil.rmtree(tmp / part.name)
@@ -370,6 +437,7 @@ def _record(tmp: Path, config: QuantizeConfig, reports: list[PartReport], psnr: 
             entry.pop("parity", None)  # the float export's check, no longer this file's
         entry["bytes"] = report.bytes
         entry["external_data"] = (tmp / report.part / parts.EXTERNAL_DATA_FILE).is_file()
+        entry["format"] = "openvino" if (tmp / report.part / parts.IR_FILE).is_file() else "onnx"
     record["quantization"] = {
         "mode": config.mode,
         "source": str(config.source.resolve()),
@@ -377,7 +445,7 @@ def _record(tmp: Path, config: QuantizeConfig, reports: list[PartReport], psnr: 
         "check": {"prompts": list(doctor.prompts), "seeds": list(range(len(doctor.prompts))),
                   "steps": config.check_steps, "size": doctor.size["width"], "sampler": "euler"},
         "calibration": ({"prompts": config.calibration_prompts, "steps": config.calibration_steps}
-                        if config.mode == "int8" else None),
+                        if config.mode.startswith("int8") else None),
         "parts": {r.part: r.as_dict() for r in reports},
         "psnr": round(psnr, 2),
         "ssim": round(ssim, 4),

@@ -41,29 +41,22 @@ def describe(path: Path) -> str:
     lines.append(f"prediction: {scheduler.prediction_type}, beta schedule {scheduler.beta_schedule}, "
                  f"{scheduler.num_train_timesteps} training timesteps")
     total = 0
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     for part in parts.PARTS:
-        model_file = path / part.onnx_path
-        if not model_file.is_file():
+        model_file = part.file(path)
+        if model_file is None:
             lines.append(f"{part.name}: absent")
             continue
         size = folder_bytes(model_file.parent)
         total += size
-        try:
-            session = ort.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
-        except Exception as e:
-            raise ModelFolderError(f"{part.name}: cannot load {model_file}: {e}") from e
-        inputs = session.get_inputs()
+        inputs, outputs = _signature(part, model_file)
         recorded = record.get("parts", {}).get(part.name, {})
         # The text encoder's input is token ids; its output type tells its precision.
-        tensor = session.get_outputs()[0] if part is parts.TEXT_ENCODER else inputs[0]
-        precision = recorded.get("precision") or _PRECISION.get(tensor.type, "fp32")
-        lines.append(f"{part.name}: {precision}, {_human(size)}")
-        for i in inputs:
-            lines.append(f"    in  {i.name}: {i.type} {i.shape}")
-        for o in session.get_outputs():
-            lines.append(f"    out {o.name}: {o.type} {o.shape}")
+        tensor = outputs[0] if part is parts.TEXT_ENCODER else inputs[0]
+        precision = recorded.get("precision") or _PRECISION.get(tensor[1], "fp32")
+        form = " (OpenVINO IR)" if model_file.name == parts.IR_FILE else ""
+        lines.append(f"{part.name}: {precision}{form}, {_human(size)}")
+        lines += [f"    in  {name}: {kind} {shape}" for name, kind, shape in inputs]
+        lines += [f"    out {name}: {kind} {shape}" for name, kind, shape in outputs]
         if "parity" in recorded:
             lines.append(f"    parity vs torch: max abs diff {recorded['parity']['max_abs_diff']:.2e}")
         checked = record.get("quantization", {}).get("parts", {}).get(part.name)
@@ -82,6 +75,27 @@ def describe(path: Path) -> str:
                      f"SSIM {q['ssim']:.3f} (parts below {q['min_psnr']:g} dB stay fp32)")
     lines.append(runtime_choice())
     return "\n".join(lines)
+
+
+def _signature(part: parts.Part, model_file: Path) -> tuple[list[tuple], list[tuple]]:
+    """(name, type, shape) of a part's inputs and outputs, read without compiling it."""
+    if model_file.name == parts.IR_FILE:
+        try:
+            import openvino as ov
+        except ImportError:
+            raise ModelFolderError(f"{model_file} is OpenVINO IR: pip install 'sdonnx[openvino]' to read it") from None
+        model = ov.Core().read_model(str(model_file))
+        return tuple([(port.get_any_name(), f"tensor({port.get_element_type().get_type_name()})",
+                       str(port.get_partial_shape())) for port in ports]
+                     for ports in (model.inputs, model.outputs))
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        session = ort.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise ModelFolderError(f"{part.name}: cannot load {model_file}: {e}") from e
+    return tuple([(t.name, t.type, t.shape) for t in tensors]
+                 for tensors in (session.get_inputs(), session.get_outputs()))
 
 
 def runtime_choice() -> str:

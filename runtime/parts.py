@@ -8,11 +8,15 @@ library: the export stage (torch) and the runtime (numpy + onnxruntime) both imp
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 RECORD = "sdonnx.json"
 TOKENIZER_DIR = "tokenizer"
 SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
 ONNX_FILE = "model.onnx"
+# A part quantized for OpenVINO (sdonnx quantize --mode int8-openvino) is OpenVINO IR instead,
+# named as optimum-intel names it; only the openvino provider runs it.
+IR_FILE = "openvino_model.xml"
 # Models over ONNX's 2 GB protobuf limit keep their weights in this external data file.
 EXTERNAL_DATA_FILE = "model.onnx_data"
 
@@ -29,6 +33,17 @@ class Part:
     @property
     def onnx_path(self) -> str:
         return f"{self.name}/{ONNX_FILE}"
+
+    @property
+    def ir_path(self) -> str:
+        return f"{self.name}/{IR_FILE}"
+
+    def file(self, folder: Path) -> Path | None:
+        """The part's model file in `folder`: ONNX, else OpenVINO IR, else None."""
+        for name in (self.onnx_path, self.ir_path):
+            if (folder / name).is_file():
+                return folder / name
+        return None
 
 
 TEXT_ENCODER = Part("text_encoder", ("input_ids",), "last_hidden_state")

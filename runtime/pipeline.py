@@ -16,7 +16,7 @@ from PIL import Image
 
 from sdonnx.runtime import parts, providers
 from sdonnx.runtime.denoiser import Denoiser
-from sdonnx.runtime.errors import InputError, ModelFolderError
+from sdonnx.runtime.errors import InputError, ModelFolderError, ProviderError
 from sdonnx.runtime.images import default_size, fit, load_image, to_mask, to_pixels
 from sdonnx.runtime.infotext import infotext
 from sdonnx.runtime.onnx_model import OnnxModel, PartModel
@@ -147,10 +147,9 @@ def check_model_folder(path: Path) -> None:
     """Fail naming every file a Stable Diffusion ONNX folder needs but lacks."""
     if not path.is_dir():
         raise ModelFolderError(f"model folder not found: {path}")
-    needed = [p.onnx_path for p in parts.PARTS if p.required]
-    needed += [f"{parts.TOKENIZER_DIR}/vocab.json", f"{parts.TOKENIZER_DIR}/merges.txt"]
-    needed.append(parts.SCHEDULER_CONFIG)
-    missing = [name for name in needed if not (path / name).is_file()]
+    missing = [p.onnx_path for p in parts.PARTS if p.required and p.file(path) is None]
+    needed = [f"{parts.TOKENIZER_DIR}/vocab.json", f"{parts.TOKENIZER_DIR}/merges.txt", parts.SCHEDULER_CONFIG]
+    missing += [name for name in needed if not (path / name).is_file()]
     if missing:
         raise ModelFolderError(
             f"{path} is not a complete Stable Diffusion ONNX folder; missing: {', '.join(missing)}. "
@@ -190,19 +189,26 @@ class Pipeline:
         levels = len(unet_config.get("block_out_channels", (0,) * 4))
         self.size_multiple = parts.VAE_SCALE * 2 ** max(levels - 1, 0)
 
+        openvino = providers.PROVIDERS[config.provider].backend == "openvino"
+        ir_only = [p.name for p in parts.PARTS if (f := p.file(path)) is not None and f.name == parts.IR_FILE]
+        if ir_only and not openvino:
+            raise ProviderError(
+                f"{path} holds OpenVINO IR for {', '.join(ir_only)} (quantized for OpenVINO), which "
+                f"the {config.provider} provider cannot run; use --provider openvino"
+            )
+
         def load(part: parts.Part) -> PartModel:
-            if providers.PROVIDERS[config.provider].backend == "openvino":
+            if openvino:
                 from sdonnx.runtime.openvino_model import OpenVinoModel
 
-                return OpenVinoModel(path / part.onnx_path, part, config.precision, config.threads,
+                return OpenVinoModel(part.file(path), part, config.precision, config.threads,
                                      config.cache_dir, config.static_shapes)
             return OnnxModel(path / part.onnx_path, part, config.provider, config.threads)
 
         self.text_encoder = load(parts.TEXT_ENCODER)
         self.unet = load(parts.UNET)
         self.vae_decoder = load(parts.VAE_DECODER)
-        has_encoder = (path / parts.VAE_ENCODER.onnx_path).is_file()
-        self.vae_encoder = load(parts.VAE_ENCODER) if has_encoder else None
+        self.vae_encoder = load(parts.VAE_ENCODER) if parts.VAE_ENCODER.file(path) else None
 
     @classmethod
     def load(cls, path: str | Path | None = None, provider: str = "auto",
@@ -286,8 +292,8 @@ class Pipeline:
         """VAE-encode (1, 3, H, W) pixels in [-1, 1] to scaled latents: the posterior mean."""
         if self.vae_encoder is None:
             raise ModelFolderError(
-                f"img2img and inpainting need {parts.VAE_ENCODER.onnx_path}, which {self.config.path} "
-                "lacks; export the model again with `sdonnx export`"
+                f"img2img and inpainting need {parts.VAE_ENCODER.onnx_path} (or its OpenVINO IR), which "
+                f"{self.config.path} lacks; export the model again with `sdonnx export`"
             )
         dtype = self.vae_encoder.dtype("sample")
         moments = self.vae_encoder(sample=pixels.astype(dtype))[parts.VAE_ENCODER.output]
@@ -305,7 +311,8 @@ class Pipeline:
                  callback: Callable[[int, int], None] | None = None, *,
                  schedule: str = "default", eta: float | None = None,
                  init_image: Image.Image | str | Path | None = None, strength: float = 0.75,
-                 mask_image: Image.Image | str | Path | None = None) -> list[Image.Image]:
+                 mask_image: Image.Image | str | Path | None = None,
+                 on_step: Callable[[int, int, np.ndarray], None] | None = None) -> list[Image.Image]:
         """Generate `n` images; `latents` (n, 4, H/8, W/8) of unit noise replaces the seeded noise.
 
         Width and height default to the model's native size (512 for SD 1.x), or with an
@@ -315,7 +322,10 @@ class Pipeline:
         StableDiffusionImg2ImgPipeline; with `mask_image` (white = repaint, the init image's
         size) an inpainting model repaints the masked part. `schedule="karras"` uses Karras
         sigmas; `eta` sets ddim's (default 0), euler_a's or dpmpp_2m_sde's (default 1) noise.
-        `callback(step, total_steps)` is called after every sampler step.
+        `callback(step, total_steps)` is called after every sampler step; `on_step(step,
+        total_steps, denoised)` too, with the current estimate of the clean latents (n, 4, H/8,
+        W/8) for previews (`decode` turns them into images). An exception raised by either
+        stops the generation there.
         """
         if mask_image is not None and init_image is None:
             raise InputError("mask_image needs an init_image to repaint")
@@ -359,7 +369,12 @@ class Pipeline:
         if config.eta is not None:
             options["eta"] = config.eta
         options = {k: v for k, v in options.items() if k in chosen.options}
-        step = (lambda i, x, denoised: callback(i + 1, schedule_.steps)) if callback else None
+        def step(i: int, x: np.ndarray, denoised: np.ndarray) -> None:
+            if callback:
+                callback(i + 1, schedule_.steps)
+            if on_step:
+                on_step(i + 1, schedule_.steps, denoised)
+
         x = chosen.sample(denoise, x, schedule_.sigmas, callback=step, **options)
         images = self.decode(schedule_.to_latents(x))
         for i, image in enumerate(images):

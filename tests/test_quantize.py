@@ -235,3 +235,29 @@ def test_cli_refuses_an_existing_out_and_the_source_itself(tmp_path):
     assert proc.returncode == 2 and "already exists" in proc.stderr
     proc = _sdonnx("quantize", DEFAULT, DEFAULT, "--mode", "fp16")
     assert proc.returncode == 2 and "not the source folder" in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def openvino_int8_default(tmp_path_factory) -> Path:
+    pytest.importorskip("nncf")
+    out = tmp_path_factory.mktemp("ov") / "default-int8-openvino"
+    q.quantize(q.QuantizeConfig(DEFAULT, out, "int8-openvino"))
+    return out
+
+
+def test_openvino_int8_writes_ir_that_only_the_openvino_provider_runs(openvino_int8_default):
+    out = openvino_int8_default
+    record = json.loads((out / parts.RECORD).read_text())
+    for part in parts.PARTS:
+        assert part.file(out) == out / part.ir_path and not (out / part.onnx_path).exists(), part.name
+        assert record["parts"][part.name]["format"] == "openvino"
+    check = record["quantization"]
+    assert check["mode"] == "int8-openvino" and check["psnr"] >= check["min_psnr"]
+    # The output convolution is the one whose quantization ruins the picture: it stays float.
+    assert "/conv_out/Conv/WithoutBiases" in check["parts"]["unet"]["float_nodes"]
+    image = Pipeline.load(out, provider="openvino").generate("a red star on a white background", steps=8)[0]
+    reference = Pipeline.load(DEFAULT, provider="cpu").generate("a red star on a white background", steps=8)[0]
+    assert compare([np.asarray(reference)], [np.asarray(image)])[0] > 25
+    with pytest.raises(providers.ProviderError, match="use --provider openvino"):
+        Pipeline.load(out, provider="cpu")
+    assert "unet: int8 weights and activations (OpenVINO IR)" in describe(out)
