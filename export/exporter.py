@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from sdonnx.export.parity import PartParity, check_parts
 from sdonnx.runtime import parts
@@ -213,6 +213,27 @@ def _interruptible():
             signal.signal(sig, old)
 
 
+@contextmanager
+def staged_folder(out: Path) -> Iterator[Path]:
+    """A temporary path beside OUT (not yet created) that becomes OUT when the block ends.
+
+    On any exception, SIGINT or SIGTERM the temporary folder is removed and OUT is untouched; a
+    replaced OUT is removed only after the new one is in place.
+    """
+    tmp = out.with_name(f".{out.name}.sdonnx-tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    with _interruptible() as interrupted:
+        try:
+            yield tmp
+            if interrupted:
+                raise KeyboardInterrupt
+            _swap_into_place(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+
 def export(config: ExportConfig, log: Callable[[str], None] = lambda msg: None) -> ExportResult:
     """Export `config.source` to `config.out`; nothing appears at OUT unless all checks pass."""
     source, out = config.source, config.out
@@ -221,21 +242,13 @@ def export(config: ExportConfig, log: Callable[[str], None] = lambda msg: None) 
     check_out(out, config.force)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     quiet_libraries()
-    tmp = out.with_name(f".{out.name}.sdonnx-tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
     start = time.perf_counter()
-    with _interruptible() as interrupted:
-        try:
-            return _export_into(tmp, config, start, interrupted, log)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+    with staged_folder(out) as tmp:
+        return _export_into(tmp, config, start, log)
 
 
-def _export_into(tmp: Path, config: ExportConfig, start: float, interrupted: list[int],
-                 log: Callable[[str], None]) -> ExportResult:
-    """Export, check and record into `tmp`, then rename it to OUT unless a signal came."""
+def _export_into(tmp: Path, config: ExportConfig, start: float, log: Callable[[str], None]) -> ExportResult:
+    """Export, check and record into `tmp` (renamed to OUT by `staged_folder`)."""
     source, out = config.source, config.out
     log(f"exporting {source} with optimum's ONNX exporter")
     _run_optimum(source, tmp, config.opset)
@@ -257,7 +270,4 @@ def _export_into(tmp: Path, config: ExportConfig, start: float, interrupted: lis
             )
     seconds = time.perf_counter() - start
     _write_record(tmp, config, seconds, parity)
-    if interrupted:
-        raise KeyboardInterrupt
-    _swap_into_place(tmp, out)
     return ExportResult(out, seconds, parity)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -33,7 +32,7 @@ from typing import Callable
 import numpy as np
 
 from sdonnx.export import weights
-from sdonnx.export.exporter import _interruptible, _swap_into_place, check_out
+from sdonnx.export.exporter import check_out, staged_folder
 from sdonnx.export.quality import compare
 from sdonnx.runtime import parts
 from sdonnx.runtime.errors import InputError, SdonnxError
@@ -165,13 +164,15 @@ def _images(pipe: Pipeline, prompts, steps: int, size: dict) -> list[np.ndarray]
             for i, p in enumerate(prompts)]
 
 
-def calibration_data(source: Path, config: QuantizeConfig) -> list[dict[str, np.ndarray]]:
+def calibration_data(pipe: Pipeline, config: QuantizeConfig) -> list[dict[str, np.ndarray]]:
     """The UNet's inputs over whole sampler trajectories of the float pipeline on real prompts."""
-    pipe = Pipeline.load(source, provider="cpu")
     size = _settings(pipe, config)
     recorder = pipe.unet = Recorder(pipe.unet)
-    for i, prompt in enumerate(CALIBRATION_PROMPTS[:config.calibration_prompts]):
-        pipe.generate(prompt, steps=config.calibration_steps, seed=100 + i, **size)
+    try:
+        for i, prompt in enumerate(CALIBRATION_PROMPTS[:config.calibration_prompts]):
+            pipe.generate(prompt, steps=config.calibration_steps, seed=100 + i, **size)
+    finally:
+        pipe.unet = recorder.model
     return recorder.calls
 
 
@@ -374,32 +375,21 @@ def quantize(config: QuantizeConfig, log: Callable[[str], None] = lambda msg: No
     if source.resolve() == out.resolve():
         raise InputError("OUT must be a new folder, not the source folder itself")
     check_out(out, config.force)
-    tmp = out.with_name(f".{out.name}.sdonnx-tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
     start = time.perf_counter()
-    with _interruptible() as interrupted:
-        try:
-            shutil.copytree(source, tmp)
-            result = _quantize_into(tmp, config, start, log)
-            if interrupted:
-                raise KeyboardInterrupt
-            _swap_into_place(tmp, out)
-            return result
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+    with staged_folder(out) as tmp:
+        shutil.copytree(source, tmp)
+        return _quantize_into(tmp, config, start, log)
 
 
 def _quantize_into(tmp: Path, config: QuantizeConfig, start: float, log) -> QuantizeResult:
     source = config.source
     present = [p for p in parts.PARTS if (source / p.onnx_path).is_file()]
+    log(f"checking against the float model: {config.check_prompts} prompts x {config.check_steps} steps")
+    doctor = Doctor(source, config)
     calls = None
     if config.mode.startswith("int8"):
         log(f"calibrating: {config.calibration_prompts} prompts x {config.calibration_steps} steps")
-        calls = calibration_data(source, config)
-    log(f"checking against the float model: {config.check_prompts} prompts x {config.check_steps} steps")
-    doctor = Doctor(source, config)
+        calls = calibration_data(doctor.pipe, config)
     reports = []
     for part in present:
         log(f"quantizing {part.name} ({config.mode})")

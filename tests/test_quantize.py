@@ -98,9 +98,9 @@ def test_check_rejects_garbage_calibration_and_keeps_that_part_float(tmp_path, m
     must see the damage, copy the float UNet back and say so, and still quantize the rest."""
     real = q.calibration_data
 
-    def garbage(source, config):
+    def garbage(pipe, config):
         return [{k: (v if k == "timestep" else v * np.float32(1e-3)) for k, v in call.items()}
-                for call in real(source, config)]
+                for call in real(pipe, config)]
 
     monkeypatch.setattr(q, "calibration_data", garbage)
     out = tmp_path / "bad"
@@ -166,6 +166,13 @@ def _graph_with_every_weight_kind() -> tuple[onnx.ModelProto, dict[str, np.ndarr
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), w
 
 
+def _feeds(seed: int) -> dict[str, np.ndarray]:
+    """Inputs for `_graph_with_every_weight_kind`."""
+    rng = np.random.default_rng(seed)
+    return {"ids": np.array([0, 7, 49]), "x2": rng.standard_normal((2, 8)).astype(np.float32),
+            "img": rng.standard_normal((1, 3, 5, 5)).astype(np.float32)}
+
+
 def _run(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return session.run(None, feeds)
@@ -173,9 +180,7 @@ def _run(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
 
 def test_int8_weights_match_float_within_half_a_step_per_channel():
     model, w = _graph_with_every_weight_kind()
-    rng = np.random.default_rng(1)
-    feeds = {"ids": np.array([0, 7, 49]), "x2": rng.standard_normal((2, 8)).astype(np.float32),
-             "img": rng.standard_normal((1, 3, 5, 5)).astype(np.float32)}
+    feeds = _feeds(1)
     reference = _run(model, feeds)
     done = weights.to_int8_weights(model)
     assert sorted(done) == ["conv", "gather", "gemm", "matmul"]
@@ -195,9 +200,7 @@ def test_int8_weights_match_float_within_half_a_step_per_channel():
 
 def test_fp16_weights_keep_float32_inputs_and_outputs():
     model, _ = _graph_with_every_weight_kind()
-    rng = np.random.default_rng(2)
-    feeds = {"ids": np.array([1, 2, 3]), "x2": rng.standard_normal((2, 8)).astype(np.float32),
-             "img": rng.standard_normal((1, 3, 5, 5)).astype(np.float32)}
+    feeds = _feeds(2)
     reference = _run(model, feeds)
     assert weights.to_fp16(model) == 4
     onnx.checker.check_model(model)
