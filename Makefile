@@ -1,5 +1,5 @@
 # `make demo`: set up the runtime (no torch) and generate with the embedded default model.
-# `make test`: set up the test extra and run the test suite.
+# `make test`: set up the test extra (and Chromium for the page's browser test) and run the tests.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
@@ -22,18 +22,25 @@ $(VENV)/.installed-test: pyproject.toml | $(VENV)/bin/python
 	$(PIP) install -q --no-deps open_clip_torch
 	touch $@
 
+# The page's browser test drives Debian's Chromium (tests/test_page.py).
+$(VENV)/.installed-browser: | $(VENV)/bin/python
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver; }
+	touch $@
+
 demo: $(VENV)/.installed-runtime
 	$(VENV)/bin/sdonnx generate "a red circle on a white background" --seed 0 --out outputs
 
-test: $(VENV)/.installed-test
-	$(PY) -m pytest
+test: $(VENV)/.installed-test $(VENV)/.installed-browser
+	SDONNX_REQUIRE_BROWSER=1 $(PY) -m pytest
 
 # How models/default was made (about 111 minutes on 2 cores): train the autoencoder, then the
 # UNet and text encoder (stage 1); fine-tune the VAE decoder longer, in three runs (stages 2-4);
 # export with sdonnx. Stages 1-3 ran with a constant learning rate, stage 4 with a cosine decay.
 default-model: $(VENV)/.installed-test
 	rm -rf models/stage1 models/stage2 models/stage3 models/default-diffusers models/default
-	$(PY) models/train.py models/stage1 --vae-minutes 12 --decoder-minutes 0 --unet-minutes 48 --lr-schedule constant
+	$(PY) models/train.py models/stage1 --vae-minutes 12 --decoder-minutes 0 --unet-minutes 48 --lr-schedule constant --min-snr 0
 	$(PY) models/train.py models/stage2 --decoder-only models/stage1 --decoder-minutes 14 --lr-schedule constant
 	$(PY) models/train.py models/stage3 --decoder-only models/stage2 --decoder-minutes 12 --seed 1 --lr-schedule constant
 	$(PY) models/train.py models/default-diffusers --decoder-only models/stage3 --decoder-minutes 25 --seed 2

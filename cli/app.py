@@ -249,6 +249,44 @@ def bench(
 
 
 @app.command()
+def serve(
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="ONNX model folder (default: the embedded model)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on; 0.0.0.0 exposes the server to the network."),
+    port: int = typer.Option(7860, "--port", help="TCP port (0: any free port, printed at start)."),
+    provider: str = typer.Option("auto", "--provider", help=f"One of: {', '.join(PROVIDER_CHOICES)}."),
+    precision: str = typer.Option("auto", "--precision", help="fp32, bf16 or auto (bf16 where the CPU has it)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: all physical cores)."),
+    api_key: Optional[str] = typer.Option(
+        None, "--api-key", envvar="SDONNX_API_KEY",
+        help="Require this key on every endpoint (Authorization: Bearer KEY; the page asks for it as a password)."),
+    queue: int = typer.Option(4, "--queue", help="Requests that may wait behind the running one; more get 503."),
+) -> None:
+    """Serve one model: OpenAI's images API, AUTOMATIC1111's /sdapi/v1, and a web page at /."""
+    import importlib.util
+
+    missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise InputError(f"sdonnx serve needs {' and '.join(missing)}: pip install 'sdonnx[serve]'")
+    from sdonnx.cli import server
+    from sdonnx.runtime import Pipeline
+
+    if queue < 1:
+        raise InputError(f"--queue must be at least 1, got {queue}")
+    if api_key is not None and not api_key.strip():
+        raise InputError("--api-key is empty; give a key or leave the option out")
+    sock = server.bind(host, port)
+    pipe = Pipeline.load(model, provider=provider, threads=threads, precision=precision)
+    where = sock.getsockname()
+    url = f"http://{'[' + where[0] + ']' if ':' in where[0] else where[0]}:{where[1]}/"
+    typer.echo(f"serving {pipe.name} ({pipe.config.provider}, {pipe.config.precision}) on {url}"
+               + (" with an API key" if api_key else "") + "; Ctrl-C stops")
+    if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+        typer.secho("warning: listening beyond this machine without --api-key: anyone who can reach "
+                    "the port can generate", err=True, fg=typer.colors.YELLOW)
+    server.serve(pipe, sock, api_key, queue)
+
+
+@app.command()
 def info(model: Path = typer.Argument(..., help="An ONNX model folder.")) -> None:
     """Show a model folder's parts, their inputs, precision and size on disk."""
     from sdonnx.runtime.info import describe
