@@ -167,19 +167,19 @@ def encode_text(tokenizer, text_encoder, captions):
 
 
 def train_unet(unet, text_encoder, tokenizer, vae, scheduler, rng, minutes: float, batch: int,
-               log: list, min_snr: float = 0.0) -> None:
+               log: list, min_snr: float = 0.0, lr: float = 1e-3) -> None:
     """Epsilon prediction; with `min_snr` > 0, each timestep's loss is weighted by
     min(SNR, min_snr) / SNR (Hang et al. 2023, "Min-SNR"): the nearly clean timesteps, which
     only polish texture, stop dominating the gradient, and the noisy ones that decide the
     shape and colour get their share."""
     params = list(unet.parameters()) + list(text_encoder.parameters())
-    optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-2)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     # Sampling uses an exponential moving average of the weights: much smoother than the last
     # step's weights after a short run.
     ema = [p.detach().clone() for p in params]
     scaling = vae.config.scaling_factor
     alphas = scheduler.alphas_cumprod
-    schedule = TimedSchedule(optimizer, 1e-3, minutes)
+    schedule = TimedSchedule(optimizer, lr, minutes)
     step, losses = 0, LossLog(log, "unet", 100)
     while schedule.running(step):
         pixels, captions = shapes.batch(rng, batch)
@@ -218,17 +218,39 @@ def latent_scale(vae, rng) -> float:
         return float(1.0 / vae.encode(torch.from_numpy(pixels)).latent_dist.mean.std())
 
 
-def decoder_only(args) -> None:
-    """Second stage of the recipe: a longer decoder fine-tune on a trained pipeline."""
+def load_trained(folder: Path):
+    """A pipeline this script wrote, in float32 for training, and its training record."""
     from diffusers import StableDiffusionPipeline
 
+    pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32, safety_checker=None)
+    return pipe, json.loads((folder / "training.json").read_text())
+
+
+def decoder_only(args) -> None:
+    """Second stage of the recipe: a longer decoder fine-tune on a trained pipeline."""
     start = time.time()
-    pipe = StableDiffusionPipeline.from_pretrained(args.decoder_only, torch_dtype=torch.float32,
-                                                   safety_checker=None)
+    pipe, record = load_trained(args.decoder_only)
     rng = np.random.default_rng(args.seed + 1)
-    record = json.loads((args.decoder_only / "training.json").read_text())
     finetune_decoder(pipe.vae, rng, args.decoder_minutes, 32, record["loss"])
     record["decoder_minutes"] = round(record.get("decoder_minutes", 0) + (time.time() - start) / 60, 1)
+    save(pipe, args.out, record)
+    print(f"wrote {args.out} in {(time.time() - start) / 60:.1f} min")
+
+
+def unet_only(args) -> None:
+    """Continue a trained pipeline's UNet and text encoder (the autoencoder stays as it is)."""
+    start = time.time()
+    pipe, record = load_trained(args.unet_from)
+    rng = np.random.default_rng(args.seed + 2)
+    pipe.vae.eval().requires_grad_(False)
+    pipe.unet.train()
+    pipe.text_encoder.train()
+    train_unet(pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.vae, pipe.scheduler, rng, args.unet_minutes,
+               64, record["loss"], args.min_snr, args.lr)
+    record["unet_minutes"] = round(record["unet_minutes"] + (time.time() - start) / 60, 1)
+    record.setdefault("unet_stages", []).append(
+        f"train.py {args.out} --unet-from {args.unet_from} --unet-minutes {args.unet_minutes:g} --lr {args.lr:g} "
+        f"--min-snr {args.min_snr:g} --seed {args.seed} ({args.lr_schedule})")
     save(pipe, args.out, record)
     print(f"wrote {args.out} in {(time.time() - start) / 60:.1f} min")
 
@@ -249,6 +271,9 @@ def main() -> None:
                         help="Min-SNR loss weighting of the UNet (0: plain MSE, as the first runs)")
     parser.add_argument("--decoder-only", type=Path, metavar="DIR",
                         help="fine-tune the VAE decoder of the trained pipeline DIR into OUT")
+    parser.add_argument("--unet-from", type=Path, metavar="DIR",
+                        help="continue the UNet and text encoder of the trained pipeline DIR into OUT")
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of the UNet run")
     args = parser.parse_args()
     if args.out.exists():
         parser.error(f"{args.out} exists; choose a new folder")
@@ -259,6 +284,9 @@ def main() -> None:
 
     if args.decoder_only:
         decoder_only(args)
+        return
+    if args.unet_from:
+        unet_only(args)
         return
 
     start = time.time()
@@ -289,7 +317,8 @@ def main() -> None:
         (args.out.with_name(args.out.name + ".vae") / "training.json").write_text(
             json.dumps({"loss": log, "vae_minutes": round((time.time() - start) / 60, 1)}))
     vae_done = time.time()
-    train_unet(unet, text_encoder, tokenizer, vae, scheduler, rng, args.unet_minutes, 64, log, args.min_snr)
+    train_unet(unet, text_encoder, tokenizer, vae, scheduler, rng, args.unet_minutes, 64, log, args.min_snr,
+               args.lr)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)

@@ -45,8 +45,9 @@ def main() -> None:
     parser.add_argument("--samplers", nargs="+", default=["euler", "ddim", "plms"])
     parser.add_argument("--guidance", nargs="+", type=float, default=[7.5, 1.0])
     parser.add_argument("--examples", type=Path, help="also write the README's example images here")
+    parser.add_argument("--provider", default="cpu", help="cpu, or openvino for OpenVINO IR folders")
     args = parser.parse_args()
-    pipe = Pipeline.load(args.model, provider="cpu")
+    pipe = Pipeline.load(args.model, provider=args.provider, precision="fp32")
     if args.examples:
         write_examples(pipe, args.examples)
     scenes = shapes.held_out_scenes()
