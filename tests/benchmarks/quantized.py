@@ -122,6 +122,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--variants", nargs="+", choices=tuple(RUNS), default=tuple(RUNS),
+                        help="only these variants (fp32 on ONNX Runtime CPU always runs: it is the baseline)")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args()
     source = prepare(args.preset)["onnx"]
@@ -130,6 +132,8 @@ def main() -> None:
     times: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for round_ in range(args.rounds):
         for variant, runners in RUNS.items():
+            if variant not in args.variants and variant != "fp32":
+                continue
             for provider in runners:
                 result = bench(folders[variant], provider, args.size, args.repeats)
                 times[variant, provider].append(result)
