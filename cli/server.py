@@ -51,6 +51,14 @@ class Interrupted(Exception):
         self.step, self.total = step, total
 
 
+class _HttpError(Exception):
+    """An answer other than 200: status, message, extra headers."""
+
+    def __init__(self, status: int, message: str, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers
+
+
 def _b64_png(image: Image.Image) -> str:
     from PIL.PngImagePlugin import PngInfo
 
@@ -433,12 +441,6 @@ def create_app(pipe: Pipeline, api_key: str | None = None, max_queue: int = MAX_
                  "filename": pipe.name, "config": None}]
 
     return app
-
-
-class _HttpError(Exception):
-    def __init__(self, status: int, message: str, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.headers = status, message, headers
 
 
 def bind(host: str, port: int) -> socket.socket:
