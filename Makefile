@@ -35,14 +35,16 @@ demo: $(VENV)/.installed-runtime
 test: $(VENV)/.installed-test $(VENV)/.installed-browser
 	SDONNX_REQUIRE_BROWSER=1 $(PY) -m pytest
 
-# How models/default was made (about 111 minutes on 2 cores): train the autoencoder, then the
+# How models/default was made (about 166 minutes on 2 cores): train the autoencoder, then the
 # UNet and text encoder (stage 1); fine-tune the VAE decoder longer, in three runs (stages 2-4);
-# export with sdonnx. Stages 1-3 ran with a constant learning rate, stage 4 with a cosine decay.
+# continue the UNet and text encoder with Min-SNR weighting (last run); export with sdonnx.
+# Stages 1-3 ran with a constant learning rate, the last two with a cosine decay.
 default-model: $(VENV)/.installed-test
-	rm -rf models/stage1 models/stage2 models/stage3 models/default-diffusers models/default
+	rm -rf models/stage1 models/stage2 models/stage3 models/stage4 models/default-diffusers models/default
 	$(PY) models/train.py models/stage1 --vae-minutes 12 --decoder-minutes 0 --unet-minutes 48 --lr-schedule constant --min-snr 0
 	$(PY) models/train.py models/stage2 --decoder-only models/stage1 --decoder-minutes 14 --lr-schedule constant
 	$(PY) models/train.py models/stage3 --decoder-only models/stage2 --decoder-minutes 12 --seed 1 --lr-schedule constant
-	$(PY) models/train.py models/default-diffusers --decoder-only models/stage3 --decoder-minutes 25 --seed 2
-	rm -rf models/stage1 models/stage1.vae models/stage2 models/stage3
+	$(PY) models/train.py models/stage4 --decoder-only models/stage3 --decoder-minutes 25 --seed 2
+	$(PY) models/train.py models/default-diffusers --unet-from models/stage4 --unet-minutes 55 --lr 4e-4 --min-snr 5 --seed 4
+	rm -rf models/stage1 models/stage1.vae models/stage2 models/stage3 models/stage4
 	$(VENV)/bin/sdonnx export models/default-diffusers models/default
