@@ -206,7 +206,7 @@ def quantize(
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
     check_prompts: int = typer.Option(2, "--check-prompts", help="Prompts the check generates (seed = index)."),
     check_steps: int = typer.Option(10, "--check-steps", help="Sampler steps per check image."),
-    calibration_prompts: int = typer.Option(4, "--calibration-prompts", help="int8: prompts whose trajectories calibrate."),
+    calibration_prompts: int = typer.Option(6, "--calibration-prompts", help="int8: prompts whose trajectories calibrate."),
     size: Optional[int] = typer.Option(None, "--size", help="Check and calibration image side (default: native, at most 256)."),
 ) -> None:
     """Quantize a model folder, check its pictures against the float model, keep bad parts float."""

@@ -77,7 +77,7 @@ class QuantizeConfig:
     min_psnr: float | None = None  # default per mode: DEFAULT_MIN_PSNR
     check_prompts: int = 2
     check_steps: int = 10
-    calibration_prompts: int = 4
+    calibration_prompts: int = 6
     calibration_steps: int = 10
     size: int | None = None  # check and calibration image side (default: native, at most 256)
 
