@@ -64,17 +64,25 @@ def _fill(driver, field: str, value) -> None:
     element.send_keys(str(value))
 
 
-def test_generate_shows_progress_then_the_image_and_copies_settings_back(server, browser):
+def _start(server, browser, prompt: str, steps: int) -> None:
+    """Open the page, fill the form at 256 px and click Generate; returns once a step shows.
+
+    Enough steps at 256 px (a few seconds on the 64-px model) that the page's progress poll
+    sees the run.
+    """
     browser.get(server.url + "/")
     _wait(browser, lambda d: d.find_element("id", "sampler").get_attribute("value") == "Euler")
-    assert browser.find_element("id", "width").get_attribute("value") == "64"
-    _fill(browser, "prompt", "a green triangle on a white background")
-    # Enough steps at 256 px that the page's progress poll sees the run (a few seconds).
-    _fill(browser, "steps", 120)
+    assert browser.find_element("id", "width").get_attribute("value") == "64"  # the model's native size
+    _fill(browser, "prompt", prompt)
+    _fill(browser, "steps", steps)
     _fill(browser, "width", 256)
     _fill(browser, "height", 256)
     browser.find_element("id", "generate").click()
     _wait(browser, lambda d: d.find_element("id", "status").text.startswith("step "))
+
+
+def test_generate_shows_progress_then_the_image_and_copies_settings_back(server, browser):
+    _start(server, browser, "a green triangle on a white background", 120)
     assert browser.find_element("id", "cancel").is_enabled()
     _wait(browser, lambda d: d.find_element("id", "preview").is_displayed())
     progress = float(browser.find_element("id", "progress").get_attribute("value"))
@@ -100,14 +108,7 @@ def test_generate_shows_progress_then_the_image_and_copies_settings_back(server,
 
 
 def test_cancel_stops_the_run_and_says_so(server, browser):
-    browser.get(server.url + "/")
-    _wait(browser, lambda d: d.find_element("id", "sampler").get_attribute("value") == "Euler")
-    _fill(browser, "prompt", "a blue star")
-    _fill(browser, "steps", 150)
-    _fill(browser, "width", 256)
-    _fill(browser, "height", 256)
-    browser.find_element("id", "generate").click()
-    _wait(browser, lambda d: d.find_element("id", "status").text.startswith("step "))
+    _start(server, browser, "a blue star", 150)
     browser.find_element("id", "cancel").click()
     _wait(browser, lambda d: "interrupted" in d.find_element("id", "status").text)
     assert browser.find_element("id", "generate").is_enabled()
