@@ -123,12 +123,21 @@ def _text(body: dict, name: str, default: str = "") -> str:
 
 @dataclass
 class Job:
-    """One request's generation settings; `run` fills `images` or `error`."""
+    """One request's generation settings; the worker fills `images` or `error`, then settles
+    `done`, a future of the request's event loop, so a waiting request holds no thread."""
 
     settings: dict
-    done: threading.Event = field(default_factory=threading.Event)
+    done: asyncio.Future
     images: list[Image.Image] = field(default_factory=list)
     error: Exception | None = None
+
+    def settle(self) -> None:
+        """Called from the worker thread."""
+        def finish() -> None:
+            if not self.done.done():  # the client may have gone away and cancelled it
+                self.done.set_result(None)
+
+        self.done.get_loop().call_soon_threadsafe(finish)
 
 
 class Worker:
@@ -154,7 +163,8 @@ class Worker:
         self.thread.start()
 
     def submit(self, settings: dict) -> Job:
-        job = Job(settings)
+        """Queue a generation; called on the event loop that will await `job.done`."""
+        job = Job(settings, asyncio.get_running_loop().create_future())
         try:
             self.jobs.put_nowait(job)
         except queue.Full:
@@ -176,7 +186,7 @@ class Worker:
                 with self.lock:
                     self.running, self.preview = None, None
                     self.completed += 1
-                job.done.set()
+                job.settle()
 
     def _on_step(self, step: int, total: int, denoised) -> None:
         if self.interrupt.is_set():
@@ -353,7 +363,7 @@ def create_app(pipe: Pipeline, api_key: str | None = None, max_queue: int = MAX_
         except Busy:
             raise _HttpError(503, f"busy: {max_queue} requests already queued; retry later",
                              {"Retry-After": "5"}) from None
-        await asyncio.get_running_loop().run_in_executor(None, job.done.wait)
+        await job.done
         if isinstance(job.error, Interrupted):
             raise _HttpError(409, str(job.error))
         if isinstance(job.error, SdonnxError):

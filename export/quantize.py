@@ -362,8 +362,8 @@ class Doctor:
         return compare(reference, images)
 
     def measure_all(self, folder: Path) -> tuple[float, float]:
-        ir = any(part.file(folder).name == parts.IR_FILE for part in parts.PARTS if part.file(folder))
-        pipe = Pipeline.load(folder, provider="openvino" if ir else "cpu", precision="fp32")
+        provider = "openvino" if parts.ir_parts(folder) else "cpu"
+        pipe = Pipeline.load(folder, provider=provider, precision="fp32")
         return compare(self.reference, _images(pipe, self.prompts, self.config.check_steps, self.size))
 
     def _decode(self, latent: np.ndarray) -> np.ndarray:

@@ -55,6 +55,12 @@ VAE_ENCODER = Part("vae_encoder", ("sample",), "latent_parameters", required=Fal
 
 PARTS = (TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER)
 
+
+def ir_parts(folder: Path) -> list[str]:
+    """The parts of `folder` stored as OpenVINO IR (only the openvino provider runs them)."""
+    return [p.name for p in PARTS if (f := p.file(folder)) is not None and f.name == IR_FILE]
+
+
 # Stable Diffusion 1.x's VAE latent scaling, used when a folder's VAE config does not say.
 DEFAULT_VAE_SCALING_FACTOR = 0.18215
 LATENT_CHANNELS = 4

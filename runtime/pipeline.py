@@ -190,7 +190,7 @@ class Pipeline:
         self.size_multiple = parts.VAE_SCALE * 2 ** max(levels - 1, 0)
 
         openvino = providers.PROVIDERS[config.provider].backend == "openvino"
-        ir_only = [p.name for p in parts.PARTS if (f := p.file(path)) is not None and f.name == parts.IR_FILE]
+        ir_only = parts.ir_parts(path)
         if ir_only and not openvino:
             raise ProviderError(
                 f"{path} holds OpenVINO IR for {', '.join(ir_only)} (quantized for OpenVINO), which "
