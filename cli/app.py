@@ -144,8 +144,9 @@ def generate(
     start = time.perf_counter()
     pipe = Pipeline.load(model, provider=provider, threads=threads, precision=precision)
     if verbose:
+        cached = ", ".join(f"{part} {use}" for part, use in pipe.cache_use.items())
         typer.echo(f"loaded {pipe.config.path} on {pipe.config.provider} ({pipe.config.precision}) "
-                   f"in {time.perf_counter() - start:.2f} s")
+                   f"in {time.perf_counter() - start:.2f} s" + (f" (optimized-graph cache: {cached})" if cached else ""))
     step_times: list[float] = []
     paths = output_paths(out, n * n_iter)
     run: list = []

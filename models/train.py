@@ -119,6 +119,24 @@ class TimedSchedule:
         return True
 
 
+def object_mask(x: torch.Tensor) -> torch.Tensor:
+    """(n, 1, H, W) 1.0 where a training image is not its plain background, else 0.0.
+
+    The background is uniform and no shape reaches a corner, so the top-left pixel is it.
+    """
+    return ((x - x[:, :, :1, :1]).abs().amax(dim=1, keepdim=True) > 0.02).float()
+
+
+def object_weights(x: torch.Tensor, weight: float, cell: int = 1) -> torch.Tensor:
+    """Per-pixel loss weights 1 + `weight` on the object: a small shape covers 2% of a 64-pixel
+    image, so under a plain mean its corners hardly count and come out round. With `cell` 8
+    the weights are on the latent grid (any latent pixel whose 8x8 cell touches the object)."""
+    mask = object_mask(x)
+    if cell > 1:
+        mask = torch.nn.functional.max_pool2d(mask, cell)
+    return 1.0 + weight * mask
+
+
 def train_vae(vae, rng, minutes: float, batch: int, log: list) -> None:
     """Reconstruction (L1 + MSE) with a small KL term, as SD's autoencoder without the GAN."""
     optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
@@ -138,13 +156,15 @@ def train_vae(vae, rng, minutes: float, batch: int, log: list) -> None:
         step += 1
 
 
-def finetune_decoder(vae, rng, minutes: float, batch: int, log: list) -> None:
-    """Train the VAE decoder alone (the encoder, so the UNet's latent space, stays fixed)."""
+def finetune_decoder(vae, rng, minutes: float, batch: int, log: list, object_weight: float = 0.0,
+                     lr: float = 1e-3) -> None:
+    """Train the VAE decoder alone (the encoder, so the UNet's latent space, stays fixed);
+    `object_weight` > 0 weights the object's pixels (see object_weights)."""
     vae.decoder.requires_grad_(True)
     vae.post_quant_conv.requires_grad_(True)
     params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
-    optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
-    schedule = TimedSchedule(optimizer, 1e-3, minutes)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    schedule = TimedSchedule(optimizer, lr, minutes)
     step, losses = 0, LossLog(log, "vae_decoder", 100)
     while schedule.running(step):
         pixels, _ = shapes.batch(rng, batch)
@@ -152,7 +172,8 @@ def finetune_decoder(vae, rng, minutes: float, batch: int, log: list) -> None:
         with torch.no_grad():
             latents = vae.encode(x).latent_dist.sample()
         recon = vae.decode(latents).sample
-        loss = (recon - x).abs().mean() + (recon - x).pow(2).mean()
+        error = (recon - x).abs() + (recon - x).pow(2)
+        loss = (error * object_weights(x, object_weight)).mean() if object_weight else error.mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -167,11 +188,12 @@ def encode_text(tokenizer, text_encoder, captions):
 
 
 def train_unet(unet, text_encoder, tokenizer, vae, scheduler, rng, minutes: float, batch: int,
-               log: list, min_snr: float = 0.0, lr: float = 1e-3) -> None:
+               log: list, min_snr: float = 0.0, lr: float = 1e-3, object_weight: float = 0.0) -> None:
     """Epsilon prediction; with `min_snr` > 0, each timestep's loss is weighted by
     min(SNR, min_snr) / SNR (Hang et al. 2023, "Min-SNR"): the nearly clean timesteps, which
     only polish texture, stop dominating the gradient, and the noisy ones that decide the
-    shape and colour get their share."""
+    shape and colour get their share. `object_weight` > 0 weights the latent pixels over the
+    object (see object_weights): small shapes were the model's weak point."""
     params = list(unet.parameters()) + list(text_encoder.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     # Sampling uses an exponential moving average of the weights: much smoother than the last
@@ -184,14 +206,18 @@ def train_unet(unet, text_encoder, tokenizer, vae, scheduler, rng, minutes: floa
     while schedule.running(step):
         pixels, captions = shapes.batch(rng, batch)
         captions = ["" if rng.random() < CAPTION_DROPOUT else c for c in captions]
+        x = torch.from_numpy(pixels)
         with torch.no_grad():
-            latents = vae.encode(torch.from_numpy(pixels)).latent_dist.sample() * scaling
+            latents = vae.encode(x).latent_dist.sample() * scaling
         noise = torch.randn_like(latents)
         t = torch.from_numpy(rng.integers(0, len(alphas), size=batch))
         a = alphas[t].view(-1, 1, 1, 1)
         noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
         pred = unet(noisy, t, encode_text(tokenizer, text_encoder, captions)).sample
-        loss = (pred - noise).pow(2).mean(dim=(1, 2, 3))
+        error = (pred - noise).pow(2)
+        if object_weight:
+            error = error * object_weights(x, object_weight, cell=8)
+        loss = error.mean(dim=(1, 2, 3))
         if min_snr > 0:
             snr = alphas[t] / (1 - alphas[t])
             loss = loss * snr.clamp(max=min_snr) / snr
@@ -231,26 +257,48 @@ def decoder_only(args) -> None:
     start = time.time()
     pipe, record = load_trained(args.decoder_only)
     rng = np.random.default_rng(args.seed + 1)
-    finetune_decoder(pipe.vae, rng, args.decoder_minutes, 32, record["loss"])
+    finetune_decoder(pipe.vae, rng, args.decoder_minutes, 32, record["loss"], args.object_weight,
+                     args.lr if args.lr_given else 1e-3)
+    record.setdefault("stages", []).append(
+        f"train.py {args.out} --decoder-only {args.decoder_only} --decoder-minutes {args.decoder_minutes:g} "
+        f"--object-weight {args.object_weight:g} --lr {args.lr:g} --seed {args.seed} ({args.lr_schedule})")
     record["decoder_minutes"] = round(record.get("decoder_minutes", 0) + (time.time() - start) / 60, 1)
     save(pipe, args.out, record)
     print(f"wrote {args.out} in {(time.time() - start) / 60:.1f} min")
+
+
+def take_autoencoder(pipe, record: dict, folder: Path) -> None:
+    """Use the autoencoder of the pipeline `folder`, whose decoder was fine-tuned on the same
+    latent space: its encoder must be this pipeline's, or the UNet would not fit it."""
+    other, other_record = load_trained(folder)
+    mine, theirs = pipe.vae.encoder.state_dict(), other.vae.encoder.state_dict()
+    if any(not torch.equal(mine[name], theirs[name]) for name in mine):
+        raise SystemExit(f"{folder}'s autoencoder has another encoder (latent space); "
+                         "--vae-from needs a --decoder-only descendant of the same pipeline")
+    pipe.vae = other.vae
+    record["decoder_minutes"] = other_record.get("decoder_minutes", record.get("decoder_minutes", 0))
+    record["stages"] = other_record.get("stages", record.get("stages", []))
+    record["loss"] = [e for e in record["loss"] if not e["part"].startswith("vae_decoder")] + [
+        e for e in other_record["loss"] if e["part"].startswith("vae_decoder")]
 
 
 def unet_only(args) -> None:
     """Continue a trained pipeline's UNet and text encoder (the autoencoder stays as it is)."""
     start = time.time()
     pipe, record = load_trained(args.unet_from)
+    if args.vae_from:
+        take_autoencoder(pipe, record, args.vae_from)
     rng = np.random.default_rng(args.seed + 2)
     pipe.vae.eval().requires_grad_(False)
     pipe.unet.train()
     pipe.text_encoder.train()
     train_unet(pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.vae, pipe.scheduler, rng, args.unet_minutes,
-               64, record["loss"], args.min_snr, args.lr)
+               64, record["loss"], args.min_snr, args.lr, args.object_weight)
     record["unet_minutes"] = round(record["unet_minutes"] + (time.time() - start) / 60, 1)
     record.setdefault("unet_stages", []).append(
         f"train.py {args.out} --unet-from {args.unet_from} --unet-minutes {args.unet_minutes:g} --lr {args.lr:g} "
-        f"--min-snr {args.min_snr:g} --seed {args.seed} ({args.lr_schedule})")
+        f"--min-snr {args.min_snr:g} --object-weight {args.object_weight:g} --seed {args.seed} "
+        f"({args.lr_schedule})" + (f" --vae-from {args.vae_from}" if args.vae_from else ""))
     save(pipe, args.out, record)
     print(f"wrote {args.out} in {(time.time() - start) / 60:.1f} min")
 
@@ -273,8 +321,13 @@ def main() -> None:
                         help="fine-tune the VAE decoder of the trained pipeline DIR into OUT")
     parser.add_argument("--unet-from", type=Path, metavar="DIR",
                         help="continue the UNet and text encoder of the trained pipeline DIR into OUT")
-    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of the UNet run")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="peak learning rate of the UNet run (1e-3), or of a --decoder-only run (1e-3)")
+    parser.add_argument("--object-weight", type=float, default=0.0,
+                        help="extra loss weight on the object's pixels (UNet and decoder runs; 0: plain mean)")
     args = parser.parse_args()
+    args.lr_given = args.lr is not None
+    args.lr = args.lr if args.lr_given else 1e-3
     if args.out.exists():
         parser.error(f"{args.out} exists; choose a new folder")
     torch.set_num_threads(args.threads)

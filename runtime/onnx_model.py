@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
 from sdonnx.runtime import providers
+from sdonnx.runtime.cache import OPTIMIZED_FILE, OptimizedGraphs
 from sdonnx.runtime.errors import InputError, ModelFolderError
 from sdonnx.runtime.parts import Part
 
@@ -73,16 +75,22 @@ class PartModel:
 
 
 class OnnxModel(PartModel):
-    """An onnxruntime session for one part, called with numpy arrays by input name."""
+    """An onnxruntime session for one part, called with numpy arrays by input name.
 
-    def __init__(self, path: Path, part: Part, provider: str = "cpu", threads: int | None = None):
+    With a `cache_root` (cpu provider), the optimized graph of a large part is saved there on
+    the first load and read back, unoptimized again, on the next ones (runtime/cache.py);
+    `cache` says which happened: "hit", "written" or None.
+    """
+
+    def __init__(self, path: Path, part: Part, provider: str = "cpu", threads: int | None = None,
+                 cache_root: Path | None = None):
         if not path.is_file():
             raise ModelFolderError(f"{part.name}: model file missing: {path}")
+        self.provider, self.threads, self.cache = provider, threads, None
+        graphs = OptimizedGraphs(cache_root, provider) if cache_root and provider == "cpu" else None
         try:
-            self.session = ort.InferenceSession(
-                str(path), providers.session_options(threads),
-                providers=providers.PROVIDERS[provider].ort_providers,
-            )
+            self.session = self._cached_session(path, graphs) if graphs and graphs.wanted(path) else None
+            self.session = self.session or self._open(path, providers.session_options(threads))
         except Exception as e:  # onnxruntime raises its own untyped errors
             raise ModelFolderError(f"{part.name}: cannot load {path}: {e}") from e
         self.part = part
@@ -92,6 +100,38 @@ class OnnxModel(PartModel):
         self.input_shapes = {i.name: list(i.shape) for i in inputs}
         self.output_names = [o.name for o in self.session.get_outputs()]
         self._check_contract()
+
+    def _open(self, path: Path, options: ort.SessionOptions) -> ort.InferenceSession:
+        return ort.InferenceSession(str(path), options, providers=providers.PROVIDERS[self.provider].ort_providers)
+
+    def _cached_session(self, path: Path, graphs: OptimizedGraphs) -> ort.InferenceSession | None:
+        """The session from the saved optimized graph, or a fresh one that saves it; None when
+        the cache cannot be used (then the caller loads the file as usual)."""
+        saved = graphs.lookup(path)
+        if saved is not None:
+            try:
+                session = self._open(saved, providers.session_options(self.threads, optimize=False))
+                self.cache = "hit"
+                return session
+            except Exception:  # a damaged entry: rebuilt below
+                pass
+        try:
+            staged = graphs.staging(path)
+        except OSError:  # a read-only or full cache folder
+            return None
+        options = providers.session_options(self.threads)
+        options.optimized_model_filepath = str(staged / OPTIMIZED_FILE)
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                         OPTIMIZED_FILE + ".data")
+        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+        try:
+            session = self._open(path, options)
+        except Exception:
+            shutil.rmtree(staged, ignore_errors=True)
+            return None
+        graphs.commit(path, staged)
+        self.cache = "written"
+        return session
 
     def __call__(self, **inputs: np.ndarray) -> dict[str, np.ndarray]:
         self._check_inputs(inputs)

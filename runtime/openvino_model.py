@@ -19,13 +19,9 @@ from sdonnx.runtime.parts import Part
 PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16"}
 
 
-def default_cache_dir() -> Path:
-    return Path.home() / ".cache" / "sdonnx" / "openvino"
-
-
 class OpenVinoModel(PartModel):
     def __init__(self, path: Path, part: Part, precision: str = "fp32", threads: int | None = None,
-                 cache_dir: Path | None = None, static_shapes: bool = True):
+                 cache_root: Path | None = None, static_shapes: bool = True):
         import openvino as ov
 
         if not path.is_file():
@@ -39,8 +35,9 @@ class OpenVinoModel(PartModel):
         self.config = {
             "INFERENCE_PRECISION_HINT": PRECISION_HINTS[precision],
             "PERFORMANCE_HINT": "LATENCY",
-            "CACHE_DIR": str(cache_dir or default_cache_dir()),
         }
+        if cache_root:
+            self.config["CACHE_DIR"] = str(cache_root / "openvino")
         if threads:
             self.config["INFERENCE_NUM_THREADS"] = threads
         self.static_shapes = static_shapes

@@ -14,7 +14,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from sdonnx.runtime import parts, providers
+from sdonnx.runtime import cache, parts, providers
 from sdonnx.runtime.denoiser import Denoiser
 from sdonnx.runtime.errors import InputError, ModelFolderError, ProviderError
 from sdonnx.runtime.images import default_size, fit, load_image, to_mask, to_pixels
@@ -71,7 +71,7 @@ class LoadConfig:
     provider: str = "cpu"
     threads: int | None = None
     precision: str = "fp32"  # resolved: fp32 or bf16
-    cache_dir: Path | None = None  # OpenVINO's compiled models (default ~/.cache/sdonnx/openvino)
+    cache_root: Path | None = None  # compiled models and optimized graphs (runtime/cache.py); None: no cache
     static_shapes: bool = True  # OpenVINO: compile once per set of input shapes
 
 
@@ -202,8 +202,8 @@ class Pipeline:
                 from sdonnx.runtime.openvino_model import OpenVinoModel
 
                 return OpenVinoModel(part.file(path), part, config.precision, config.threads,
-                                     config.cache_dir, config.static_shapes)
-            return OnnxModel(path / part.onnx_path, part, config.provider, config.threads)
+                                     config.cache_root, config.static_shapes)
+            return OnnxModel(path / part.onnx_path, part, config.provider, config.threads, config.cache_root)
 
         self.text_encoder = load(parts.TEXT_ENCODER)
         self.unet = load(parts.UNET)
@@ -212,11 +212,13 @@ class Pipeline:
 
     @classmethod
     def load(cls, path: str | Path | None = None, provider: str = "auto",
-             threads: int | None = None, precision: str = "auto", cache_dir: str | Path | None = None,
+             threads: int | None = None, precision: str = "auto", cache_dir: str | Path | bool | None = None,
              static_shapes: bool = True) -> "Pipeline":
         """Load a model folder (default: the embedded model, or $SDONNX_MODEL).
 
         `precision` fp32, bf16 or auto (bf16 where the provider and the CPU both do it).
+        `cache_dir`: where compiled models and optimized graphs are kept for the next start
+        (default $SDONNX_CACHE_DIR or ~/.cache/sdonnx; False: no cache).
         """
         if path is None:
             path = default_model_path()
@@ -227,11 +229,17 @@ class Pipeline:
                 )
         provider = providers.resolve(provider)
         return cls(LoadConfig(Path(path), provider, threads, providers.resolve_precision(provider, precision),
-                              Path(cache_dir) if cache_dir else None, static_shapes))
+                              cache.resolve_root(cache_dir), static_shapes))
 
     @property
     def name(self) -> str:
         return self.config.path.resolve().name
+
+    @property
+    def cache_use(self) -> dict[str, str]:
+        """Per onnxruntime part loaded through the optimized-graph cache: "hit" or "written"."""
+        models = (self.text_encoder, self.unet, self.vae_decoder, self.vae_encoder)
+        return {m.part.name: m.cache for m in models if getattr(m, "cache", None)}
 
     def encode_prompt(self, prompt: str, windows: int = 1) -> np.ndarray:
         """(1, 77 k, d) embeddings: each of the prompt's k >= `windows` 75-token windows

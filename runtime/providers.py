@@ -91,9 +91,11 @@ def resolve_precision(provider: str, precision: str) -> str:
     return precision
 
 
-def session_options(threads: int | None = None) -> ort.SessionOptions:
+def session_options(threads: int | None = None, optimize: bool = True) -> ort.SessionOptions:
+    """`optimize` False for a graph onnxruntime already optimized and saved (runtime/cache.py)."""
     options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     if threads:
         options.intra_op_num_threads = threads
     return options

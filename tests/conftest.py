@@ -7,10 +7,19 @@ and guidance scales give clearly different pictures. `tiny_onnx` is sdonnx's exp
 
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+# Compiled models and optimized graphs of this session's models stay out of ~/.cache (and the
+# served or CLI subprocesses inherit this).
+os.environ["SDONNX_CACHE_DIR"] = tempfile.mkdtemp(prefix="sdonnx-test-cache-")
+atexit.register(shutil.rmtree, os.environ["SDONNX_CACHE_DIR"], ignore_errors=True)
 
 # A random UNet's output barely depends on its input and timestep; these gains make schedule,
 # sampler and guidance errors visible (see test_parity.py's negative controls).

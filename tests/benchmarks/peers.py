@@ -13,6 +13,8 @@ The model is SD 1.5's architecture with random weights (speed does not depend on
 built offline from diffusers' configs and cached under tests/benchmarks/cache/ with its sdonnx
 export (or the tests' tiny model with --preset tiny, to check this script in seconds).
 A "UNet step" is one sampler step: the UNet on a CFG pair plus the sampler arithmetic.
+Each sdonnx run starts with an empty cache folder (a first start, as for the peers);
+second_start.py measures what the cache saves.
 
     python tests/benchmarks/peers.py [--preset sd15|tiny] [--steps 20] [--size 512] [--rounds 1]
 
@@ -30,6 +32,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import date
 from pathlib import Path
@@ -275,7 +278,9 @@ def main() -> None:
     results: dict[str, list[dict]] = {name: [] for name in names}
     for _ in range(args.rounds):
         for name in names:
-            result = in_child(name, args.preset, args.steps, args.size)
+            with tempfile.TemporaryDirectory(prefix="sdonnx-cache-") as cache:
+                os.environ["SDONNX_CACHE_DIR"] = cache
+                result = in_child(name, args.preset, args.steps, args.size)
             results[name].append(result)
             print(json.dumps(result), flush=True)
     text = report(results, args)
