@@ -115,7 +115,7 @@ def run_contestant(name: str, preset: str, steps: int, size: int) -> dict:
     import numpy as np
 
     p = paths(preset)
-    threads = os.cpu_count() or 1
+    threads = int(os.environ.get("SDONNX_BENCH_THREADS") or 0) or os.cpu_count() or 1
     load_start = time.perf_counter()
     if name == "diffusers":
         import torch
@@ -161,7 +161,7 @@ def run_contestant(name: str, preset: str, steps: int, size: int) -> dict:
         from sdonnx import Pipeline
 
         _, provider, precision = name.split(":")
-        pipe = Pipeline.load(p["onnx"], provider=provider, precision=precision)
+        pipe = Pipeline.load(p["onnx"], provider=provider, precision=precision, threads=threads)
 
         def generate(n_steps, clock=None):
             callback = (lambda step, total: clock.tick()) if clock else None
@@ -265,6 +265,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=None, help="default 512 (sd15), 64 (tiny)")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--only", nargs="+", help="contestant names (default: all)")
+    parser.add_argument("--threads", type=int, help="threads per contestant (default: all cores)")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -273,6 +274,8 @@ def main() -> None:
         print(json.dumps(run_contestant(**options)))
         return
     args.size = args.size or (512 if args.preset == "sd15" else 64)
+    if args.threads:
+        os.environ["SDONNX_BENCH_THREADS"] = str(args.threads)
     prepare(args.preset)
     names = args.only or contestants()
     results: dict[str, list[dict]] = {name: [] for name in names}

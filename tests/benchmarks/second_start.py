@@ -31,9 +31,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--size", type=int, default=None, help="default 512 (sd15), 64 (tiny)")
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--threads", type=int, help="threads per run (default: all cores)")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args()
     args.size = args.size or (512 if args.preset == "sd15" else 64)
+    if args.threads:
+        os.environ["SDONNX_BENCH_THREADS"] = str(args.threads)
     prepare(args.preset)
     names = [name for name in contestants() if name.startswith("sdonnx")]
     runs: dict[tuple[str, str], list[dict]] = {}
@@ -51,7 +54,8 @@ def main() -> None:
     def med(name, start, key):
         return statistics.median(r[key] for r in runs[name, start])
 
-    lines = [f"{date.today()}, {machine()}; {args.preset} model, {args.size}x{args.size}, "
+    threads = f", {args.threads} thread(s)" if args.threads else ""
+    lines = [f"{date.today()}, {machine()}{threads}; {args.preset} model, {args.size}x{args.size}, "
              f"{args.rounds} round(s), medians; each start a fresh process, the cache empty before the first",
              "",
              "| contestant | load s first / second | to first step s first / second | second start faster "
