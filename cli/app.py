@@ -233,6 +233,7 @@ def bench(
     size: Optional[str] = typer.Option(None, "--size", help="WIDTHxHEIGHT (default: the model's native size)."),
     repeats: int = typer.Option(3, "--repeats", help="Timed calls per part after the first (median)."),
     provider: Optional[list[str]] = typer.Option(None, "--provider", help="Only these providers (repeatable)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: all physical cores)."),
 ) -> None:
     """Time text encoding, a UNet step, VAE decoding, load time and peak RSS per provider."""
     from sdonnx.runtime import bench as benchmark
@@ -246,7 +247,9 @@ def bench(
     for name in provider or []:
         if name not in PROVIDER_CHOICES:
             raise InputError(f"unknown provider {name!r}; choose one of: {', '.join(PROVIDER_CHOICES)}")
-    typer.echo(benchmark.table(benchmark.run(folder, width, height, repeats, provider)))
+    if threads is not None and threads < 1:
+        raise InputError(f"--threads must be at least 1, got {threads}")
+    typer.echo(benchmark.table(benchmark.run(folder, width, height, repeats, provider, threads)))
 
 
 @app.command()

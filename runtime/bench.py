@@ -73,12 +73,12 @@ def _timed(fn, repeats: int) -> float:
 
 
 def measure(model: Path | None, provider: str, precision: str, width: int | None, height: int | None,
-            repeats: int = 3, cache_dir: Path | None = None) -> BenchResult:
+            repeats: int = 3, cache_dir: Path | None = None, threads: int | None = None) -> BenchResult:
     """Measure in this process (see `run` for one process per provider)."""
     from sdonnx.runtime.pipeline import GenerationConfig, Pipeline
 
     start = time.perf_counter()
-    pipe = Pipeline.load(model, provider=provider, precision=precision, cache_dir=cache_dir)
+    pipe = Pipeline.load(model, provider=provider, precision=precision, cache_dir=cache_dir, threads=threads)
     load_s = time.perf_counter() - start
     width, height = width or pipe.native_size, height or pipe.native_size
     config = GenerationConfig("a photo of a cat", "blurry", width=width, height=height)
@@ -98,14 +98,14 @@ def measure(model: Path | None, provider: str, precision: str, width: int | None
 
 
 def run(model: Path | None, width: int | None = None, height: int | None = None, repeats: int = 3,
-        only: list[str] | None = None) -> list[BenchResult]:
+        only: list[str] | None = None, threads: int | None = None) -> list[BenchResult]:
     """One child process per provider/precision, in turn."""
     results = []
     for provider, precision in combinations():
         if only and provider not in only:
             continue
         args = json.dumps({"model": str(model) if model else None, "provider": provider, "precision": precision,
-                           "width": width, "height": height, "repeats": repeats})
+                           "width": width, "height": height, "repeats": repeats, "threads": threads})
         done = subprocess.run([sys.executable, "-m", "sdonnx.runtime.bench", args],
                               capture_output=True, text=True)
         if done.returncode != 0:
@@ -128,5 +128,6 @@ def table(results: list[BenchResult]) -> str:
 if __name__ == "__main__":
     options = json.loads(sys.argv[1])
     result = measure(Path(options["model"]) if options["model"] else None, options["provider"],
-                     options["precision"], options["width"], options["height"], options["repeats"])
+                     options["precision"], options["width"], options["height"], options["repeats"],
+                     threads=options.get("threads"))
     print(json.dumps(asdict(result)))

@@ -231,7 +231,7 @@ def test_verbose_reports_provider_and_precision(tiny_onnx, tmp_path):
 
 
 def test_bench_prints_a_table_per_provider(tiny_onnx):
-    proc = sdonnx("bench", tiny_onnx, "--provider", "cpu", "--repeats", 1, "--size", "64x48")
+    proc = sdonnx("bench", tiny_onnx, "--provider", "cpu", "--repeats", 1, "--size", "64x48", "--threads", 1)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
     assert "CFG pair at 64x48" in lines[0]
@@ -243,6 +243,7 @@ def test_bench_prints_a_table_per_provider(tiny_onnx):
 @pytest.mark.parametrize("args, message", [
     (["--provider", "tpu"], "unknown provider 'tpu'"),
     (["--repeats", "0"], "--repeats must be at least 1"),
+    (["--threads", "0"], "--threads must be at least 1"),
     (["{missing}"], "model folder not found"),
 ])
 def test_bench_bad_input(tiny_onnx, tmp_path, args, message):
