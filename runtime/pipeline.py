@@ -268,7 +268,8 @@ class Pipeline:
         out = self.unet(
             sample=sample.astype(sample_dtype),
             timestep=timestep,
-            encoder_hidden_states=context.astype(self.unet.dtype("encoder_hidden_states")),
+            # copy=False: the same context object every step, which a bound device keeps.
+            encoder_hidden_states=context.astype(self.unet.dtype("encoder_hidden_states"), copy=False),
         )[parts.UNET.output]
         return out.astype(np.float32)
 

@@ -27,6 +27,9 @@ class Provider:
     ort_providers: tuple[str, ...] = ()
     precisions: tuple[str, ...] = ("fp32",)
     install: str = ""
+    # Where onnxruntime's IO binding keeps inputs and outputs ("cuda": on the GPU, so the text
+    # context is uploaded once per generation); None runs plain numpy in, numpy out.
+    bind_device: str | None = None
 
     def available(self) -> bool:
         if self.backend == "openvino":
@@ -37,7 +40,8 @@ class Provider:
 PROVIDERS = {p.name: p for p in (
     Provider("cpu", "onnxruntime", ("CPUExecutionProvider",)),
     Provider("cuda", "onnxruntime", ("CUDAExecutionProvider", "CPUExecutionProvider"),
-             install="pip install onnxruntime-gpu (in place of onnxruntime) on a machine with CUDA"),
+             install="pip install onnxruntime-gpu (in place of onnxruntime) on a machine with CUDA",
+             bind_device="cuda"),
     Provider("openvino", "openvino", precisions=("fp32", "bf16"),
              install="pip install 'sdonnx[openvino]'"),
     Provider("ort-openvino", "onnxruntime", ("OpenVINOExecutionProvider", "CPUExecutionProvider"),

@@ -82,3 +82,40 @@ def test_bf16_stays_close_to_fp32(tiny_onnx, tmp_path):
     a = fp32.generate("a red circle", steps=6, seed=0)[0]
     b = bf16.generate("a red circle", steps=6, seed=0)[0]
     assert psnr(np.asarray(a), np.asarray(b)) >= 30
+
+
+def test_io_binding_draws_the_same_and_uploads_the_context_once(tiny_onnx, tiny_pipeline, monkeypatch):
+    """The cuda provider's IO binding, exercised on the CPU (the same onnxruntime calls with
+    device "cpu"): identical pictures, and the text context bound once for all steps."""
+    import dataclasses
+
+    import onnxruntime as ort
+
+    from sdonnx import Pipeline
+
+    monkeypatch.setitem(providers.PROVIDERS, "cpu", dataclasses.replace(providers.PROVIDERS["cpu"], bind_device="cpu"))
+    uploads = []
+    upload = ort.OrtValue.ortvalue_from_numpy
+    monkeypatch.setattr(ort.OrtValue, "ortvalue_from_numpy",
+                        staticmethod(lambda value, *a: uploads.append(value.shape) or upload(value, *a)))
+    bound = Pipeline.load(tiny_onnx, provider="cpu", precision="fp32", cache_dir=False)
+    assert bound.unet.bind_device == "cpu"
+    settings = dict(steps=4, guidance=5.0, seed=3, width=64, height=64, negative_prompt="blurry")
+    image = bound.generate("a red circle", **settings)[0]
+    assert np.array_equal(np.asarray(image), np.asarray(tiny_pipeline.generate("a red circle", **settings)[0]))
+    context_shape = (2, 77, bound.unet.shape("encoder_hidden_states")[2])
+    sample_shape = (2, 4, 8, 8)
+    assert uploads.count(context_shape) == 1, uploads
+    assert uploads.count(sample_shape) == 4, uploads
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" not in __import__("onnxruntime").get_available_providers(),
+                    reason="no CUDA: onnxruntime-gpu and a GPU are needed")
+def test_cuda_draws_the_cpu_picture(tiny_onnx, tiny_pipeline):
+    from sdonnx import Pipeline
+
+    cuda = Pipeline.load(tiny_onnx, provider="cuda", precision="fp32")
+    settings = dict(steps=6, guidance=5.0, seed=3, width=64, height=64)
+    on_gpu = cuda.generate("a red circle", **settings)[0]
+    on_cpu = tiny_pipeline.generate("a red circle", **settings)[0]
+    assert psnr(np.asarray(on_gpu), np.asarray(on_cpu)) > 35
