@@ -92,11 +92,13 @@ def generate(
     prompt: str = typer.Argument(..., help="What to draw."),
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="ONNX model folder (default: the embedded model)."),
     negative: str = typer.Option("", "--negative", help="Negative prompt: what to steer away from."),
-    steps: int = typer.Option(20, "--steps", help="Sampler steps."),
-    guidance: float = typer.Option(7.5, "--guidance", "-g", help="Classifier-free guidance scale; <= 1 disables it."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Sampler steps (default: the model's, else 20)."),
+    guidance: Optional[float] = typer.Option(
+        None, "--guidance", "-g", help="Classifier-free guidance scale; <= 1 disables it (default: the model's, else 7.5)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed (random when omitted); image i uses seed + i."),
     size: Optional[str] = typer.Option(None, "--size", help="WIDTHxHEIGHT in pixels, multiples of 8 (default: the model's native size)."),
-    sampler: str = typer.Option("euler", "--sampler", help=f"One of: {', '.join(SAMPLERS)}."),
+    sampler: Optional[str] = typer.Option(
+        None, "--sampler", help=f"One of: {', '.join(SAMPLERS)} (default: the model's, else euler)."),
     schedule: str = typer.Option("default", "--schedule",
                                  help=f"Noise schedule: {' or '.join(SCHEDULES)} (Karras et al. 2022 sigmas)."),
     eta: Optional[float] = typer.Option(
@@ -121,13 +123,18 @@ def generate(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from sdonnx.runtime import GenerationConfig, Pipeline
+    from sdonnx.runtime.pipeline import Defaults
     from sdonnx.runtime.grid import image_grid
     from sdonnx.runtime.images import load_image
 
     width, height = parse_size(size) if size else (None, None)
     # Validated here so that a random seed is drawn once and batches continue from it.
-    seed = GenerationConfig(prompt, negative, steps, guidance, seed, width, height, sampler, n,
-                            schedule=schedule, eta=eta, strength=strength).validate().seed
+    # The model's own defaults (Pipeline.defaults) fill what is not given, after loading.
+    fallback = Defaults()
+    seed = GenerationConfig(prompt, negative, fallback.steps if steps is None else steps,
+                            fallback.guidance if guidance is None else guidance, seed, width, height,
+                            sampler or fallback.sampler, n, schedule=schedule,
+                            eta=eta if sampler else None, strength=strength).validate().seed
     if n_iter < 1:
         raise InputError(f"--n-iter (batches) must be at least 1, got {n_iter}")
     if init_image is None and (strength is not None or mask is not None):
@@ -189,11 +196,18 @@ def export(
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
     opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset (default: optimum's)."),
     check: bool = typer.Option(True, "--check/--no-check", help="Compare every part with torch."),
+    default_steps: Optional[int] = typer.Option(
+        None, "--default-steps", help="Steps this model should run when none are asked (recorded in sdonnx.json)."),
+    default_guidance: Optional[float] = typer.Option(
+        None, "--default-guidance", help="Its recommended guidance scale (e.g. 0-1 for Turbo/LCM models)."),
+    default_sampler: Optional[str] = typer.Option(None, "--default-sampler", help="Its recommended sampler."),
 ) -> None:
     """Export a checkpoint to a folder of ONNX models, checked against torch."""
     from sdonnx.export.exporter import ExportConfig, export as run_export
 
-    result = run_export(ExportConfig(source, out, force, opset, check), log=typer.echo)
+    given = {"steps": default_steps, "guidance": default_guidance, "sampler": default_sampler}
+    defaults = {name: value for name, value in given.items() if value is not None}
+    result = run_export(ExportConfig(source, out, force, opset, check, defaults), log=typer.echo)
     typer.echo(f"wrote {result.out} in {result.seconds:.1f} s")
 
 

@@ -21,7 +21,7 @@ import secrets
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from importlib import resources
 from typing import Any
 
@@ -85,10 +85,10 @@ def decode_image(value: Any, field_name: str) -> Image.Image:
         raise InputError(f"{field_name}: not a readable image (PNG, JPEG, WebP ...)") from None
 
 
-def sampler_key(name: str | None, scheduler: str | None = None) -> tuple[str, str]:
+def sampler_key(name: str | None, scheduler: str | None = None, default: str = "euler") -> tuple[str, str]:
     """(sampler, schedule) from an A1111 sampler name ("Euler a", "DPM++ 2M Karras") or ours."""
     if not name:
-        return "euler", "default"
+        return default, "karras" if (scheduler or "").lower() == "karras" else "default"
     wanted = name.strip().lower()
     schedule = "karras" if (scheduler or "").lower() == "karras" else "default"
     if wanted.endswith(" karras"):
@@ -246,15 +246,16 @@ class Settings:
 
     def a1111(self, body: dict, img2img: bool = False) -> dict:
         native = self.pipe.native_size
+        defaults = self.pipe.defaults
         sampler, schedule = sampler_key(_text(body, "sampler_name") or _text(body, "sampler_index"),
-                                        _text(body, "scheduler"))
+                                        _text(body, "scheduler"), defaults.sampler)
         width = _number(body, "width", native, int, 8, MAX_SIDE)
         height = _number(body, "height", native, int, 8, MAX_SIDE)
         settings = {
             "prompt": _text(body, "prompt"),
             "negative_prompt": _text(body, "negative_prompt"),
-            "steps": _number(body, "steps", 20, int, 1, 150),
-            "guidance": _number(body, "cfg_scale", 7.0, float, 0.0, 30.0),
+            "steps": _number(body, "steps", defaults.steps, int, 1, 150),
+            "guidance": _number(body, "cfg_scale", defaults.guidance, float, 0.0, 30.0),
             "seed": self._seed(body),
             "sampler": sampler,
             "schedule": schedule,
@@ -287,13 +288,14 @@ class Settings:
             raise InputError("response_format: only b64_json is served (no URLs: nothing is stored)")
         if not _text(body, "prompt").strip():
             raise InputError("prompt: required")
-        sampler, schedule = sampler_key(_text(body, "sampler"), _text(body, "schedule"))
+        defaults = self.pipe.defaults
+        sampler, schedule = sampler_key(_text(body, "sampler"), _text(body, "schedule"), defaults.sampler)
         width, height = self._size(width, height)
         return {
             "prompt": _text(body, "prompt"),
             "negative_prompt": _text(body, "negative_prompt"),
-            "steps": _number(body, "steps", 20, int, 1, 150),
-            "guidance": _number(body, "guidance", 7.5, float, 0.0, 30.0),
+            "steps": _number(body, "steps", defaults.steps, int, 1, 150),
+            "guidance": _number(body, "guidance", defaults.guidance, float, 0.0, 30.0),
             "seed": self._seed(body),
             "sampler": sampler,
             "schedule": schedule,
@@ -387,7 +389,8 @@ def create_app(pipe: Pipeline, api_key: str | None = None, max_queue: int = MAX_
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": pipe.name, "native_size": pipe.native_size,
-                "size_multiple": pipe.size_multiple, "running": worker.running is not None,
+                "size_multiple": pipe.size_multiple, "defaults": asdict(pipe.defaults),
+                "running": worker.running is not None,
                 "queued": worker.jobs.qsize(), "completed": worker.completed}
 
     @app.get("/v1/models")

@@ -56,6 +56,8 @@ class ExportConfig:
     force: bool = False
     opset: int | None = None
     check: bool = True
+    # Recommended generation settings recorded for the runtime (runtime.pipeline.Defaults).
+    defaults: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -165,6 +167,7 @@ def _write_record(tmp: Path, config: ExportConfig, seconds: float, parity: list[
         "opset": _opset(tmp / parts.UNET.onnx_path),
         "versions": {"sdonnx": "0.1.0", **_versions()},
         "export_seconds": round(seconds, 1),
+        **({"defaults": config.defaults} if config.defaults else {}),
         "parts": {
             part.name: {
                 "precision": "fp32",
@@ -234,12 +237,23 @@ def staged_folder(out: Path) -> Iterator[Path]:
             raise
 
 
+def check_defaults(defaults: dict) -> None:
+    """Refuse recommended settings the runtime would refuse, before any work."""
+    from sdonnx.runtime.pipeline import Defaults
+
+    try:
+        Defaults.from_record({"defaults": defaults}, Path("--default-*"))
+    except ModelFolderError as e:
+        raise InputError(str(e).replace("--default-*: bad defaults: ", "recommended setting: ")) from None
+
+
 def export(config: ExportConfig, log: Callable[[str], None] = lambda msg: None) -> ExportResult:
     """Export `config.source` to `config.out`; nothing appears at OUT unless all checks pass."""
     source, out = config.source, config.out
     check_export_extra()
     check_source(source)
     check_out(out, config.force)
+    check_defaults(config.defaults)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     quiet_libraries()
     start = time.perf_counter()

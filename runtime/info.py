@@ -40,6 +40,9 @@ def describe(path: Path) -> str:
         lines.append("made by: another exporter (no sdonnx.json)")
     lines.append(f"prediction: {scheduler.prediction_type}, beta schedule {scheduler.beta_schedule}, "
                  f"{scheduler.num_train_timesteps} training timesteps")
+    if record.get("defaults"):
+        lines.append("recommended: " + ", ".join(f"{k} {v}" for k, v in record["defaults"].items())
+                     + " (used when a generation does not say)")
     total = 0
     for part in parts.PARTS:
         model_file = part.file(path)

@@ -143,6 +143,32 @@ class GenerationConfig:
         return tail
 
 
+@dataclass(frozen=True)
+class Defaults:
+    """What a generation uses where the caller does not say: SD's usual settings, or those the
+    model folder recommends in sdonnx.json's "defaults" (`sdonnx export --default-guidance`...;
+    a distilled Turbo/LCM model wants few steps and little guidance, the embedded default
+    model draws best at guidance 3)."""
+
+    steps: int = 20
+    guidance: float = 7.5
+    sampler: str = "euler"
+
+    @classmethod
+    def from_record(cls, record: dict, where: Path) -> "Defaults":
+        given = record.get("defaults") or {}
+        unknown = set(given) - {"steps", "guidance", "sampler"}
+        if unknown:
+            raise ModelFolderError(f"{where}: unknown defaults {', '.join(sorted(unknown))} "
+                                   "(known: steps, guidance, sampler)")
+        defaults = cls(**given)
+        try:
+            GenerationConfig("", steps=defaults.steps, guidance=defaults.guidance, sampler=defaults.sampler).validate()
+        except (InputError, TypeError) as e:
+            raise ModelFolderError(f"{where}: bad defaults: {e}") from e
+        return defaults
+
+
 def check_model_folder(path: Path) -> None:
     """Fail naming every file a Stable Diffusion ONNX folder needs but lacks."""
     if not path.is_dir():
@@ -188,6 +214,7 @@ class Pipeline:
         # Each UNet level but the last halves the latent; sizes must survive that exactly.
         levels = len(unet_config.get("block_out_channels", (0,) * 4))
         self.size_multiple = parts.VAE_SCALE * 2 ** max(levels - 1, 0)
+        self.defaults = Defaults.from_record(_read_json(path / parts.RECORD), path / parts.RECORD)
 
         openvino = providers.PROVIDERS[config.provider].backend == "openvino"
         ir_only = parts.ir_parts(path)
@@ -313,10 +340,10 @@ class Pipeline:
         streams = [np.random.default_rng([config.seed + i, 1]) for i in range(config.n)]
         return lambda: np.stack([g.standard_normal(shape[1:], dtype=np.float32) for g in streams])
 
-    def generate(self, prompt: str, negative_prompt: str = "", steps: int = 20,
-                 guidance: float = 7.5, seed: int | None = 0, width: int | None = None,
+    def generate(self, prompt: str, negative_prompt: str = "", steps: int | None = None,
+                 guidance: float | None = None, seed: int | None = 0, width: int | None = None,
                  height: int | None = None,
-                 sampler: str = "euler", n: int = 1, latents: np.ndarray | None = None,
+                 sampler: str | None = None, n: int = 1, latents: np.ndarray | None = None,
                  callback: Callable[[int, int], None] | None = None, *,
                  schedule: str = "default", eta: float | None = None,
                  init_image: Image.Image | str | Path | None = None, strength: float = 0.75,
@@ -324,7 +351,8 @@ class Pipeline:
                  on_step: Callable[[int, int, np.ndarray], None] | None = None) -> list[Image.Image]:
         """Generate `n` images; `latents` (n, 4, H/8, W/8) of unit noise replaces the seeded noise.
 
-        Width and height default to the model's native size (512 for SD 1.x), or with an
+        Steps, guidance and sampler default to the model's `defaults` (20, 7.5, euler unless
+        its sdonnx.json says otherwise). Width and height default to the model's native size (512 for SD 1.x), or with an
         `init_image` to its size rounded down to multiples of 8; an init image of another size
         is scaled to cover the requested size and centre-cropped. img2img runs the last
         int(steps x strength) steps from the encoded image noised to that level, as diffusers'
@@ -351,6 +379,9 @@ class Pipeline:
             width, height = width or own_width, height or own_height
         width = width or self.native_size
         height = height or self.native_size
+        steps = self.defaults.steps if steps is None else steps
+        guidance = self.defaults.guidance if guidance is None else guidance
+        sampler = sampler or self.defaults.sampler
         config = GenerationConfig(
             prompt, negative_prompt, steps, guidance, seed, width, height, sampler, n, schedule, eta,
             None if init_image is None else strength,

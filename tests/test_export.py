@@ -62,6 +62,17 @@ def test_force_replaces_out(tiny_source, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+def test_recommended_settings_are_recorded_and_checked_first(tiny_source, tmp_path):
+    out = tmp_path / "turbo"
+    export(ExportConfig(tiny_source, out, check=False, defaults={"steps": 4, "guidance": 1.0, "sampler": "lcm"}))
+    assert json.loads((out / parts.RECORD).read_text())["defaults"] == {"steps": 4, "guidance": 1.0, "sampler": "lcm"}
+    for bad, message in [({"sampler": "foo"}, "unknown sampler 'foo'"), ({"steps": 0}, "steps"),
+                         ({"guidance": -1.0}, "guidance must be >= 0"), ({"size": 3}, "unknown defaults size")]:
+        with pytest.raises(InputError, match=message):
+            export(ExportConfig(tiny_source, tmp_path / "bad", defaults=bad))
+        assert not (tmp_path / "bad").exists()
+
+
 def test_parity_failure_writes_nothing(tiny_source, tmp_path, monkeypatch):
     bad = PartParity("unet", max_abs_diff=0.5, reference_max=1.0, tolerance=2e-3, input_shape=(2, 4, 8, 8))
     monkeypatch.setattr(exporter, "check_parts", lambda source, exported: [bad])
