@@ -47,4 +47,4 @@ default-model: $(VENV)/.installed-test
 	$(PY) models/train.py models/stage4 --decoder-only models/stage3 --decoder-minutes 25 --seed 2
 	$(PY) models/train.py models/default-diffusers --unet-from models/stage4 --unet-minutes 55 --lr 4e-4 --min-snr 5 --seed 4
 	rm -rf models/stage1 models/stage1.vae models/stage2 models/stage3 models/stage4
-	$(VENV)/bin/sdonnx export models/default-diffusers models/default
+	$(VENV)/bin/sdonnx export models/default-diffusers models/default --default-guidance 3

@@ -95,8 +95,9 @@ def judge(image: Image.Image) -> tuple[str | None, str | None]:
     return color, shape
 
 
-def accuracy(pipe, scenes, *, seeds=(0, 1), sampler="euler", guidance=7.5, steps=20) -> dict:
-    """Share of images whose judged colour, shape and both match the prompt's scene."""
+def accuracy(pipe, scenes, *, seeds=(0, 1), sampler="euler", guidance=None, steps=20) -> dict:
+    """Share of images whose judged colour, shape and both match the prompt's scene
+    (`guidance` None: the model's recommended one)."""
     hits = {"colour": 0, "shape": 0, "both": 0}
     total = 0
     for scene in scenes:

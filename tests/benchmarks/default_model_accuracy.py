@@ -43,7 +43,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--samplers", nargs="+", default=["euler", "ddim", "plms"])
-    parser.add_argument("--guidance", nargs="+", type=float, default=[7.5, 1.0])
+    parser.add_argument("--guidance", nargs="+", type=float, default=[None, 7.5, 1.0],
+                        help="scales to measure (default: the model's recommended one, 7.5 and 1)")
     parser.add_argument("--examples", type=Path, help="also write the README's example images here")
     parser.add_argument("--provider", default="cpu", help="cpu, or openvino for OpenVINO IR folders")
     args = parser.parse_args()
@@ -58,7 +59,8 @@ def main() -> None:
             start = time.perf_counter()
             result = accuracy(pipe, scenes, seeds=range(args.seeds), sampler=sampler,
                               guidance=guidance, steps=args.steps)
-            print(f"| {sampler} | {guidance:g} | {result['colour']:.0%} | {result['shape']:.0%} | "
+            shown = f"{pipe.defaults.guidance:g} (model default)" if guidance is None else f"{guidance:g}"
+            print(f"| {sampler} | {shown} | {result['colour']:.0%} | {result['shape']:.0%} | "
                   f"{result['both']:.0%} | {result['images']} | {time.perf_counter() - start:.0f} |",
                   flush=True)
 

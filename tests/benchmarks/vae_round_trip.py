@@ -27,6 +27,7 @@ def round_trip(folder: Path, jitters: int = 4) -> dict:
 
     vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch.float32).eval()
     hits = {"colour": 0, "shape": 0, "both": 0}
+    by_size: dict[str, list[int]] = {}
     scenes = [s for s in shapes.held_out_scenes() for _ in range(jitters)]
     rng = np.random.default_rng(0)
     images = np.stack([np.asarray(shapes.draw(s, jitter=rng), dtype=np.float32) for s in scenes])
@@ -39,7 +40,10 @@ def round_trip(folder: Path, jitters: int = 4) -> dict:
         hits["colour"] += colour == scene.color
         hits["shape"] += shape == scene.shape
         hits["both"] += (colour, shape) == (scene.color, scene.shape)
-    return {k: v / len(scenes) for k, v in hits.items()} | {"images": len(scenes)}
+        counts = by_size.setdefault(scene.size, [0, 0])
+        counts[0] += (colour, shape) == (scene.color, scene.shape)
+        counts[1] += 1
+    return {k: v / len(scenes) for k, v in hits.items()} | {"images": len(scenes), "by_size": by_size}
 
 
 def main() -> None:
@@ -48,7 +52,8 @@ def main() -> None:
     args = parser.parse_args()
     result = round_trip(args.model)
     print(f"{args.model}: colour {result['colour']:.0%} shape {result['shape']:.0%} "
-          f"both {result['both']:.0%} ({result['images']} images)")
+          f"both {result['both']:.0%} ({result['images']} images); both right by size: "
+          + ", ".join(f"{size} {right}/{n}" for size, (right, n) in result["by_size"].items()))
 
 
 if __name__ == "__main__":
