@@ -97,11 +97,12 @@ class OptimizedGraphs:
         return staged
 
     def commit(self, path: Path, staged: Path) -> None:
-        """Stamp the staged folder and rename it into place (another process may win the race)."""
-        (staged / "stamp.json").write_text(json.dumps(self.stamp(path), indent=1))
+        """Stamp the staged folder and rename it into place (another process may win the race);
+        a cache that cannot be written is dropped, never an error."""
         entry = self._entry(path)
-        shutil.rmtree(entry, ignore_errors=True)
         try:
+            (staged / "stamp.json").write_text(json.dumps(self.stamp(path), indent=1))
+            shutil.rmtree(entry, ignore_errors=True)
             staged.rename(entry)
         except OSError:
             shutil.rmtree(staged, ignore_errors=True)
