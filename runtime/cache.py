@@ -1,6 +1,7 @@
 """On-disk caches that make a second start fast: one folder, `~/.cache/sdonnx` by default.
 
-- `openvino/`: OpenVINO's compiled models (its own CACHE_DIR format).
+- `openvino/`: OpenVINO's compiled graphs without the weights (its CACHE_DIR, CACHE_MODE
+  OPTIMIZE_SIZE; see openvino_model.py).
 - `onnxruntime/`: ONNX Runtime's optimized graphs. Building an onnxruntime session optimizes the
   graph (fusions, constant folding, the CPU's blocked NCHWc layout) before it can run; for an
   SD 1.5 UNet that takes 18-34 s of a cold start here, and loading the saved result with
