@@ -87,10 +87,10 @@ def decode_image(value: Any, field_name: str) -> Image.Image:
 
 def sampler_key(name: str | None, scheduler: str | None = None, default: str = "euler") -> tuple[str, str]:
     """(sampler, schedule) from an A1111 sampler name ("Euler a", "DPM++ 2M Karras") or ours."""
-    if not name:
-        return default, "karras" if (scheduler or "").lower() == "karras" else "default"
-    wanted = name.strip().lower()
     schedule = "karras" if (scheduler or "").lower() == "karras" else "default"
+    if not name:
+        return default, schedule
+    wanted = name.strip().lower()
     if wanted.endswith(" karras"):
         wanted, schedule = wanted[: -len(" karras")], "karras"
     for key, sampler in SAMPLERS.items():

@@ -25,6 +25,7 @@ from typing import Callable, Iterator
 
 from sdonnx.export.parity import PartParity, check_parts
 from sdonnx.runtime import parts
+from sdonnx.runtime.pipeline import Defaults
 from sdonnx.runtime.info import folder_bytes
 from sdonnx.runtime.errors import InputError, ModelFolderError, SdonnxError
 
@@ -237,23 +238,13 @@ def staged_folder(out: Path) -> Iterator[Path]:
             raise
 
 
-def check_defaults(defaults: dict) -> None:
-    """Refuse recommended settings the runtime would refuse, before any work."""
-    from sdonnx.runtime.pipeline import Defaults
-
-    try:
-        Defaults.from_record({"defaults": defaults}, Path("--default-*"))
-    except ModelFolderError as e:
-        raise InputError(str(e).replace("--default-*: bad defaults: ", "recommended setting: ")) from None
-
-
 def export(config: ExportConfig, log: Callable[[str], None] = lambda msg: None) -> ExportResult:
     """Export `config.source` to `config.out`; nothing appears at OUT unless all checks pass."""
     source, out = config.source, config.out
     check_export_extra()
     check_source(source)
     check_out(out, config.force)
-    check_defaults(config.defaults)
+    Defaults.checked(config.defaults)  # refuse what the runtime would refuse, before any work
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     quiet_libraries()
     start = time.perf_counter()

@@ -257,8 +257,7 @@ def decoder_only(args) -> None:
     start = time.time()
     pipe, record = load_trained(args.decoder_only)
     rng = np.random.default_rng(args.seed + 1)
-    finetune_decoder(pipe.vae, rng, args.decoder_minutes, 32, record["loss"], args.object_weight,
-                     args.lr if args.lr_given else 1e-3)
+    finetune_decoder(pipe.vae, rng, args.decoder_minutes, 32, record["loss"], args.object_weight, args.lr)
     record.setdefault("stages", []).append(
         f"train.py {args.out} --decoder-only {args.decoder_only} --decoder-minutes {args.decoder_minutes:g} "
         f"--object-weight {args.object_weight:g} --lr {args.lr:g} --seed {args.seed} ({args.lr_schedule})")
@@ -321,13 +320,11 @@ def main() -> None:
                         help="fine-tune the VAE decoder of the trained pipeline DIR into OUT")
     parser.add_argument("--unet-from", type=Path, metavar="DIR",
                         help="continue the UNet and text encoder of the trained pipeline DIR into OUT")
-    parser.add_argument("--lr", type=float, default=None,
-                        help="peak learning rate of the UNet run (1e-3), or of a --decoder-only run (1e-3)")
+    parser.add_argument("--lr", type=float, default=1e-3,
+                        help="peak learning rate of the UNet run, or of a --decoder-only run")
     parser.add_argument("--object-weight", type=float, default=0.0,
                         help="extra loss weight on the object's pixels (UNet and decoder runs; 0: plain mean)")
     args = parser.parse_args()
-    args.lr_given = args.lr is not None
-    args.lr = args.lr if args.lr_given else 1e-3
     if args.out.exists():
         parser.error(f"{args.out} exists; choose a new folder")
     torch.set_num_threads(args.threads)

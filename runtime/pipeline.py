@@ -155,18 +155,24 @@ class Defaults:
     sampler: str = "euler"
 
     @classmethod
-    def from_record(cls, record: dict, where: Path) -> "Defaults":
-        given = record.get("defaults") or {}
+    def checked(cls, given: dict) -> "Defaults":
+        """These settings, or an InputError naming what the runtime would refuse."""
         unknown = set(given) - {"steps", "guidance", "sampler"}
         if unknown:
-            raise ModelFolderError(f"{where}: unknown defaults {', '.join(sorted(unknown))} "
-                                   "(known: steps, guidance, sampler)")
+            raise InputError(f"unknown defaults {', '.join(sorted(unknown))} (known: steps, guidance, sampler)")
         defaults = cls(**given)
         try:
             GenerationConfig("", steps=defaults.steps, guidance=defaults.guidance, sampler=defaults.sampler).validate()
-        except (InputError, TypeError) as e:
-            raise ModelFolderError(f"{where}: bad defaults: {e}") from e
+        except TypeError as e:
+            raise InputError(f"bad defaults: {e}") from e
         return defaults
+
+    @classmethod
+    def from_record(cls, record: dict, where: Path) -> "Defaults":
+        try:
+            return cls.checked(record.get("defaults") or {})
+        except InputError as e:
+            raise ModelFolderError(f"{where}: {e}") from e
 
 
 def check_model_folder(path: Path) -> None:
