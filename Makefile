@@ -35,16 +35,25 @@ demo: $(VENV)/.installed-runtime
 test: $(VENV)/.installed-test $(VENV)/.installed-browser
 	SDONNX_REQUIRE_BROWSER=1 $(PY) -m pytest
 
-# How models/default was made (about 166 minutes on 2 cores): train the autoencoder, then the
-# UNet and text encoder (stage 1); fine-tune the VAE decoder longer, in three runs (stages 2-4);
-# continue the UNet and text encoder with Min-SNR weighting (last run); export with sdonnx.
-# Stages 1-3 ran with a constant learning rate, the last two with a cosine decay.
+# How models/default was made (about 256 minutes on 2 cores). At 64 pixels: train the
+# autoencoder, then the UNet and text encoder (stage 1); fine-tune the VAE decoder longer, in
+# three runs (stages 2-4); continue the UNet and text encoder with Min-SNR weighting (stage 5).
+# Then at 128 pixels (progressive resolution; the encoder, so the latent space, stays fixed), two
+# runs side by side on one core each: the decoder (stage 6) and the UNet and text encoder
+# (stage 7); take stage 7's UNet with stage 6's autoencoder; export with sdonnx.
+# Stages 1-3 ran with a constant learning rate, the others with a cosine decay.
+STAGES = models/stage1 models/stage1.vae models/stage2 models/stage3 models/stage4 models/stage5 models/stage6 models/stage7
 default-model: $(VENV)/.installed-test
-	rm -rf models/stage1 models/stage2 models/stage3 models/stage4 models/default-diffusers models/default
-	$(PY) models/train.py models/stage1 --vae-minutes 12 --decoder-minutes 0 --unet-minutes 48 --lr-schedule constant --min-snr 0
-	$(PY) models/train.py models/stage2 --decoder-only models/stage1 --decoder-minutes 14 --lr-schedule constant
-	$(PY) models/train.py models/stage3 --decoder-only models/stage2 --decoder-minutes 12 --seed 1 --lr-schedule constant
-	$(PY) models/train.py models/stage4 --decoder-only models/stage3 --decoder-minutes 25 --seed 2
-	$(PY) models/train.py models/default-diffusers --unet-from models/stage4 --unet-minutes 55 --lr 4e-4 --min-snr 5 --seed 4
-	rm -rf models/stage1 models/stage1.vae models/stage2 models/stage3 models/stage4
+	rm -rf $(STAGES) models/default-diffusers models/default
+	$(PY) models/train.py models/stage1 --image-size 64 --vae-minutes 12 --decoder-minutes 0 --unet-minutes 48 --lr-schedule constant --min-snr 0
+	$(PY) models/train.py models/stage2 --image-size 64 --decoder-only models/stage1 --decoder-minutes 14 --lr-schedule constant
+	$(PY) models/train.py models/stage3 --image-size 64 --decoder-only models/stage2 --decoder-minutes 12 --seed 1 --lr-schedule constant
+	$(PY) models/train.py models/stage4 --image-size 64 --decoder-only models/stage3 --decoder-minutes 25 --seed 2
+	$(PY) models/train.py models/stage5 --image-size 64 --unet-from models/stage4 --unet-minutes 55 --lr 4e-4 --min-snr 5 --seed 4
+	$(PY) models/train.py models/stage6 --image-size 128 --decoder-only models/stage5 --decoder-minutes 50 --lr 5e-4 --seed 5 --threads 1 & \
+	  decoder=$$!; \
+	  $(PY) models/train.py models/stage7 --image-size 128 --unet-from models/stage5 --unet-minutes 90 --lr 3e-4 --min-snr 5 --seed 6 --threads 1 \
+	  && wait $$decoder
+	$(PY) models/train.py models/default-diffusers --image-size 128 --unet-from models/stage7 --vae-from models/stage6 --unet-minutes 0
+	rm -rf $(STAGES)
 	$(VENV)/bin/sdonnx export models/default-diffusers models/default --default-guidance 3

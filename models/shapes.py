@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-IMAGE_SIZE = 64
+IMAGE_SIZE = 128
 COLORS = {
     "red": (220, 30, 30),
     "green": (30, 170, 50),
@@ -122,10 +122,10 @@ def draw(scene: Scene, size: int = IMAGE_SIZE, jitter: np.random.Generator | Non
     return image
 
 
-def batch(rng: np.random.Generator, n: int) -> tuple[np.ndarray, list[str]]:
-    """n random images as float32 (n, 3, H, W) in [-1, 1], and their captions."""
+def batch(rng: np.random.Generator, n: int, size: int = IMAGE_SIZE) -> tuple[np.ndarray, list[str]]:
+    """n random images of `size` pixels as float32 (n, 3, size, size) in [-1, 1], and their captions."""
     scenes = [random_scene(rng) for _ in range(n)]
-    images = [np.asarray(draw(s, jitter=rng), dtype=np.float32) for s in scenes]
+    images = [np.asarray(draw(s, size, jitter=rng), dtype=np.float32) for s in scenes]
     pixels = np.stack(images).transpose(0, 3, 1, 2) / 127.5 - 1.0
     captions = [s.caption(int(rng.integers(4))) for s in scenes]
     return pixels, captions

@@ -56,7 +56,7 @@ def build(out: Path, seed: int):
     write_tokenizer_files(out / "tokenizer")
     tokenizer = CLIPTokenizer(out / "tokenizer" / "vocab.json", out / "tokenizer" / "merges.txt",
                               pad_token="<|endoftext|>", model_max_length=77)
-    size = shapes.IMAGE_SIZE
+    size = IMAGE_SIZE
     unet = UNet2DConditionModel(sample_size=size // 8, in_channels=4, out_channels=4, **UNET)
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, sample_size=size,
                         down_block_types=("DownEncoderBlock2D",) * 4,
@@ -94,6 +94,7 @@ def save(pipe, out: Path, record: dict) -> None:
 
 LR_SCHEDULES = ("cosine", "constant")
 LR_SCHEDULE = "cosine"  # set from --lr-schedule
+IMAGE_SIZE = shapes.IMAGE_SIZE  # set from --image-size
 
 
 class TimedSchedule:
@@ -143,7 +144,7 @@ def train_vae(vae, rng, minutes: float, batch: int, log: list) -> None:
     schedule = TimedSchedule(optimizer, 1e-3, minutes)
     step, losses = 0, LossLog(log, "vae", 100)
     while schedule.running(step):
-        pixels, _ = shapes.batch(rng, batch)
+        pixels, _ = shapes.batch(rng, batch, IMAGE_SIZE)
         x = torch.from_numpy(pixels)
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample()).sample
@@ -167,7 +168,7 @@ def finetune_decoder(vae, rng, minutes: float, batch: int, log: list, object_wei
     schedule = TimedSchedule(optimizer, lr, minutes)
     step, losses = 0, LossLog(log, "vae_decoder", 100)
     while schedule.running(step):
-        pixels, _ = shapes.batch(rng, batch)
+        pixels, _ = shapes.batch(rng, batch, IMAGE_SIZE)
         x = torch.from_numpy(pixels)
         with torch.no_grad():
             latents = vae.encode(x).latent_dist.sample()
@@ -204,7 +205,7 @@ def train_unet(unet, text_encoder, tokenizer, vae, scheduler, rng, minutes: floa
     schedule = TimedSchedule(optimizer, lr, minutes)
     step, losses = 0, LossLog(log, "unet", 100)
     while schedule.running(step):
-        pixels, captions = shapes.batch(rng, batch)
+        pixels, captions = shapes.batch(rng, batch, IMAGE_SIZE)
         captions = ["" if rng.random() < CAPTION_DROPOUT else c for c in captions]
         x = torch.from_numpy(pixels)
         with torch.no_grad():
@@ -240,7 +241,7 @@ def train_unet(unet, text_encoder, tokenizer, vae, scheduler, rng, minutes: floa
 def latent_scale(vae, rng) -> float:
     """SD's convention: scale latents to unit variance (SD 1.x's 0.18215 came the same way)."""
     with torch.no_grad():
-        pixels, _ = shapes.batch(rng, 256)
+        pixels, _ = shapes.batch(rng, 256, IMAGE_SIZE)
         return float(1.0 / vae.encode(torch.from_numpy(pixels)).latent_dist.mean.std())
 
 
@@ -252,15 +253,26 @@ def load_trained(folder: Path):
     return pipe, json.loads((folder / "training.json").read_text())
 
 
+def resize(pipe, record: dict) -> None:
+    """Train on at IMAGE_SIZE: both parts are convolutional, so a pipeline trained at one size
+    continues at another (progressive resolution, as SD went from 256 to 512 pixels); the
+    configs' sample sizes, hence the pipeline's native size, follow."""
+    pipe.vae.register_to_config(sample_size=IMAGE_SIZE)
+    pipe.unet.register_to_config(sample_size=IMAGE_SIZE // 8)
+    record["image_size"] = IMAGE_SIZE
+
+
 def decoder_only(args) -> None:
     """Second stage of the recipe: a longer decoder fine-tune on a trained pipeline."""
     start = time.time()
     pipe, record = load_trained(args.decoder_only)
+    resize(pipe, record)
     rng = np.random.default_rng(args.seed + 1)
     finetune_decoder(pipe.vae, rng, args.decoder_minutes, 32, record["loss"], args.object_weight, args.lr)
     record.setdefault("stages", []).append(
         f"train.py {args.out} --decoder-only {args.decoder_only} --decoder-minutes {args.decoder_minutes:g} "
-        f"--object-weight {args.object_weight:g} --lr {args.lr:g} --seed {args.seed} ({args.lr_schedule})")
+        f"--object-weight {args.object_weight:g} --lr {args.lr:g} --seed {args.seed} --image-size {IMAGE_SIZE} "
+        f"({args.lr_schedule})")
     record["decoder_minutes"] = round(record.get("decoder_minutes", 0) + (time.time() - start) / 60, 1)
     save(pipe, args.out, record)
     print(f"wrote {args.out} in {(time.time() - start) / 60:.1f} min")
@@ -287,6 +299,7 @@ def unet_only(args) -> None:
     pipe, record = load_trained(args.unet_from)
     if args.vae_from:
         take_autoencoder(pipe, record, args.vae_from)
+    resize(pipe, record)
     rng = np.random.default_rng(args.seed + 2)
     pipe.vae.eval().requires_grad_(False)
     pipe.unet.train()
@@ -297,6 +310,7 @@ def unet_only(args) -> None:
     record.setdefault("unet_stages", []).append(
         f"train.py {args.out} --unet-from {args.unet_from} --unet-minutes {args.unet_minutes:g} --lr {args.lr:g} "
         f"--min-snr {args.min_snr:g} --object-weight {args.object_weight:g} --seed {args.seed} "
+        f"--image-size {IMAGE_SIZE} "
         f"({args.lr_schedule})" + (f" --vae-from {args.vae_from}" if args.vae_from else ""))
     save(pipe, args.out, record)
     print(f"wrote {args.out} in {(time.time() - start) / 60:.1f} min")
@@ -311,6 +325,9 @@ def main() -> None:
                         help="then the VAE decoder alone (also the length of a --decoder-only run)")
     parser.add_argument("--unet-minutes", type=float, default=55)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--image-size", type=int, default=shapes.IMAGE_SIZE,
+                        help="training images' side in pixels, a multiple of 8 (a --unet-from or "
+                             "--decoder-only run may change it: progressive resolution)")
     parser.add_argument("--vae-from", type=Path, metavar="DIR",
                         help="take the trained autoencoder of the pipeline DIR instead of training one")
     parser.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="cosine")
@@ -328,8 +345,10 @@ def main() -> None:
     if args.out.exists():
         parser.error(f"{args.out} exists; choose a new folder")
     torch.set_num_threads(args.threads)
-    global LR_SCHEDULE
-    LR_SCHEDULE = args.lr_schedule
+    if args.image_size < 32 or args.image_size % 8:
+        parser.error(f"--image-size {args.image_size}: use a multiple of 8, at least 32")
+    global LR_SCHEDULE, IMAGE_SIZE
+    LR_SCHEDULE, IMAGE_SIZE = args.lr_schedule, args.image_size
     from diffusers import StableDiffusionPipeline
 
     if args.decoder_only:
@@ -381,6 +400,7 @@ def main() -> None:
         "unet_minutes": round((time.time() - vae_done) / 60, 1),
         **({"vae_from": str(args.vae_from), "vae_stages": vae_stages} if args.vae_from else {}),
         "torch_threads": args.threads,
+        "image_size": IMAGE_SIZE,
         "lr_schedule": args.lr_schedule,
         "min_snr": args.min_snr,
         "loss": log,

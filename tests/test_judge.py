@@ -19,11 +19,12 @@ def test_judge_reads_generated_scenes():
 
 @pytest.mark.parametrize("radius", [1.0, 1.5])
 def test_judge_reads_blurred_scenes(radius):
-    """Decoded images have soft edges; a blur as wide as a decoder's must not change the verdict."""
+    """Decoded images have soft edges; a blur as wide as a decoder's must not change the verdict
+    (`radius` in pixels of a 64-pixel image, scaled to the generator's size)."""
     rng = np.random.default_rng(int(radius * 10))
     scenes = [shapes.random_scene(rng) for _ in range(200)]
-    wrong = [s for s in scenes
-             if judge(shapes.draw(s, jitter=rng).filter(ImageFilter.GaussianBlur(radius))) != (s.color, s.shape)]
+    blur = ImageFilter.GaussianBlur(radius * shapes.IMAGE_SIZE / 64)
+    wrong = [s for s in scenes if judge(shapes.draw(s, jitter=rng).filter(blur)) != (s.color, s.shape)]
     assert len(wrong) <= 2, wrong[:5]
 
 

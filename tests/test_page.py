@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from serving import Server, png
+from sdonnx.models import shapes
 
 pytest.importorskip("fastapi")
 webdriver = pytest.importorskip("selenium.webdriver")
@@ -67,12 +68,12 @@ def _fill(driver, field: str, value) -> None:
 def _start(server, browser, prompt: str, steps: int) -> None:
     """Open the page, fill the form at 256 px and click Generate; returns once a step shows.
 
-    Enough steps at 256 px (a few seconds on the 64-px model) that the page's progress poll
+    Enough steps at 256 px (a few seconds on the default model) that the page's progress poll
     sees the run.
     """
     browser.get(server.url + "/")
     _wait(browser, lambda d: d.find_element("id", "sampler").get_attribute("value") == "Euler")
-    assert browser.find_element("id", "width").get_attribute("value") == "64"  # the model's native size
+    assert browser.find_element("id", "width").get_attribute("value") == str(shapes.IMAGE_SIZE)  # the model's native size
     _fill(browser, "prompt", prompt)
     _fill(browser, "steps", steps)
     _fill(browser, "width", 256)

@@ -1,6 +1,6 @@
 """`sdonnx serve` on loopback: OpenAI's images API, AUTOMATIC1111's /sdapi/v1, the page, limits.
 
-Each server is a real `sdonnx serve` process on the embedded default model (64 px, ONNX
+Each server is a real `sdonnx serve` process on the embedded default model (128 px, ONNX
 Runtime CPU), driven over HTTP; after every error case the server must still be healthy.
 """
 
@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from serving import Server, load, png
+from sdonnx.models import shapes
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -109,7 +110,7 @@ def test_img2img_keeps_the_init_image_at_low_strength(server):
     assert reply.status == 200, reply.message
     out = np.asarray(png(reply.body["images"][0]).convert("RGB"), dtype=np.float32)
     before = np.asarray(png(init).convert("RGB"), dtype=np.float32)
-    assert out.shape == (64, 64, 3)
+    assert out.shape == (shapes.IMAGE_SIZE, shapes.IMAGE_SIZE, 3)  # the model's native size
     assert 0 < np.abs(out - before).mean() < 20
     assert json.loads(reply.body["info"])["denoising_strength"] == 0.3
 

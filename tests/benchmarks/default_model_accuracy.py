@@ -29,11 +29,13 @@ EXAMPLES = [
 
 
 def write_examples(pipe, out: Path) -> None:
-    """One 64-pixel image per example prompt (seed 0), shown 3x larger in the README."""
+    """One image per example prompt (seed 0) at the model's native size, shown enlarged (nearest
+    neighbour) to about 200 pixels in the README."""
     out.mkdir(parents=True, exist_ok=True)
     for i, prompt in enumerate(EXAMPLES):
         image = pipe.generate(prompt, seed=0)[0]
-        image.resize((image.width * 3, image.height * 3), resample=0).save(out / f"example-{i}.png")
+        scale = max(1, round(200 / image.width))
+        image.resize((image.width * scale, image.height * scale), resample=0).save(out / f"example-{i}.png")
         print(f"example-{i}.png: {prompt}")
 
 
