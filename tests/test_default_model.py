@@ -12,11 +12,12 @@ from judge import accuracy
 from sdonnx import Pipeline
 from sdonnx.models import shapes
 
-# The full measurement (50 held-out prompts x 2 seeds, README) gives 77% with the default
-# sampler and the model's recommended guidance (3); these 8 prompts x 1 seed give 6 of 8. With
-# 77% per image, fewer than 4 of 8 happens by chance 1.9% of the time (binomial), so 4 of 8 is
-# the bar; a model that lost its decoder or its prompt conditioning scores 0 to 2.
-MIN_ACCURACY = 4 / 8
+# The full measurement (50 held-out prompts x 2 seeds, README) gives 90% with the default
+# sampler and the model's recommended guidance (3); these 8 prompts x 1 seed give 8 of 8. With
+# 90% per image, fewer than 5 of 8 happens by chance 0.5% of the time (binomial), so 5 of 8 is
+# the bar; the previous 64-pixel model (77%) would fail it 9% of the time, and a model that lost
+# its decoder or its prompt conditioning scores 0 to 2.
+MIN_ACCURACY = 5 / 8
 CI_SCENES = shapes.held_out_scenes()[:8]
 
 
