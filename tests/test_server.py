@@ -239,7 +239,7 @@ def test_api_key_accepted_as_bearer_or_basic_password(keyed):
     assert keyed.get("/health", headers=bearer).status == 200
     basic = {"Authorization": "Basic " + base64.b64encode(b"anyone:s3cret").decode()}
     reply = keyed.post("/v1/images/generations", {"prompt": PROMPT, "steps": 2}, headers=basic)
-    assert reply.status == 200 and png(reply.body["data"][0]["b64_json"]).size == (64, 64)
+    assert reply.status == 200 and png(reply.body["data"][0]["b64_json"]).size == (shapes.IMAGE_SIZE,) * 2
 
 
 def test_serve_refuses_a_taken_port_and_bad_options(server):
