@@ -254,8 +254,8 @@ def load_trained(folder: Path):
 
 
 def resize(pipe, record: dict) -> None:
-    """Train on at IMAGE_SIZE: both parts are convolutional, so a pipeline trained at one size
-    continues at another (progressive resolution, as SD went from 256 to 512 pixels); the
+    """Continue `pipe` at IMAGE_SIZE: both networks are convolutional, so a pipeline trained at one
+    size continues at another (progressive resolution, as SD went from 256 to 512 pixels); the
     configs' sample sizes, hence the pipeline's native size, follow."""
     pipe.vae.register_to_config(sample_size=IMAGE_SIZE)
     pipe.unet.register_to_config(sample_size=IMAGE_SIZE // 8)
