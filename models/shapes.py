@@ -8,7 +8,7 @@ the top left" or "a red circle on a black background". Deterministic for a given
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -122,10 +122,24 @@ def draw(scene: Scene, size: int = IMAGE_SIZE, jitter: np.random.Generator | Non
     return image
 
 
-def batch(rng: np.random.Generator, n: int, size: int = IMAGE_SIZE) -> tuple[np.ndarray, list[str]]:
-    """n random images of `size` pixels as float32 (n, 3, size, size) in [-1, 1], and their captions."""
+def mislabel(scene: Scene, rng: np.random.Generator) -> Scene:
+    """The scene with its colour or its shape (one of the two, at random) swapped for another;
+    never a held-out scene, so no evaluation prompt is ever shown in training."""
+    if rng.random() < 0.5:
+        wrong = replace(scene, color=str(rng.choice([c for c in COLORS if c != scene.color])))
+    else:
+        wrong = replace(scene, shape=str(rng.choice([s for s in SHAPES if s != scene.shape])))
+    return scene if wrong in HELD_OUT else wrong
+
+
+def batch(rng: np.random.Generator, n: int, size: int = IMAGE_SIZE,
+          mislabeled: float = 0.0) -> tuple[np.ndarray, list[str]]:
+    """n random images of `size` pixels as float32 (n, 3, size, size) in [-1, 1], and their captions;
+    a `mislabeled` fraction of the captions names a wrong colour or shape (see mislabel)."""
     scenes = [random_scene(rng) for _ in range(n)]
     images = [np.asarray(draw(s, size, jitter=rng), dtype=np.float32) for s in scenes]
     pixels = np.stack(images).transpose(0, 3, 1, 2) / 127.5 - 1.0
+    if mislabeled:
+        scenes = [mislabel(s, rng) if rng.random() < mislabeled else s for s in scenes]
     captions = [s.caption(int(rng.integers(4))) for s in scenes]
     return pixels, captions

@@ -189,12 +189,17 @@ def encode_text(tokenizer, text_encoder, captions):
 
 
 def train_unet(unet, text_encoder, tokenizer, vae, scheduler, rng, minutes: float, batch: int,
-               log: list, min_snr: float = 0.0, lr: float = 1e-3, object_weight: float = 0.0) -> None:
+               log: list, min_snr: float = 0.0, lr: float = 1e-3, object_weight: float = 0.0,
+               mislabeled: float = 0.0) -> None:
     """Epsilon prediction; with `min_snr` > 0, each timestep's loss is weighted by
     min(SNR, min_snr) / SNR (Hang et al. 2023, "Min-SNR"): the nearly clean timesteps, which
     only polish texture, stop dominating the gradient, and the noisy ones that decide the
     shape and colour get their share. `object_weight` > 0 weights the latent pixels over the
-    object (see object_weights): small shapes were the model's weak point."""
+    object (see object_weights): small shapes were the model's weak point. A `mislabeled`
+    fraction of the captions names a wrong colour or shape, as web captions often do: with
+    every caption right, the conditional prediction alone draws the prompt and classifier-free
+    guidance has nothing left to do; with some wrong, guidance is what makes the model follow
+    the prompt, as with real Stable Diffusion."""
     params = list(unet.parameters()) + list(text_encoder.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     # Sampling uses an exponential moving average of the weights: much smoother than the last
@@ -205,7 +210,7 @@ def train_unet(unet, text_encoder, tokenizer, vae, scheduler, rng, minutes: floa
     schedule = TimedSchedule(optimizer, lr, minutes)
     step, losses = 0, LossLog(log, "unet", 100)
     while schedule.running(step):
-        pixels, captions = shapes.batch(rng, batch, IMAGE_SIZE)
+        pixels, captions = shapes.batch(rng, batch, IMAGE_SIZE, mislabeled)
         captions = ["" if rng.random() < CAPTION_DROPOUT else c for c in captions]
         x = torch.from_numpy(pixels)
         with torch.no_grad():
@@ -305,11 +310,12 @@ def unet_only(args) -> None:
     pipe.unet.train()
     pipe.text_encoder.train()
     train_unet(pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.vae, pipe.scheduler, rng, args.unet_minutes,
-               64, record["loss"], args.min_snr, args.lr, args.object_weight)
+               64, record["loss"], args.min_snr, args.lr, args.object_weight, args.mislabeled)
     record["unet_minutes"] = round(record["unet_minutes"] + (time.time() - start) / 60, 1)
     record.setdefault("unet_stages", []).append(
         f"train.py {args.out} --unet-from {args.unet_from} --unet-minutes {args.unet_minutes:g} --lr {args.lr:g} "
-        f"--min-snr {args.min_snr:g} --object-weight {args.object_weight:g} --seed {args.seed} "
+        f"--min-snr {args.min_snr:g} --object-weight {args.object_weight:g} --mislabeled {args.mislabeled:g} "
+        f"--seed {args.seed} "
         f"--image-size {IMAGE_SIZE} "
         f"({args.lr_schedule})" + (f" --vae-from {args.vae_from}" if args.vae_from else ""))
     save(pipe, args.out, record)
@@ -341,6 +347,8 @@ def main() -> None:
                         help="peak learning rate of the UNet run, or of a --decoder-only run")
     parser.add_argument("--object-weight", type=float, default=0.0,
                         help="extra loss weight on the object's pixels (UNet and decoder runs; 0: plain mean)")
+    parser.add_argument("--mislabeled", type=float, default=0.0, metavar="P",
+                        help="fraction of UNet training captions that name a wrong colour or shape")
     args = parser.parse_args()
     if args.out.exists():
         parser.error(f"{args.out} exists; choose a new folder")
@@ -387,7 +395,7 @@ def main() -> None:
             json.dumps({"loss": log, "vae_minutes": round((time.time() - start) / 60, 1)}))
     vae_done = time.time()
     train_unet(unet, text_encoder, tokenizer, vae, scheduler, rng, args.unet_minutes, 64, log, args.min_snr,
-               args.lr)
+               args.lr, mislabeled=args.mislabeled)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
@@ -403,6 +411,7 @@ def main() -> None:
         "image_size": IMAGE_SIZE,
         "lr_schedule": args.lr_schedule,
         "min_snr": args.min_snr,
+        "mislabeled": args.mislabeled,
         "loss": log,
     }
     save(pipe, args.out, record)

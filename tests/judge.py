@@ -95,14 +95,17 @@ def judge(image: Image.Image) -> tuple[str | None, str | None]:
     return color, shape
 
 
-def accuracy(pipe, scenes, *, seeds=(0, 1), sampler="euler", guidance=None, steps=20) -> dict:
+def accuracy(pipe, scenes, *, seeds=(0, 1), sampler="euler", guidance=None, steps=20, prompt=None) -> dict:
     """Share of images whose judged colour, shape and both match the prompt's scene
-    (`guidance` None: the model's recommended one)."""
+    (`guidance` None: the model's recommended one). With `prompt` given, every image is made
+    from it instead of the scene's caption, still judged against the scene: `prompt=""` gives
+    the chance level of an unconditional model."""
     hits = {"colour": 0, "shape": 0, "both": 0}
     total = 0
     for scene in scenes:
         for seed in seeds:
-            image = pipe.generate(scene.caption(0), steps=steps, guidance=guidance, seed=seed,
+            text = scene.caption(0) if prompt is None else prompt
+            image = pipe.generate(text, steps=steps, guidance=guidance, seed=seed,
                                   width=shapes.IMAGE_SIZE, height=shapes.IMAGE_SIZE, sampler=sampler)[0]
             colour, shape = judge(image)
             hits["colour"] += colour == scene.color

@@ -47,6 +47,8 @@ def main() -> None:
     parser.add_argument("--samplers", nargs="+", default=["euler", "ddim", "plms"])
     parser.add_argument("--guidance", nargs="+", type=float, default=[None, 7.5, 1.0],
                         help="scales to measure (default: the model's recommended one, 7.5 and 1)")
+    parser.add_argument("--unconditional", action="store_true",
+                        help="also the empty prompt at guidance 1, judged against the held-out scenes (chance level)")
     parser.add_argument("--examples", type=Path, help="also write the README's example images here")
     parser.add_argument("--provider", default="cpu", help="cpu, or openvino for OpenVINO IR folders")
     args = parser.parse_args()
@@ -65,6 +67,10 @@ def main() -> None:
             print(f"| {sampler} | {shown} | {result['colour']:.0%} | {result['shape']:.0%} | "
                   f"{result['both']:.0%} | {result['images']} | {time.perf_counter() - start:.0f} |",
                   flush=True)
+    if args.unconditional:
+        result = accuracy(pipe, scenes, seeds=range(args.seeds), guidance=1.0, steps=args.steps, prompt="")
+        print(f"| euler | empty prompt, 1 | {result['colour']:.0%} | {result['shape']:.0%} | "
+              f"{result['both']:.0%} | {result['images']} | - |", flush=True)
 
 
 if __name__ == "__main__":
