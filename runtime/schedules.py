@@ -191,6 +191,12 @@ def _multistep_timesteps(spacing: str, n_train: int, steps: int, offset: int) ->
         ts = (np.arange(steps + 1) * (n_train // (steps + 1))).round()[::-1][:-1] + offset
     else:
         return _timesteps(spacing, n_train, steps, offset).round()
+    if np.any(np.diff(ts) >= 0):
+        # As diffusers computes them: with steps >= n_train, "leading"'s step ratio is 0 (every
+        # timestep 0) and "linspace" rounds two points to one; a step of length 0 divides by 0.
+        raise InputError(f"{steps} steps with {spacing!r} spacing repeat timesteps: this sampler places "
+                         f"steps + 1 points among the model's {n_train} training timesteps; "
+                         f"use at most {n_train - 1} steps")
     _check_range(ts, n_train, steps, offset)
     return ts
 

@@ -170,6 +170,20 @@ def test_lcm_timesteps_match_diffusers(steps):
         lcm_schedule(config(), 51)
 
 
+@pytest.mark.parametrize("spacing", ["leading", "linspace", "trailing"])
+def test_multistep_schedule_never_repeats_a_timestep(spacing):
+    # DPM-Solver and UniPC place steps + 1 points: at 1000 steps of a 1000-timestep model,
+    # diffusers' "leading" step ratio is 0 (every timestep 0) and "linspace" rounds two points to
+    # one; a step of length 0 divides by 0, so such a count is refused.
+    cfg = config(timestep_spacing=spacing)
+    if spacing == "trailing":
+        assert np.all(np.diff(multistep_schedule(cfg, 1000).sigmas) < 0)
+    else:
+        with pytest.raises(InputError, match="repeat timesteps.*use at most 999 steps"):
+            multistep_schedule(cfg, 1000)
+    assert np.all(np.diff(multistep_schedule(cfg, 998).sigmas) < 0)
+
+
 @pytest.mark.parametrize("scheduler", ["EulerDiscreteScheduler", "DPMSolverMultistepScheduler"])
 def test_zero_terminal_snr_matches_diffusers(scheduler):
     import diffusers
