@@ -352,6 +352,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.out.exists():
         parser.error(f"{args.out} exists; choose a new folder")
+    if not 0 <= args.mislabeled < 1:
+        parser.error(f"--mislabeled {args.mislabeled:g}: a fraction of the captions, at least 0 and below 1")
     torch.set_num_threads(args.threads)
     if args.image_size < 32 or args.image_size % 8:
         parser.error(f"--image-size {args.image_size}: use a multiple of 8, at least 32")
