@@ -10,7 +10,7 @@ import onnxruntime as ort
 
 from sdonnx.runtime import providers
 from sdonnx.runtime.cache import OPTIMIZED_FILE, OptimizedGraphs
-from sdonnx.runtime.errors import InputError, ModelFolderError
+from sdonnx.runtime.errors import InputError, ModelFolderError, ProviderError
 from sdonnx.runtime.parts import Part
 
 _NUMPY_TYPES = {
@@ -91,6 +91,8 @@ class OnnxModel(PartModel):
         try:
             self.session = self._cached_session(path, graphs) if graphs and graphs.wanted(path) else None
             self.session = self.session or self._open(path, providers.session_options(threads))
+        except ProviderError:
+            raise
         except Exception as e:  # onnxruntime raises its own untyped errors
             raise ModelFolderError(f"{part.name}: cannot load {path}: {e}") from e
         self.part = part
@@ -104,7 +106,10 @@ class OnnxModel(PartModel):
         self._resident: dict[str, tuple[np.ndarray, ort.OrtValue, np.ndarray]] = {}
 
     def _open(self, path: Path, options: ort.SessionOptions) -> ort.InferenceSession:
-        return ort.InferenceSession(str(path), options, providers=providers.PROVIDERS[self.provider].ort_providers)
+        providers.preload_libraries(self.provider)
+        session = ort.InferenceSession(str(path), options, providers=providers.PROVIDERS[self.provider].ort_providers)
+        providers.check_session(session, self.provider, path)
+        return session
 
     def _cached_session(self, path: Path, graphs: OptimizedGraphs) -> ort.InferenceSession | None:
         """The session from the saved optimized graph, or a fresh one that saves it; None when

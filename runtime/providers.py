@@ -11,6 +11,7 @@ picks the EP. `auto` takes the first available of AUTO_ORDER.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +41,8 @@ class Provider:
 PROVIDERS = {p.name: p for p in (
     Provider("cpu", "onnxruntime", ("CPUExecutionProvider",)),
     Provider("cuda", "onnxruntime", ("CUDAExecutionProvider", "CPUExecutionProvider"),
-             install="pip install onnxruntime-gpu (in place of onnxruntime) on a machine with CUDA",
+             install="pip install 'onnxruntime-gpu[cuda,cudnn]' (in place of onnxruntime) on a machine with "
+                     "an NVIDIA GPU",
              bind_device="cuda"),
     Provider("openvino", "openvino", precisions=("fp32", "bf16"),
              install="pip install 'sdonnx[openvino]'"),
@@ -95,6 +97,29 @@ def resolve_precision(provider: str, precision: str) -> str:
             "choose --precision fp32 or auto"
         )
     return precision
+
+
+@functools.cache
+def preload_libraries(name: str) -> None:
+    """Load CUDA and cuDNN before the first cuda session: onnxruntime-gpu finds them in the
+    nvidia-* pip packages (its `[cuda,cudnn]` extras, or PyTorch's) only when asked to."""
+    if name == "cuda" and hasattr(ort, "preload_dlls"):
+        try:
+            ort.preload_dlls()
+        except Exception:  # what is missing shows when the session starts (check_session)
+            pass
+
+
+def check_session(session: ort.InferenceSession, name: str, path: Path) -> None:
+    """onnxruntime falls back to the CPU, with only a log line, when a provider's libraries do
+    not load; a user who asked for the GPU must hear it."""
+    wanted = PROVIDERS[name].ort_providers[0]
+    if wanted not in session.get_providers():
+        raise ProviderError(
+            f"onnxruntime could not start {wanted} for {path} (see its log above: usually CUDA or "
+            f"cuDNN libraries it cannot find); to use {name!r}: {PROVIDERS[name].install}, "
+            "or choose --provider cpu"
+        )
 
 
 def session_options(threads: int | None = None, optimize: bool = True) -> ort.SessionOptions:

@@ -36,9 +36,15 @@ def tiny_source(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_onnx(tiny_source, tmp_path_factory) -> Path:
+def tiny_onnx(request, tmp_path_factory) -> Path:
+    # A GPU machine's python may lack the export extra (torch, diffusers, optimum): export the
+    # tiny model where it is installed and point SDONNX_TEST_TINY_ONNX at the folder, then the
+    # runtime tests (test_providers.py's CUDA test among them) run with the runtime alone.
+    if prebuilt := os.environ.get("SDONNX_TEST_TINY_ONNX"):
+        return Path(prebuilt)
     from sdonnx.export.exporter import ExportConfig, export
 
+    tiny_source = request.getfixturevalue("tiny_source")
     out = tmp_path_factory.mktemp("tiny-export") / "onnx"
     export(ExportConfig(tiny_source, out))
     return out

@@ -26,7 +26,7 @@ def test_provider_not_installed_says_what_to_install(monkeypatch):
     monkeypatch.setattr(providers.Provider, "available", lambda self: self.name == "cpu")
     with pytest.raises(ProviderError, match=r"'openvino' is not installed.*pip install 'sdonnx\[openvino\]'"):
         providers.resolve("openvino")
-    with pytest.raises(ProviderError, match="pip install onnxruntime-gpu"):
+    with pytest.raises(ProviderError, match=r"pip install 'onnxruntime-gpu\[cuda,cudnn\]'"):
         providers.resolve("cuda")
     assert providers.resolve("auto") == "cpu"
 
@@ -74,14 +74,17 @@ def test_openvino_gives_the_cpu_provider_picture(tiny_onnx, tiny_pipeline, tmp_p
 
 @needs_openvino
 @pytest.mark.skipif(not providers.cpu_has_bf16(), reason="this CPU does not compute bf16")
-def test_bf16_stays_close_to_fp32(tiny_onnx, tmp_path):
+def test_bf16_stays_close_to_fp32(tmp_path):
+    """On the trained default model: the tests' random tiny model multiplies its UNet output by
+    10 (conftest.OUTPUT_GAIN), which magnifies bf16's rounding (29 dB there on a 16-core Xeon
+    with AMX, against 51 dB for the default model at 20 steps)."""
     from sdonnx import Pipeline
 
-    fp32 = Pipeline.load(tiny_onnx, provider="openvino", precision="fp32", cache_dir=tmp_path)
-    bf16 = Pipeline.load(tiny_onnx, provider="openvino", precision="bf16", cache_dir=tmp_path)
-    a = fp32.generate("a red circle", steps=6, seed=0)[0]
-    b = bf16.generate("a red circle", steps=6, seed=0)[0]
-    assert psnr(np.asarray(a), np.asarray(b)) >= 30
+    fp32 = Pipeline.load(provider="openvino", precision="fp32", cache_dir=tmp_path)
+    bf16 = Pipeline.load(provider="openvino", precision="bf16", cache_dir=tmp_path)
+    a = fp32.generate("a red circle", steps=20, seed=0)[0]
+    b = bf16.generate("a red circle", steps=20, seed=0)[0]
+    assert psnr(np.asarray(a), np.asarray(b)) >= 40
 
 
 def test_io_binding_draws_the_same_and_uploads_the_context_once(tiny_onnx, tiny_pipeline, monkeypatch):
@@ -107,6 +110,21 @@ def test_io_binding_draws_the_same_and_uploads_the_context_once(tiny_onnx, tiny_
     sample_shape = (2, 4, 8, 8)
     assert uploads.count(context_shape) == 1, uploads
     assert uploads.count(sample_shape) == 4, uploads
+
+
+def test_a_provider_that_does_not_start_is_an_error_not_a_silent_cpu_run(tiny_onnx, monkeypatch):
+    """onnxruntime-gpu without its CUDA libraries lists CUDAExecutionProvider, then runs the
+    session on the CPU with only a log line; sdonnx says so (here the CPU build plays that part)."""
+    import onnxruntime as ort
+
+    from sdonnx import Pipeline
+
+    available = ort.get_available_providers()
+    monkeypatch.setattr(providers.ort, "get_available_providers", lambda: [*available, "CUDAExecutionProvider"])
+    if "CUDAExecutionProvider" in available:
+        pytest.skip("CUDA really starts here")
+    with pytest.raises(ProviderError, match=r"could not start CUDAExecutionProvider .*onnxruntime-gpu\[cuda,cudnn\]"):
+        Pipeline.load(tiny_onnx, provider="cuda", precision="fp32")
 
 
 @pytest.mark.skipif("CUDAExecutionProvider" not in __import__("onnxruntime").get_available_providers(),
