@@ -26,14 +26,10 @@ import numpy as np
 import onnxruntime as ort
 
 from sdonnx import Pipeline
+from sdonnx.export.quality import psnr  # numpy only, like this script
 from sdonnx.runtime import providers
 
 HERE = Path(__file__).resolve().parent
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
 def gpu_name() -> str:
