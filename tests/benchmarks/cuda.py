@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import platform
 import statistics
+import subprocess
 import time
 from datetime import date
 from pathlib import Path
@@ -28,14 +29,13 @@ import onnxruntime as ort
 from sdonnx import Pipeline
 from sdonnx.export.quality import psnr  # numpy only, like this script
 from sdonnx.runtime import providers
+from sdonnx.runtime.errors import ProviderError
 
 HERE = Path(__file__).resolve().parent
 
 
 def gpu_name() -> str:
     try:
-        import subprocess
-
         out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
                              capture_output=True, text=True, timeout=30)
         return out.stdout.strip() or "unknown GPU"
@@ -44,9 +44,6 @@ def gpu_name() -> str:
 
 
 def load(name: str, model: Path | None) -> tuple[Pipeline, float]:
-    """`cuda-unbound` is the cuda provider with IO binding switched off."""
-    if name == "cuda-unbound":
-        providers.PROVIDERS["cuda-unbound"] = dataclasses.replace(providers.PROVIDERS["cuda"], bind_device=None)
     start = time.perf_counter()
     pipe = Pipeline.load(model, provider=name, precision="fp32")
     return pipe, time.perf_counter() - start
@@ -71,9 +68,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args()
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        raise SystemExit("no CUDAExecutionProvider: install onnxruntime-gpu (in place of onnxruntime) "
-                         "on a machine with an NVIDIA GPU")
+    try:
+        providers.resolve("cuda")
+    except ProviderError as e:
+        raise SystemExit(str(e)) from e
+    # The cuda provider with IO binding switched off.
+    providers.PROVIDERS["cuda-unbound"] = dataclasses.replace(providers.PROVIDERS["cuda"], bind_device=None)
     names = ["cpu", "cuda", "cuda-unbound"]
     pipes, load_s = {}, {}
     for name in names:
