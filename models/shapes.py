@@ -132,14 +132,23 @@ def mislabel(scene: Scene, rng: np.random.Generator) -> Scene:
     return scene if wrong in HELD_OUT else wrong
 
 
-def batch(rng: np.random.Generator, n: int, size: int = IMAGE_SIZE,
-          mislabeled: float = 0.0) -> tuple[np.ndarray, list[str]]:
-    """n random images of `size` pixels as float32 (n, 3, size, size) in [-1, 1], and their captions;
-    a `mislabeled` fraction of the captions names a wrong colour or shape (see mislabel)."""
+def render(rng: np.random.Generator, n: int, size: int = IMAGE_SIZE) -> tuple[np.ndarray, list[Scene]]:
+    """n random training scenes drawn at `size` pixels, as float32 (n, 3, size, size) in [-1, 1]."""
     scenes = [random_scene(rng) for _ in range(n)]
     images = [np.asarray(draw(s, size, jitter=rng), dtype=np.float32) for s in scenes]
-    pixels = np.stack(images).transpose(0, 3, 1, 2) / 127.5 - 1.0
+    return np.stack(images).transpose(0, 3, 1, 2) / 127.5 - 1.0, scenes
+
+
+def captions(scenes: list[Scene], rng: np.random.Generator, mislabeled: float = 0.0) -> list[str]:
+    """A caption per scene in a random phrasing; a `mislabeled` fraction names a wrong colour or
+    shape (see mislabel)."""
     if mislabeled:
         scenes = [mislabel(s, rng) if rng.random() < mislabeled else s for s in scenes]
-    captions = [s.caption(int(rng.integers(4))) for s in scenes]
-    return pixels, captions
+    return [s.caption(int(rng.integers(4))) for s in scenes]
+
+
+def batch(rng: np.random.Generator, n: int, size: int = IMAGE_SIZE,
+          mislabeled: float = 0.0) -> tuple[np.ndarray, list[str]]:
+    """n random images of `size` pixels (see render) and their captions (see captions)."""
+    pixels, scenes = render(rng, n, size)
+    return pixels, captions(scenes, rng, mislabeled)

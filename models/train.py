@@ -22,6 +22,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -85,7 +87,7 @@ class LossLog:
 def save(pipe, out: Path, record: dict) -> None:
     """fp16 weights, SD 1.5's explicit `clip_sample: false`, the training record; then rename."""
     tmp = out.with_name(out.name + ".partial")
-    pipe.to(torch.float16).save_pretrained(tmp)
+    pipe.to("cpu").to(torch.float16).save_pretrained(tmp)
     config_file = tmp / "scheduler" / "scheduler_config.json"
     config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "clip_sample": False}, indent=2))
     (tmp / "training.json").write_text(json.dumps(record, indent=1))
@@ -95,21 +97,27 @@ def save(pipe, out: Path, record: dict) -> None:
 LR_SCHEDULES = ("cosine", "constant")
 LR_SCHEDULE = "cosine"  # set from --lr-schedule
 IMAGE_SIZE = shapes.IMAGE_SIZE  # set from --image-size
+DEVICE = "cpu"  # set from --device
 
 
-class TimedSchedule:
-    """Learning rate over a wall-clock budget: 100 steps of warm-up, then cosine decay to 5%
-    (or the peak throughout with --lr-schedule constant, as the first default model's runs).
+class Schedule:
+    """Learning rate over a budget of `steps`, or of wall-clock `minutes` when `steps` is None:
+    100 steps of warm-up, then cosine decay to 5% (or the peak throughout with --lr-schedule
+    constant, as the first default model's runs).
 
-    Runs here are budgeted in minutes, not steps, so the decay follows the elapsed time.
+    A budget in steps gives the same model on any machine (a GPU can try a recipe that takes
+    90 minutes here); one in minutes, as the runs that made the first default models, does not.
     """
 
-    def __init__(self, optimizer, peak: float, minutes: float):
-        self.optimizer, self.peak = optimizer, peak
+    def __init__(self, optimizer, peak: float, minutes: float, steps: int | None = None):
+        self.optimizer, self.peak, self.steps = optimizer, peak, steps
         self.start, self.seconds = time.time(), minutes * 60
 
     def running(self, step: int) -> bool:
-        done = (time.time() - self.start) / self.seconds if self.seconds > 0 else 1.0
+        if self.steps is not None:
+            done = step / self.steps if self.steps > 0 else 1.0
+        else:
+            done = (time.time() - self.start) / self.seconds if self.seconds > 0 else 1.0
         if done >= 1:
             return False
         lr = self.peak
@@ -128,24 +136,25 @@ def object_mask(x: torch.Tensor) -> torch.Tensor:
     return ((x - x[:, :, :1, :1]).abs().amax(dim=1, keepdim=True) > 0.02).float()
 
 
-def object_weights(x: torch.Tensor, weight: float, cell: int = 1) -> torch.Tensor:
+def object_weights(x: torch.Tensor, weight: float) -> torch.Tensor:
     """Per-pixel loss weights 1 + `weight` on the object: a small shape covers 2% of a 64-pixel
-    image, so under a plain mean its corners hardly count and come out round. With `cell` 8
-    the weights are on the latent grid (any latent pixel whose 8x8 cell touches the object)."""
-    mask = object_mask(x)
-    if cell > 1:
-        mask = torch.nn.functional.max_pool2d(mask, cell)
-    return 1.0 + weight * mask
+    image, so under a plain mean its corners hardly count and come out round."""
+    return 1.0 + weight * object_mask(x)
 
 
-def train_vae(vae, rng, minutes: float, batch: int, log: list) -> None:
+def object_cells(x: torch.Tensor) -> torch.Tensor:
+    """object_mask on the latent grid: 1.0 where a latent pixel's 8x8 cell touches the object."""
+    return torch.nn.functional.max_pool2d(object_mask(x), 8)
+
+
+def train_vae(vae, rng, minutes: float, batch: int, log: list, steps: int | None = None) -> None:
     """Reconstruction (L1 + MSE) with a small KL term, as SD's autoencoder without the GAN."""
     optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
-    schedule = TimedSchedule(optimizer, 1e-3, minutes)
+    schedule = Schedule(optimizer, 1e-3, minutes, steps)
     step, losses = 0, LossLog(log, "vae", 100)
     while schedule.running(step):
         pixels, _ = shapes.batch(rng, batch, IMAGE_SIZE)
-        x = torch.from_numpy(pixels)
+        x = torch.from_numpy(pixels).to(DEVICE)
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample()).sample
         rec = (recon - x).abs().mean() + (recon - x).pow(2).mean()
@@ -158,18 +167,18 @@ def train_vae(vae, rng, minutes: float, batch: int, log: list) -> None:
 
 
 def finetune_decoder(vae, rng, minutes: float, batch: int, log: list, object_weight: float = 0.0,
-                     lr: float = 1e-3) -> None:
+                     lr: float = 1e-3, steps: int | None = None) -> None:
     """Train the VAE decoder alone (the encoder, so the UNet's latent space, stays fixed);
     `object_weight` > 0 weights the object's pixels (see object_weights)."""
     vae.decoder.requires_grad_(True)
     vae.post_quant_conv.requires_grad_(True)
     params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    schedule = TimedSchedule(optimizer, lr, minutes)
+    schedule = Schedule(optimizer, lr, minutes, steps)
     step, losses = 0, LossLog(log, "vae_decoder", 100)
     while schedule.running(step):
         pixels, _ = shapes.batch(rng, batch, IMAGE_SIZE)
-        x = torch.from_numpy(pixels)
+        x = torch.from_numpy(pixels).to(DEVICE)
         with torch.no_grad():
             latents = vae.encode(x).latent_dist.sample()
         recon = vae.decode(latents).sample
@@ -185,44 +194,86 @@ def finetune_decoder(vae, rng, minutes: float, batch: int, log: list, object_wei
 
 def encode_text(tokenizer, text_encoder, captions):
     ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-    return text_encoder(ids)[0]
+    return text_encoder(ids.to(DEVICE))[0]
+
+
+class FreshLatents:
+    """The UNet's training data drawn and encoded batch by batch: latents sampled from the
+    autoencoder's posterior, captions, and each latent pixel's object flag (see object_cells)."""
+
+    def __init__(self, vae):
+        self.vae = vae
+
+    def batch(self, rng, n: int, mislabeled: float):
+        pixels, scenes = shapes.render(rng, n, IMAGE_SIZE)
+        x = torch.from_numpy(pixels).to(DEVICE)
+        with torch.no_grad():
+            latents = self.vae.encode(x).latent_dist.sample()
+        return latents, shapes.captions(scenes, rng, mislabeled), object_cells(x)
+
+
+class LatentBank:
+    """`n` training scenes encoded once: the encoder is fixed while the UNet trains, and encoding
+    every batch costs a quarter of a UNet step here. Each batch picks scenes at random and draws
+    fresh latents from their posteriors, fresh captions, noise and timesteps."""
+
+    def __init__(self, vae, rng, n: int, chunk: int = 64):
+        means, stds, masks, self.scenes = [], [], [], []
+        with torch.no_grad():
+            for start in range(0, n, chunk):
+                pixels, scenes = shapes.render(rng, min(chunk, n - start), IMAGE_SIZE)
+                x = torch.from_numpy(pixels).to(DEVICE)
+                posterior = vae.encode(x).latent_dist
+                means.append(posterior.mean)
+                stds.append(posterior.std)
+                masks.append(object_cells(x))
+                self.scenes += scenes
+        self.mean, self.std, self.masks = torch.cat(means), torch.cat(stds), torch.cat(masks)
+
+    def batch(self, rng, n: int, mislabeled: float):
+        index = rng.integers(0, len(self.scenes), size=n)
+        pick = torch.from_numpy(index).to(DEVICE)
+        latents = self.mean[pick] + self.std[pick] * torch.randn_like(self.mean[pick])
+        return latents, shapes.captions([self.scenes[i] for i in index], rng, mislabeled), self.masks[pick]
 
 
 def train_unet(unet, text_encoder, tokenizer, vae, scheduler, rng, minutes: float, batch: int,
                log: list, min_snr: float = 0.0, lr: float = 1e-3, object_weight: float = 0.0,
-               mislabeled: float = 0.0) -> None:
+               mislabeled: float = 0.0, steps: int | None = None, bank: int = 0,
+               caption_dropout: float = CAPTION_DROPOUT) -> None:
     """Epsilon prediction; with `min_snr` > 0, each timestep's loss is weighted by
     min(SNR, min_snr) / SNR (Hang et al. 2023, "Min-SNR"): the nearly clean timesteps, which
     only polish texture, stop dominating the gradient, and the noisy ones that decide the
     shape and colour get their share. `object_weight` > 0 weights the latent pixels over the
-    object (see object_weights): small shapes were the model's weak point. A `mislabeled`
+    object (see object_cells): small shapes were the model's weak point. A `mislabeled`
     fraction of the captions names a wrong colour or shape, as web captions often do: with
     every caption right, the conditional prediction alone draws the prompt and classifier-free
     guidance has nothing left to do; with some wrong, guidance is what makes the model follow
-    the prompt, as with real Stable Diffusion."""
+    the prompt, as with real Stable Diffusion. `bank` > 0 encodes that many scenes once (see
+    LatentBank) instead of every batch; `caption_dropout` is the share of empty captions that
+    teaches the unconditional prediction classifier-free guidance needs."""
     params = list(unet.parameters()) + list(text_encoder.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     # Sampling uses an exponential moving average of the weights: much smoother than the last
     # step's weights after a short run.
     ema = [p.detach().clone() for p in params]
     scaling = vae.config.scaling_factor
-    alphas = scheduler.alphas_cumprod
-    schedule = TimedSchedule(optimizer, lr, minutes)
+    alphas = scheduler.alphas_cumprod.to(DEVICE)
+    data = LatentBank(vae, rng, bank) if bank else FreshLatents(vae)
+    schedule = Schedule(optimizer, lr, minutes, steps)
     step, losses = 0, LossLog(log, "unet", 100)
     while schedule.running(step):
-        pixels, captions = shapes.batch(rng, batch, IMAGE_SIZE, mislabeled)
-        captions = ["" if rng.random() < CAPTION_DROPOUT else c for c in captions]
-        x = torch.from_numpy(pixels)
-        with torch.no_grad():
-            latents = vae.encode(x).latent_dist.sample() * scaling
+        latents, captions, cells = data.batch(rng, batch, mislabeled)
+        latents = latents * scaling
+        captions = ["" if rng.random() < caption_dropout else c for c in captions]
         noise = torch.randn_like(latents)
-        t = torch.from_numpy(rng.integers(0, len(alphas), size=batch))
+        t = torch.from_numpy(rng.integers(0, len(alphas), size=batch)).to(DEVICE)
         a = alphas[t].view(-1, 1, 1, 1)
         noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
         pred = unet(noisy, t, encode_text(tokenizer, text_encoder, captions)).sample
         error = (pred - noise).pow(2)
         if object_weight:
-            error = error * object_weights(x, object_weight, cell=8)
+            error = error * (1.0 + object_weight * cells)
         loss = error.mean(dim=(1, 2, 3))
         if min_snr > 0:
             snr = alphas[t] / (1 - alphas[t])
@@ -234,8 +285,7 @@ def train_unet(unet, text_encoder, tokenizer, vae, scheduler, rng, minutes: floa
         optimizer.step()
         decay = min(EMA_DECAY, (1 + step) / (10 + step))
         with torch.no_grad():
-            for average, p in zip(ema, params):
-                average.lerp_(p, 1 - decay)
+            torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
         losses.add(step, loss.item())
         step += 1
     with torch.no_grad():
@@ -247,7 +297,7 @@ def latent_scale(vae, rng) -> float:
     """SD's convention: scale latents to unit variance (SD 1.x's 0.18215 came the same way)."""
     with torch.no_grad():
         pixels, _ = shapes.batch(rng, 256, IMAGE_SIZE)
-        return float(1.0 / vae.encode(torch.from_numpy(pixels)).latent_dist.mean.std())
+        return float(1.0 / vae.encode(torch.from_numpy(pixels).to(DEVICE)).latent_dist.mean.std())
 
 
 def load_trained(folder: Path):
@@ -255,7 +305,7 @@ def load_trained(folder: Path):
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32, safety_checker=None)
-    return pipe, json.loads((folder / "training.json").read_text())
+    return pipe.to(DEVICE), json.loads((folder / "training.json").read_text())
 
 
 def resize(pipe, record: dict) -> None:
@@ -267,17 +317,20 @@ def resize(pipe, record: dict) -> None:
     record["image_size"] = IMAGE_SIZE
 
 
+def command() -> str:
+    """This run's command line, for the training record."""
+    return "train.py " + " ".join(shlex.quote(arg) for arg in sys.argv[1:])
+
+
 def decoder_only(args) -> None:
     """Second stage of the recipe: a longer decoder fine-tune on a trained pipeline."""
     start = time.time()
     pipe, record = load_trained(args.decoder_only)
     resize(pipe, record)
     rng = np.random.default_rng(args.seed + 1)
-    finetune_decoder(pipe.vae, rng, args.decoder_minutes, 32, record["loss"], args.object_weight, args.lr)
-    record.setdefault("stages", []).append(
-        f"train.py {args.out} --decoder-only {args.decoder_only} --decoder-minutes {args.decoder_minutes:g} "
-        f"--object-weight {args.object_weight:g} --lr {args.lr:g} --seed {args.seed} --image-size {IMAGE_SIZE} "
-        f"({args.lr_schedule})")
+    finetune_decoder(pipe.vae, rng, args.decoder_minutes, 32, record["loss"], args.object_weight, args.lr,
+                     args.decoder_steps)
+    record.setdefault("stages", []).append(command())
     record["decoder_minutes"] = round(record.get("decoder_minutes", 0) + (time.time() - start) / 60, 1)
     save(pipe, args.out, record)
     print(f"wrote {args.out} in {(time.time() - start) / 60:.1f} min")
@@ -310,14 +363,10 @@ def unet_only(args) -> None:
     pipe.unet.train()
     pipe.text_encoder.train()
     train_unet(pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.vae, pipe.scheduler, rng, args.unet_minutes,
-               64, record["loss"], args.min_snr, args.lr, args.object_weight, args.mislabeled)
+               64, record["loss"], args.min_snr, args.lr, args.object_weight, args.mislabeled, args.unet_steps,
+               args.latent_bank, args.caption_dropout)
     record["unet_minutes"] = round(record["unet_minutes"] + (time.time() - start) / 60, 1)
-    record.setdefault("unet_stages", []).append(
-        f"train.py {args.out} --unet-from {args.unet_from} --unet-minutes {args.unet_minutes:g} --lr {args.lr:g} "
-        f"--min-snr {args.min_snr:g} --object-weight {args.object_weight:g} --mislabeled {args.mislabeled:g} "
-        f"--seed {args.seed} "
-        f"--image-size {IMAGE_SIZE} "
-        f"({args.lr_schedule})" + (f" --vae-from {args.vae_from}" if args.vae_from else ""))
+    record.setdefault("unet_stages", []).append(command())
     save(pipe, args.out, record)
     print(f"wrote {args.out} in {(time.time() - start) / 60:.1f} min")
 
@@ -330,7 +379,16 @@ def main() -> None:
     parser.add_argument("--decoder-minutes", type=float, default=15,
                         help="then the VAE decoder alone (also the length of a --decoder-only run)")
     parser.add_argument("--unet-minutes", type=float, default=55)
+    for part in ("vae", "decoder", "unet"):
+        parser.add_argument(f"--{part}-steps", type=int, metavar="N",
+                            help=f"budget the {part} run in steps instead of --{part}-minutes "
+                                 "(the same model on any machine)")
+    parser.add_argument("--latent-bank", type=int, default=0, metavar="N",
+                        help="UNet runs: encode N training scenes once instead of every batch (0: every batch)")
+    parser.add_argument("--caption-dropout", type=float, default=CAPTION_DROPOUT, metavar="P",
+                        help="share of empty UNet training captions (the unconditional prediction for guidance)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="torch device to train on, e.g. cuda")
     parser.add_argument("--image-size", type=int, default=shapes.IMAGE_SIZE,
                         help="training images' side in pixels, a multiple of 8 (a --unet-from or "
                              "--decoder-only run may change it: progressive resolution)")
@@ -357,8 +415,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.image_size < 32 or args.image_size % 8:
         parser.error(f"--image-size {args.image_size}: use a multiple of 8, at least 32")
-    global LR_SCHEDULE, IMAGE_SIZE
-    LR_SCHEDULE, IMAGE_SIZE = args.lr_schedule, args.image_size
+    if not 0 <= args.caption_dropout < 1:
+        parser.error(f"--caption-dropout {args.caption_dropout:g}: a fraction of the captions, at least 0 and below 1")
+    global LR_SCHEDULE, IMAGE_SIZE, DEVICE
+    LR_SCHEDULE, IMAGE_SIZE, DEVICE = args.lr_schedule, args.image_size, args.device
     from diffusers import StableDiffusionPipeline
 
     if args.decoder_only:
@@ -371,38 +431,43 @@ def main() -> None:
     start = time.time()
     rng = np.random.default_rng(args.seed)
     tokenizer, unet, vae, text_encoder, scheduler = build(args.out.with_name(args.out.name + ".partial"), args.seed)
+    unet, vae, text_encoder = unet.to(DEVICE), vae.to(DEVICE), text_encoder.to(DEVICE)
     log: list[dict] = []
     vae_minutes, vae_stages = 0.0, []
     if args.vae_from:
         from diffusers import AutoencoderKL
 
-        vae = AutoencoderKL.from_pretrained(args.vae_from / "vae", torch_dtype=torch.float32)
+        vae = AutoencoderKL.from_pretrained(args.vae_from / "vae", torch_dtype=torch.float32).to(DEVICE)
         source = json.loads((args.vae_from / "training.json").read_text())
         log += [entry for entry in source["loss"] if entry["part"].startswith("vae")]
         # The autoencoder's whole history: its joint run and any decoder-only runs after it.
         vae_minutes = source["vae_minutes"] + source.get("decoder_minutes", 0)
         vae_stages = source.get("stages", [])
     else:
-        train_vae(vae, rng, args.vae_minutes, 32, log)
+        train_vae(vae, rng, args.vae_minutes, 32, log, args.vae_steps)
         # The decoder alone, on the now fixed latent space: the joint run's shifting encoder
         # keeps its reconstruction loss high; frozen, the decoder learns much sharper shapes.
-        finetune_decoder(vae, rng, args.decoder_minutes, 32, log)
+        finetune_decoder(vae, rng, args.decoder_minutes, 32, log, steps=args.decoder_steps)
     vae.eval().requires_grad_(False)
     if not args.vae_from:
         vae.register_to_config(scaling_factor=latent_scale(vae, rng))
         # Saved now so the autoencoder can be checked (tests/benchmarks/vae_round_trip.py)
         # while the UNet trains.
-        vae.save_pretrained(args.out.with_name(args.out.name + ".vae") / "vae")
+        vae.to("cpu").save_pretrained(args.out.with_name(args.out.name + ".vae") / "vae")
+        vae.to(DEVICE)
         (args.out.with_name(args.out.name + ".vae") / "training.json").write_text(
             json.dumps({"loss": log, "vae_minutes": round((time.time() - start) / 60, 1)}))
     vae_done = time.time()
     train_unet(unet, text_encoder, tokenizer, vae, scheduler, rng, args.unet_minutes, 64, log, args.min_snr,
-               args.lr, mislabeled=args.mislabeled)
+               args.lr, mislabeled=args.mislabeled, steps=args.unet_steps, bank=args.latent_bank,
+               caption_dropout=args.caption_dropout)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     record = {
         "seed": args.seed,
+        "command": command(),
+        "device": DEVICE,
         "architecture": {"unet": UNET, "vae": VAE, "text_encoder": TEXT},
         "parameters": {name: sum(p.numel() for p in m.parameters())
                        for name, m in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder))},
