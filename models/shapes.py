@@ -139,11 +139,14 @@ def render(rng: np.random.Generator, n: int, size: int = IMAGE_SIZE) -> tuple[np
     return np.stack(images).transpose(0, 3, 1, 2) / 127.5 - 1.0, scenes
 
 
-def captions(scenes: list[Scene], rng: np.random.Generator, mislabeled: float = 0.0) -> list[str]:
+def captions(scenes: list[Scene], rng: np.random.Generator, mislabeled: float = 0.0,
+             unrelated: float = 0.0) -> list[str]:
     """A caption per scene in a random phrasing; a `mislabeled` fraction names a wrong colour or
-    shape (see mislabel)."""
+    shape (see mislabel), an `unrelated` fraction describes another, random training scene."""
     if mislabeled:
         scenes = [mislabel(s, rng) if rng.random() < mislabeled else s for s in scenes]
+    if unrelated:
+        scenes = [random_scene(rng) if rng.random() < unrelated else s for s in scenes]
     return [s.caption(int(rng.integers(4))) for s in scenes]
 
 

@@ -199,23 +199,23 @@ def encode_text(tokenizer, text_encoder, captions):
 
 class FreshLatents:
     """The UNet's training data drawn and encoded batch by batch: latents sampled from the
-    autoencoder's posterior, captions, and each latent pixel's object flag (see object_cells)."""
+    autoencoder's posterior, the scenes, and each latent pixel's object flag (see object_cells)."""
 
     def __init__(self, vae):
         self.vae = vae
 
-    def batch(self, rng, n: int, mislabeled: float):
+    def batch(self, rng, n: int):
         pixels, scenes = shapes.render(rng, n, IMAGE_SIZE)
         x = torch.from_numpy(pixels).to(DEVICE)
         with torch.no_grad():
             latents = self.vae.encode(x).latent_dist.sample()
-        return latents, shapes.captions(scenes, rng, mislabeled), object_cells(x)
+        return latents, scenes, object_cells(x)
 
 
 class LatentBank:
     """`n` training scenes encoded once: the encoder is fixed while the UNet trains, and encoding
     every batch costs a quarter of a UNet step here. Each batch picks scenes at random and draws
-    fresh latents from their posteriors, fresh captions, noise and timesteps."""
+    fresh latents from their posteriors (and train_unet fresh captions, noise and timesteps)."""
 
     def __init__(self, vae, rng, n: int, chunk: int = 64):
         means, stds, masks, self.scenes = [], [], [], []
@@ -230,17 +230,17 @@ class LatentBank:
                 self.scenes += scenes
         self.mean, self.std, self.masks = torch.cat(means), torch.cat(stds), torch.cat(masks)
 
-    def batch(self, rng, n: int, mislabeled: float):
+    def batch(self, rng, n: int):
         index = rng.integers(0, len(self.scenes), size=n)
         pick = torch.from_numpy(index).to(DEVICE)
         latents = self.mean[pick] + self.std[pick] * torch.randn_like(self.mean[pick])
-        return latents, shapes.captions([self.scenes[i] for i in index], rng, mislabeled), self.masks[pick]
+        return latents, [self.scenes[i] for i in index], self.masks[pick]
 
 
 def train_unet(unet, text_encoder, tokenizer, vae, scheduler, rng, minutes: float, batch: int,
                log: list, min_snr: float = 0.0, lr: float = 1e-3, object_weight: float = 0.0,
                mislabeled: float = 0.0, steps: int | None = None, bank: int = 0,
-               caption_dropout: float = CAPTION_DROPOUT) -> None:
+               caption_dropout: float = CAPTION_DROPOUT, unrelated: float = 0.0) -> None:
     """Epsilon prediction; with `min_snr` > 0, each timestep's loss is weighted by
     min(SNR, min_snr) / SNR (Hang et al. 2023, "Min-SNR"): the nearly clean timesteps, which
     only polish texture, stop dominating the gradient, and the noisy ones that decide the
@@ -249,7 +249,11 @@ def train_unet(unet, text_encoder, tokenizer, vae, scheduler, rng, minutes: floa
     fraction of the captions names a wrong colour or shape, as web captions often do: with
     every caption right, the conditional prediction alone draws the prompt and classifier-free
     guidance has nothing left to do; with some wrong, guidance is what makes the model follow
-    the prompt, as with real Stable Diffusion. `bank` > 0 encodes that many scenes once (see
+    the prompt, as with real Stable Diffusion. An `unrelated` fraction describes another, random
+    scene (a caption that belongs to another picture): the conditional prediction then mixes in
+    the unconditional one, roughly (1 - unrelated) * cond + unrelated * uncond where the noise
+    hides the picture, so guidance w acts as about w * (1 - unrelated) would on a model trained
+    on right captions, and guidance 1 draws the prompt less often. `bank` > 0 encodes that many scenes once (see
     LatentBank) instead of every batch; `caption_dropout` is the share of empty captions that
     teaches the unconditional prediction classifier-free guidance needs."""
     params = list(unet.parameters()) + list(text_encoder.parameters())
@@ -263,8 +267,9 @@ def train_unet(unet, text_encoder, tokenizer, vae, scheduler, rng, minutes: floa
     schedule = Schedule(optimizer, lr, minutes, steps)
     step, losses = 0, LossLog(log, "unet", 100)
     while schedule.running(step):
-        latents, captions, cells = data.batch(rng, batch, mislabeled)
+        latents, scenes, cells = data.batch(rng, batch)
         latents = latents * scaling
+        captions = shapes.captions(scenes, rng, mislabeled, unrelated)
         captions = ["" if rng.random() < caption_dropout else c for c in captions]
         noise = torch.randn_like(latents)
         t = torch.from_numpy(rng.integers(0, len(alphas), size=batch)).to(DEVICE)
@@ -364,7 +369,7 @@ def unet_only(args) -> None:
     pipe.text_encoder.train()
     train_unet(pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.vae, pipe.scheduler, rng, args.unet_minutes,
                64, record["loss"], args.min_snr, args.lr, args.object_weight, args.mislabeled, args.unet_steps,
-               args.latent_bank, args.caption_dropout)
+               args.latent_bank, args.caption_dropout, args.unrelated)
     record["unet_minutes"] = round(record["unet_minutes"] + (time.time() - start) / 60, 1)
     record.setdefault("unet_stages", []).append(command())
     save(pipe, args.out, record)
@@ -385,6 +390,8 @@ def main() -> None:
                                  "(the same model on any machine)")
     parser.add_argument("--latent-bank", type=int, default=0, metavar="N",
                         help="UNet runs: encode N training scenes once instead of every batch (0: every batch)")
+    parser.add_argument("--unrelated", type=float, default=0.0, metavar="P",
+                        help="fraction of UNet training captions that describe another, random scene")
     parser.add_argument("--caption-dropout", type=float, default=CAPTION_DROPOUT, metavar="P",
                         help="share of empty UNet training captions (the unconditional prediction for guidance)")
     parser.add_argument("--threads", type=int, default=2)
@@ -410,13 +417,13 @@ def main() -> None:
     args = parser.parse_args()
     if args.out.exists():
         parser.error(f"{args.out} exists; choose a new folder")
-    if not 0 <= args.mislabeled < 1:
-        parser.error(f"--mislabeled {args.mislabeled:g}: a fraction of the captions, at least 0 and below 1")
     torch.set_num_threads(args.threads)
     if args.image_size < 32 or args.image_size % 8:
         parser.error(f"--image-size {args.image_size}: use a multiple of 8, at least 32")
-    if not 0 <= args.caption_dropout < 1:
-        parser.error(f"--caption-dropout {args.caption_dropout:g}: a fraction of the captions, at least 0 and below 1")
+    for option in ("mislabeled", "caption_dropout", "unrelated"):
+        if not 0 <= getattr(args, option) < 1:
+            parser.error(f"--{option.replace('_', '-')} {getattr(args, option):g}: a fraction of the captions, "
+                         "at least 0 and below 1")
     global LR_SCHEDULE, IMAGE_SIZE, DEVICE
     LR_SCHEDULE, IMAGE_SIZE, DEVICE = args.lr_schedule, args.image_size, args.device
     from diffusers import StableDiffusionPipeline
@@ -460,7 +467,7 @@ def main() -> None:
     vae_done = time.time()
     train_unet(unet, text_encoder, tokenizer, vae, scheduler, rng, args.unet_minutes, 64, log, args.min_snr,
                args.lr, mislabeled=args.mislabeled, steps=args.unet_steps, bank=args.latent_bank,
-               caption_dropout=args.caption_dropout)
+               caption_dropout=args.caption_dropout, unrelated=args.unrelated)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)

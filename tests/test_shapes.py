@@ -45,3 +45,15 @@ def test_clean_batches_are_unchanged_by_the_option():
     b = shapes.batch(np.random.default_rng(3), 16, 32, mislabeled=0.0)
     np.testing.assert_array_equal(a[0], b[0])
     assert a[1] == b[1]
+
+
+def test_unrelated_captions_describe_other_training_scenes():
+    rng = np.random.default_rng(4)
+    scenes = [shapes.random_scene(rng) for _ in range(400)]
+    some = shapes.captions(scenes, np.random.default_rng(5), unrelated=0.4)
+    named = [[w for w in caption.split() if w in shapes.COLORS or w in shapes.SHAPES] for caption in some]
+    wrong = sum(words != [scene.color, scene.shape] for words, scene in zip(named, scenes))
+    assert 115 < wrong < 190, wrong  # ~153 of 400: 40%, less the 1 in 24 with the same colour and shape
+    # With none, the random stream (so every earlier recipe) is unchanged.
+    assert shapes.captions(scenes, np.random.default_rng(5)) == shapes.captions(
+        scenes, np.random.default_rng(5), unrelated=0.0)

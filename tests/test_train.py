@@ -47,8 +47,8 @@ def test_continuing_runs_keep_the_encoder_and_record_their_commands(tmp_path):
     decoder = train(tmp_path / "decoder", "--decoder-only", str(base), "--decoder-steps", "1", "--image-size", "32",
                     "--threads", "1")
     joined = train(tmp_path / "joined", "--unet-from", str(base), "--vae-from", str(decoder), "--unet-steps", "1",
-                   "--latent-bank", "8", "--mislabeled", "0.2", "--caption-dropout", "0.3", "--image-size", "32",
-                   "--threads", "1")
+                   "--latent-bank", "8", "--mislabeled", "0.2", "--unrelated", "0.3", "--caption-dropout", "0.3",
+                   "--image-size", "32", "--threads", "1")
     before, after = weights(base), weights(joined)
     encoder = [name for name in before if name.startswith("vae.encoder.")]
     assert encoder and all((before[name] == after[name]).all() for name in encoder)
