@@ -35,14 +35,17 @@ demo: $(VENV)/.installed-runtime
 test: $(VENV)/.installed-test $(VENV)/.installed-browser
 	SDONNX_REQUIRE_BROWSER=1 $(PY) -m pytest
 
-# How models/default was made (about 256 minutes on 2 cores). At 64 pixels: train the
+# How models/default was made (about 420 minutes on 2 cores). At 64 pixels: train the
 # autoencoder, then the UNet and text encoder (stage 1); fine-tune the VAE decoder longer, in
 # three runs (stages 2-4); continue the UNet and text encoder with Min-SNR weighting (stage 5).
 # Then at 128 pixels (progressive resolution; the encoder, so the latent space, stays fixed), two
 # runs side by side on one core each: the decoder (stage 6) and the UNet and text encoder
 # (stage 7); take stage 7's UNet with stage 6's autoencoder; export with sdonnx.
-# Stages 1-3 ran with a constant learning rate, the others with a cosine decay.
-STAGES = models/stage1 models/stage1.vae models/stage2 models/stage3 models/stage4 models/stage5 models/stage6 models/stage7
+# Stages 1-3 ran with a constant learning rate, the others with a cosine decay. Last, two
+# fine-tunes where a fraction of the captions describe another scene, so that classifier-free
+# guidance has work to do, as in SD (stage 9: 40% for 3,600 batches, 66 minutes; then 20% for
+# 3,000 batches, 96 minutes on one core), each from a bank of 16,384 encoded scenes.
+STAGES = models/stage1 models/stage1.vae models/stage2 models/stage3 models/stage4 models/stage5 models/stage6 models/stage7 models/stage8 models/stage9
 default-model: $(VENV)/.installed-test
 	rm -rf $(STAGES) models/default-diffusers models/default
 	$(PY) models/train.py models/stage1 --image-size 64 --vae-minutes 12 --decoder-minutes 0 --unet-minutes 48 --lr-schedule constant --min-snr 0
@@ -54,6 +57,8 @@ default-model: $(VENV)/.installed-test
 	  decoder=$$!; \
 	  $(PY) models/train.py models/stage7 --image-size 128 --unet-from models/stage5 --unet-minutes 90 --lr 3e-4 --min-snr 5 --seed 6 --threads 1 \
 	  && wait $$decoder
-	$(PY) models/train.py models/default-diffusers --image-size 128 --unet-from models/stage7 --vae-from models/stage6 --unet-minutes 0
+	$(PY) models/train.py models/stage8 --image-size 128 --unet-from models/stage7 --vae-from models/stage6 --unet-minutes 0
+	$(PY) models/train.py models/stage9 --image-size 128 --unet-from models/stage8 --unet-steps 3600 --latent-bank 16384 --lr 3e-4 --min-snr 5 --unrelated 0.4 --seed 20
+	$(PY) models/train.py models/default-diffusers --image-size 128 --unet-from models/stage9 --unet-steps 3000 --latent-bank 16384 --lr 2e-4 --min-snr 5 --unrelated 0.2 --seed 21 --threads 1
 	rm -rf $(STAGES)
-	$(VENV)/bin/sdonnx export models/default-diffusers models/default --default-guidance 3
+	$(VENV)/bin/sdonnx export models/default-diffusers models/default --default-guidance 5

@@ -148,7 +148,7 @@ class Defaults:
     """What a generation uses where the caller does not say: SD's usual settings, or those the
     model folder recommends in sdonnx.json's "defaults" (`sdonnx export --default-guidance`...;
     a distilled Turbo/LCM model wants few steps and little guidance, the embedded default
-    model draws best at guidance 3)."""
+    model draws best at guidance 5)."""
 
     steps: int = 20
     guidance: float = 7.5
