@@ -134,13 +134,13 @@ def test_fp16_weights_halve_the_files_and_run_on_cpu(tiny_onnx, tmp_path):
         session = ort.InferenceSession(str(out / part.onnx_path), providers=["CPUExecutionProvider"])
         assert all(i.type != "tensor(float16)" for i in session.get_inputs() + session.get_outputs())
     assert result.psnr > 35
+    reference = Pipeline.load(tiny_onnx, provider="cpu").generate("a cat", steps=3, width=64, height=64)[0]
     for provider in ("cpu", "openvino"):
         if providers.PROVIDERS[provider].available():
             # fp32 compute: `auto` would pick bf16 for OpenVINO on a CPU with AVX512-BF16 or AMX,
             # which is its own, lower bar (test_providers.py).
             image = Pipeline.load(out, provider=provider, precision="fp32").generate(
                 "a cat", steps=3, width=64, height=64)[0]
-            reference = Pipeline.load(tiny_onnx, provider="cpu").generate("a cat", steps=3, width=64, height=64)[0]
             assert compare([np.asarray(reference)], [np.asarray(image)])[0] > 35, provider
 
 
