@@ -24,6 +24,9 @@ class Denoiser:
     sigma_to_t: Callable[[float], float]
     # Inpainting UNets take (mask, masked-image latents) as 5 more input channels, unscaled.
     conditioning: np.ndarray | None = None
+    # The same UNet in fp32, for the evaluations at `precise_sigmas` of a bf16 run (precision.py).
+    precise_unet: UNetFn | None = None
+    precise_sigmas: frozenset[float] = frozenset()
 
     @property
     def uses_guidance(self) -> bool:
@@ -38,7 +41,8 @@ class Denoiser:
             sample = np.concatenate([sample, self.conditioning], axis=1)
         if self.uses_guidance:
             sample = np.concatenate([sample, sample])
-        out = self.unet(sample.astype(np.float32), self.sigma_to_t(sigma), self.context)
+        unet = self.precise_unet if sigma in self.precise_sigmas else self.unet
+        out = unet(sample.astype(np.float32), self.sigma_to_t(sigma), self.context)
         if self.uses_guidance:
             uncond, cond = np.split(out, 2)
             out = uncond + self.guidance * (cond - uncond)

@@ -3,11 +3,14 @@
 Compiled for the CPU with an inference precision (fp32, or bf16 on CPUs that compute it) and a
 cache directory of compiled models, so a second start skips compilation. With `static_shapes`
 each new set of input shapes (width, height, batch) is compiled once with those shapes fixed,
-which lets OpenVINO plan memory and pick kernels for them.
+which lets OpenVINO plan memory and pick kernels for them; the last MAX_COMPILED of them are
+kept (a server asked for ever new sizes would otherwise hold one compiled model per size:
+65 MB each for the embedded model, far more at SD 1.5 size).
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +20,7 @@ from sdonnx.runtime.onnx_model import PartModel
 from sdonnx.runtime.parts import Part
 
 PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16"}
+MAX_COMPILED = 4
 
 
 class OpenVinoModel(PartModel):
@@ -31,11 +35,8 @@ class OpenVinoModel(PartModel):
             self.model = self.core.read_model(str(path))
         except Exception as e:  # OpenVINO raises its own untyped errors
             raise ModelFolderError(f"{part.name}: OpenVINO cannot read {path}: {e}") from e
-        self.part, self.path = part, path
-        self.config = {
-            "INFERENCE_PRECISION_HINT": PRECISION_HINTS[precision],
-            "PERFORMANCE_HINT": "LATENCY",
-        }
+        self.part, self.path, self.precision = part, path, precision
+        self.config = {"PERFORMANCE_HINT": "LATENCY"}
         if cache_root:
             # OPTIMIZE_SIZE: the cache holds the compiled graph without the weights, which are
             # read from the model file. For an SD 1.5 UNet (fp32, this CPU) a full blob meant
@@ -53,23 +54,33 @@ class OpenVinoModel(PartModel):
         }
         self.output_names = [o.get_any_name() for o in self.model.outputs]
         self._check_contract()
-        self._compiled: dict[tuple, object] = {}
-        if not static_shapes:
-            self._compiled[()] = self.core.compile_model(self.model, "CPU", self.config)
+        self._compiled: OrderedDict[tuple, object] = OrderedDict()
 
-    def compiled(self, inputs: dict[str, np.ndarray]):
-        """The compiled model for these input shapes (one for all when shapes are dynamic)."""
-        if not self.static_shapes:
-            return self._compiled[()]
-        key = tuple((name, value.shape) for name, value in sorted(inputs.items()))
-        if key not in self._compiled:
+    def compiled(self, inputs: dict[str, np.ndarray], precision: str | None = None):
+        """The compiled model for these input shapes (one for all when shapes are dynamic) and
+        precision (default: the one loaded with), the least recently used dropped past MAX_COMPILED."""
+        precision = precision or self.precision
+        shapes = tuple((name, value.shape) for name, value in sorted(inputs.items())) if self.static_shapes else ()
+        key = (precision, shapes)
+        if key in self._compiled:
+            self._compiled.move_to_end(key)
+            return self._compiled[key]
+        model = self.model
+        if self.static_shapes:
             model = self.model.clone()
             model.reshape({name: list(value.shape) for name, value in inputs.items()})
-            self._compiled[key] = self.core.compile_model(model, "CPU", self.config)
+        config = {**self.config, "INFERENCE_PRECISION_HINT": PRECISION_HINTS[precision]}
+        self._compiled[key] = self.core.compile_model(model, "CPU", config)
+        while len(self._compiled) > MAX_COMPILED:
+            self._compiled.popitem(last=False)
         return self._compiled[key]
 
     def __call__(self, **inputs: np.ndarray) -> dict[str, np.ndarray]:
+        return self.run(inputs)
+
+    def run(self, inputs: dict[str, np.ndarray], precision: str | None = None) -> dict[str, np.ndarray]:
+        """Outputs by name; `precision` fp32 or bf16 overrides the loaded one for this call."""
         self._check_inputs(inputs)
-        request = self.compiled(inputs).create_infer_request()
+        request = self.compiled(inputs, precision).create_infer_request()
         result = request.infer(inputs)
         return {name: np.asarray(result[i]) for i, name in enumerate(self.output_names)}

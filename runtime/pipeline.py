@@ -20,6 +20,7 @@ from sdonnx.runtime.errors import InputError, ModelFolderError, ProviderError
 from sdonnx.runtime.images import default_size, fit, load_image, to_mask, to_pixels
 from sdonnx.runtime.infotext import infotext
 from sdonnx.runtime.onnx_model import OnnxModel, PartModel
+from sdonnx.runtime.precision import precise_sigmas
 from sdonnx.runtime import samplers
 from sdonnx.runtime.schedules import (
     Schedule,
@@ -234,7 +235,11 @@ class Pipeline:
             if openvino:
                 from sdonnx.runtime.openvino_model import OpenVinoModel
 
-                return OpenVinoModel(part.file(path), part, config.precision, config.threads,
+                # The text encoder runs once per generation, so bf16 saves next to nothing there,
+                # while its rounding reaches every UNet call through the context and is
+                # amplified like the UNet's own at high sigmas (precision.py): it stays fp32.
+                part_precision = "fp32" if part is parts.TEXT_ENCODER else config.precision
+                return OpenVinoModel(part.file(path), part, part_precision, config.threads,
                                      config.cache_root, config.static_shapes)
             return OnnxModel(path / part.onnx_path, part, config.provider, config.threads, config.cache_root)
 
@@ -292,19 +297,23 @@ class Pipeline:
         negative = np.repeat(self.encode_prompt(config.negative_prompt, windows), config.n, axis=0)
         return np.concatenate([negative, context])
 
-    def _unet(self, sample: np.ndarray, t: float, context: np.ndarray) -> np.ndarray:
+    def _unet(self, sample: np.ndarray, t: float, context: np.ndarray, precise: bool = False) -> np.ndarray:
+        """The UNet's raw output, float32; `precise`: in fp32 whatever the loaded precision."""
         dtype = self.unet.dtype("timestep")
         t = round(t) if np.issubdtype(dtype, np.integer) else t
         rank = len(self.unet.shape("timestep"))
         timestep = np.full((len(sample),) * rank, t, dtype=dtype)
-        sample_dtype = self.unet.dtype("sample")
-        out = self.unet(
-            sample=sample.astype(sample_dtype),
-            timestep=timestep,
+        inputs = {
+            "sample": sample.astype(self.unet.dtype("sample")),
+            "timestep": timestep,
             # copy=False: the same context object every step, which a bound device keeps.
-            encoder_hidden_states=context.astype(self.unet.dtype("encoder_hidden_states"), copy=False),
-        )[parts.UNET.output]
-        return out.astype(np.float32)
+            "encoder_hidden_states": context.astype(self.unet.dtype("encoder_hidden_states"), copy=False),
+        }
+        out = self.unet.run(inputs, "fp32") if precise else self.unet(**inputs)
+        return out[parts.UNET.output].astype(np.float32)
+
+    def _precise_unet(self, sample: np.ndarray, t: float, context: np.ndarray) -> np.ndarray:
+        return self._unet(sample, t, context, precise=True)
 
     def decode(self, latents: np.ndarray) -> list[Image.Image]:
         """VAE-decode one latent at a time (bounded memory) into 8-bit RGB images."""
@@ -408,13 +417,16 @@ class Pipeline:
         schedule_, x, conditioning = self._start(config, np.asarray(latents, dtype=np.float32),
                                                  init_image, mask_image)
         context = self.encode_context(config)
-        denoise = Denoiser(self._unet, context, config.guidance, self.scheduler.prediction_type,
-                           schedule_.sigma_to_t, conditioning)
         options = {**schedule_.sampler_kwargs, "noise": self.sampler_noise(config, x.shape),
                    "prediction_type": self.scheduler.prediction_type}
         if config.eta is not None:
             options["eta"] = config.eta
         options = {k: v for k, v in options.items() if k in chosen.options}
+        precise = frozenset()
+        if self.config.precision != "fp32":
+            precise = precise_sigmas(chosen.sample, schedule_.sigmas, options, self.scheduler.prediction_type)
+        denoise = Denoiser(self._unet, context, config.guidance, self.scheduler.prediction_type,
+                           schedule_.sigma_to_t, conditioning, self._precise_unet, precise)
         def step(i: int, x: np.ndarray, denoised: np.ndarray) -> None:
             if callback:
                 callback(i + 1, schedule_.steps)
