@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Optional
 
 import typer
 
+from sdonnx.cli import output
 from sdonnx.runtime.errors import InputError, SdonnxError
-from sdonnx.runtime.pipeline import SAMPLERS, SCHEDULES
+from sdonnx.runtime.pipeline import MAX_THREADS, SAMPLERS, SCHEDULES, check_number
 from sdonnx.runtime.providers import CHOICES as PROVIDER_CHOICES
+
+try:  # typer 0.2x carries its own copy of click
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
+except ImportError:
+    from click.exceptions import ClickException, NoArgsIsHelpError, UsageError
 
 app = typer.Typer(
     help="Export Stable Diffusion to ONNX once, then generate images fast without torch.",
@@ -25,6 +29,9 @@ app = typer.Typer(
 )
 
 DEFAULT_OUT = Path("outputs")
+# Bounds of the command line's counts: past them a run is a typo, not a plan.
+MAX_BATCH = 64
+MAX_BATCHES = 100_000
 
 
 def parse_size(size: str) -> tuple[int, int]:
@@ -32,59 +39,6 @@ def parse_size(size: str) -> tuple[int, int]:
     if not match:
         raise InputError(f"--size must look like 512x512 (width x height), got {size!r}")
     return int(match[1]), int(match[2])
-
-
-def output_paths(out: Path, n: int) -> list[Path] | None:
-    """Explicit file names for `--out x.png` (None: number files inside the folder `out`)."""
-    if out.suffix.lower() != ".png":
-        return None
-    if n == 1:
-        return [out]
-    return [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(n)]
-
-
-def grid_path(out: Path) -> Path | None:
-    """`x-grid.png` beside `--out x.png` (None: a numbered file inside the folder `out`)."""
-    return out.with_name(f"{out.stem}-grid{out.suffix}") if out.suffix.lower() == ".png" else None
-
-
-def _next_number(folder: Path) -> int:
-    numbers = [int(m[1]) for f in folder.glob("*.png") if (m := re.match(r"(\d+)-", f.name))]
-    return max(numbers, default=-1) + 1
-
-
-def save_png(image, path: Path | None, folder: Path, seed: int, suffix: str = "") -> Path:
-    """Write via a temporary file and a hard link, which fails rather than overwrite."""
-    from PIL.PngImagePlugin import PngInfo
-
-    info = PngInfo()
-    info.add_text("parameters", image.info["parameters"])
-    target_dir = path.parent if path else folder
-    fd, tmp = tempfile.mkstemp(suffix=".png.tmp", dir=target_dir)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=info)
-        while True:
-            final = path or folder / f"{_next_number(folder):05d}-{seed}{suffix}.png"
-            try:
-                os.link(tmp, final)
-                return final
-            except FileExistsError:
-                if path:
-                    raise InputError(f"{final} already exists; it was not overwritten") from None
-    finally:
-        os.unlink(tmp)
-
-
-def _prepare_out_dir(out: Path) -> Path:
-    folder = out.parent if out.suffix.lower() == ".png" else out
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise InputError(f"cannot create output folder {folder}: {e.strerror}") from None
-    if not os.access(folder, os.W_OK):
-        raise InputError(f"cannot write in output folder {folder} (permission denied)")
-    return folder
 
 
 @app.command()
@@ -95,8 +49,11 @@ def generate(
     steps: Optional[int] = typer.Option(None, "--steps", help="Sampler steps (default: the model's, else 20)."),
     guidance: Optional[float] = typer.Option(
         None, "--guidance", "-g", help="Classifier-free guidance scale; <= 1 disables it (default: the model's, else 7.5)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed (random when omitted); image i uses seed + i."),
-    size: Optional[str] = typer.Option(None, "--size", help="WIDTHxHEIGHT in pixels, multiples of 8 (default: the model's native size)."),
+    seed: Optional[int] = typer.Option(
+        None, "--seed", help="Seed; -1 or omitted: a random one, as in AUTOMATIC1111. Image i uses seed + i."),
+    size: Optional[str] = typer.Option(
+        None, "--size", help="WIDTHxHEIGHT in pixels (default: the model's native size); multiples of 64 for SD 1.x "
+                             "and 2.x, of 32 for the embedded model (`sdonnx info MODEL` says)."),
     sampler: Optional[str] = typer.Option(
         None, "--sampler", help=f"One of: {', '.join(SAMPLERS)} (default: the model's, else euler)."),
     schedule: str = typer.Option("default", "--schedule",
@@ -109,14 +66,17 @@ def generate(
         None, "--strength", help="With --init-image: how much to change it, 0 to 1 (default 0.75)."),
     mask: Optional[Path] = typer.Option(
         None, "--mask", help="With --init-image and an inpainting model: repaint where the mask is white."),
-    n: int = typer.Option(1, "-n", help="Images per batch."),
-    n_iter: int = typer.Option(1, "--n-iter", help="Batches to run; image j of the run uses seed + j."),
+    n: int = typer.Option(1, "-n", min=1, max=MAX_BATCH, help="Images per batch."),
+    n_iter: int = typer.Option(1, "--n-iter", min=1, max=MAX_BATCHES,
+                               help="Batches to run; image j of the run uses seed + j."),
     grid: bool = typer.Option(False, "--grid", help="Also save one grid of all images, a batch per row."),
-    out: Path = typer.Option(DEFAULT_OUT, "--out", "-o", help="Output folder, or a .png file name."),
+    out: str = typer.Option(str(DEFAULT_OUT), "--out", "-o",
+                             help="Output folder, or a file name ending in .png, .jpg or .webp (parameters in EXIF)."),
     provider: str = typer.Option("auto", "--provider", help=f"One of: {', '.join(PROVIDER_CHOICES)}."),
     precision: str = typer.Option("auto", "--precision",
                                   help="fp32, bf16 (openvino) or auto: bf16 where the provider and CPU do it."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: all physical cores)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, max=MAX_THREADS,
+                                          help="CPU threads (default: all physical cores)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Print load and per-step times."),
 ) -> None:
     """Generate images from a prompt and write them as PNGs with their parameters."""
@@ -125,20 +85,23 @@ def generate(
     from sdonnx.runtime import GenerationConfig, Pipeline
     from sdonnx.runtime.pipeline import Defaults
     from sdonnx.runtime.grid import image_grid
-    from sdonnx.runtime.images import load_image
+    from sdonnx.runtime.images import MASK_BACKGROUND, load_image
 
-    width, height = parse_size(size) if size else (None, None)
+    out = output.out_path(out)
+    width, height = parse_size(size) if size is not None else (None, None)
     # Validated here so that a random seed is drawn once and batches continue from it.
     # The model's own defaults (Pipeline.defaults) fill what is not given, after loading.
     fallback = Defaults()
     seed = GenerationConfig(prompt, negative, fallback.steps if steps is None else steps,
                             fallback.guidance if guidance is None else guidance, seed, width, height,
-                            sampler or fallback.sampler, n, schedule=schedule,
+                            fallback.sampler if sampler is None else sampler, n, schedule=schedule,
                             eta=eta if sampler else None, strength=strength).validate().seed
-    if n_iter < 1:
-        raise InputError(f"--n-iter (batches) must be at least 1, got {n_iter}")
+    if eta is not None:  # its sampler may be the model's default, known after loading; its range is known now
+        check_number("eta", eta, 0, 1)
     if init_image is None and (strength is not None or mask is not None):
         raise InputError(f"{'--strength' if strength is not None else '--mask'} needs --init-image")
+    paths = output.output_paths(out, n * n_iter)
+    output.refuse_existing([*(paths or []), *([output.grid_path(out)] if grid and paths else [])])
     # Read once, before the model loads, so a bad file fails fast.
     image_options = {}
     if init_image is not None:
@@ -146,8 +109,8 @@ def generate(
     if strength is not None:
         image_options["strength"] = strength
     if mask is not None:
-        image_options["mask_image"] = load_image(mask, "mask image")
-    folder = _prepare_out_dir(out)
+        image_options["mask_image"] = load_image(mask, "mask image", MASK_BACKGROUND)
+    folder = output.prepare_folder(out)
     start = time.perf_counter()
     pipe = Pipeline.load(model, provider=provider, threads=threads, precision=precision)
     if verbose:
@@ -155,7 +118,6 @@ def generate(
         typer.echo(f"loaded {pipe.config.path} on {pipe.config.provider} ({pipe.config.precision}) "
                    f"in {time.perf_counter() - start:.2f} s" + (f" (optimized-graph cache: {cached})" if cached else ""))
     step_times: list[float] = []
-    paths = output_paths(out, n * n_iter)
     run: list = []
     for batch in range(n_iter):
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -175,7 +137,7 @@ def generate(
                                    n=n, callback=on_step, schedule=schedule, eta=eta, **image_options)
         for i, image in enumerate(images):
             image_seed = image.info["seed"]
-            written = save_png(image, paths[batch * n + i] if paths else None, folder, image_seed)
+            written = output.save_image(image, paths[batch * n + i] if paths else None, folder, image_seed)
             typer.echo(f"wrote {written} (seed {image_seed})")
         if grid:
             run += images
@@ -185,7 +147,7 @@ def generate(
         sheet = image_grid(run, columns=n)
         # As in the web UI, a grid carries its first image's parameters.
         sheet.info["parameters"] = run[0].info["parameters"]
-        written = save_png(sheet, grid_path(out), folder, seed, suffix="-grid")
+        written = output.save_image(sheet, output.grid_path(out), folder, seed, suffix="-grid")
         typer.echo(f"wrote {written} (grid of {len(run)} images)")
 
 
@@ -194,7 +156,7 @@ def export(
     source: Path = typer.Argument(..., help="A diffusers-format Stable Diffusion folder."),
     out: Path = typer.Argument(..., help="Folder to write the ONNX models to."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
-    opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset (default: optimum's)."),
+    opset: Optional[int] = typer.Option(None, "--opset", min=7, max=30, help="ONNX opset (default: optimum's)."),
     check: bool = typer.Option(True, "--check/--no-check", help="Compare every part with torch."),
     default_steps: Optional[int] = typer.Option(
         None, "--default-steps", help="Steps this model should run when none are asked (recorded in sdonnx.json)."),
@@ -225,16 +187,9 @@ def quantize(
     size: Optional[int] = typer.Option(None, "--size", help="Check and calibration image side (default: native, at most 256)."),
 ) -> None:
     """Quantize a model folder, check its pictures against the float model, keep bad parts float."""
-    from sdonnx.export.quantize import CHECK_PROMPTS, CALIBRATION_PROMPTS, QuantizeConfig, check_mode
+    from sdonnx.export.quantize import QuantizeConfig
     from sdonnx.export.quantize import quantize as run_quantize
 
-    check_mode(mode)
-    for name, value, most in (("--check-prompts", check_prompts, len(CHECK_PROMPTS)),
-                              ("--calibration-prompts", calibration_prompts, len(CALIBRATION_PROMPTS))):
-        if not 1 <= value <= most:
-            raise InputError(f"{name} must be between 1 and {most}, got {value}")
-    if check_steps < 1:
-        raise InputError(f"--check-steps must be at least 1, got {check_steps}")
     result = run_quantize(QuantizeConfig(source, out, mode, force, min_psnr, check_prompts, check_steps,
                                          calibration_prompts, check_steps, size), log=typer.echo)
     typer.echo(f"wrote {result.out} in {result.seconds:.1f} s: PSNR {result.psnr:.1f} dB, "
@@ -245,24 +200,22 @@ def quantize(
 def bench(
     model: Optional[Path] = typer.Argument(None, help="An ONNX model folder (default: the embedded model)."),
     size: Optional[str] = typer.Option(None, "--size", help="WIDTHxHEIGHT (default: the model's native size)."),
-    repeats: int = typer.Option(3, "--repeats", help="Timed calls per part after the first (median)."),
+    repeats: int = typer.Option(3, "--repeats", min=1, max=1000, help="Timed calls per part after the first (median)."),
     provider: Optional[list[str]] = typer.Option(None, "--provider", help="Only these providers (repeatable)."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: all physical cores)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, max=MAX_THREADS,
+                                          help="CPU threads (default: all physical cores)."),
 ) -> None:
     """Time text encoding, a UNet step, VAE decoding, load time and peak RSS per provider."""
     from sdonnx.runtime import bench as benchmark
-    from sdonnx.runtime.pipeline import check_model_folder, default_model_path
+    from sdonnx.runtime.pipeline import check_model_folder, check_size, default_model_path
 
-    folder = model or default_model_path()
-    check_model_folder(folder)
-    width, height = parse_size(size) if size else (None, None)
-    if repeats < 1:
-        raise InputError(f"--repeats must be at least 1, got {repeats}")
+    width, height = parse_size(size) if size is not None else (None, None)
+    check_size(width, height)
     for name in provider or []:
         if name not in PROVIDER_CHOICES:
             raise InputError(f"unknown provider {name!r}; choose one of: {', '.join(PROVIDER_CHOICES)}")
-    if threads is not None and threads < 1:
-        raise InputError(f"--threads must be at least 1, got {threads}")
+    folder = model or default_model_path()
+    check_model_folder(folder)
     typer.echo(benchmark.table(benchmark.run(folder, width, height, repeats, provider, threads)))
 
 
@@ -270,14 +223,16 @@ def bench(
 def serve(
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="ONNX model folder (default: the embedded model)."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on; 0.0.0.0 exposes the server to the network."),
-    port: int = typer.Option(7860, "--port", help="TCP port (0: any free port, printed at start)."),
+    port: int = typer.Option(7860, "--port", min=0, max=65535, help="TCP port (0: any free port, printed at start)."),
     provider: str = typer.Option("auto", "--provider", help=f"One of: {', '.join(PROVIDER_CHOICES)}."),
     precision: str = typer.Option("auto", "--precision", help="fp32, bf16 or auto (bf16 where the CPU has it)."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: all physical cores)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, max=MAX_THREADS,
+                                          help="CPU threads (default: all physical cores)."),
     api_key: Optional[str] = typer.Option(
         None, "--api-key", envvar="SDONNX_API_KEY",
         help="Require this key on every endpoint (Authorization: Bearer KEY; the page asks for it as a password)."),
-    queue: int = typer.Option(4, "--queue", help="Requests that may wait behind the running one; more get 503."),
+    queue: int = typer.Option(4, "--queue", min=1, max=10_000,
+                              help="Requests that may wait behind the running one; more get 503."),
 ) -> None:
     """Serve one model: OpenAI's images API, AUTOMATIC1111's /sdapi/v1, and a web page at /."""
     import importlib.util
@@ -288,10 +243,10 @@ def serve(
     from sdonnx.cli import server
     from sdonnx.runtime import Pipeline
 
-    if queue < 1:
-        raise InputError(f"--queue must be at least 1, got {queue}")
     if api_key is not None and not api_key.strip():
         raise InputError("--api-key is empty; give a key or leave the option out")
+    if not host.strip():
+        raise InputError("--host is empty; give an address such as 127.0.0.1 (this machine) or 0.0.0.0 (the network)")
     sock = server.bind(host, port)
     pipe = Pipeline.load(model, provider=provider, threads=threads, precision=precision)
     where = sock.getsockname()
@@ -317,16 +272,35 @@ def _terminate(signum, frame):
     raise KeyboardInterrupt
 
 
+def _fail(message: str, code: int = 2) -> None:
+    """One line on stderr, then exit: what is wrong and what to do, never a traceback."""
+    typer.secho(f"error: {' '.join(message.split())}", err=True, fg=typer.colors.RED)
+    sys.exit(code)
+
+
 def main() -> None:
     signal.signal(signal.SIGTERM, _terminate)
     try:
-        app()
-    except SdonnxError as e:
-        typer.secho(f"error: {e}", err=True, fg=typer.colors.RED)
+        app(standalone_mode=False)
+    except NoArgsIsHelpError as e:
+        typer.echo(e.ctx.get_help())
         sys.exit(2)
-    except KeyboardInterrupt:
+    except UsageError as e:
+        where = f" (see '{e.ctx.command_path} --help')" if e.ctx else ""
+        _fail(e.format_message() + where)
+    except ClickException as e:
+        _fail(e.format_message(), e.exit_code)
+    except SdonnxError as e:
+        _fail(str(e))
+    except (KeyboardInterrupt, typer.Abort):
         typer.secho("interrupted", err=True)
         sys.exit(130)
+    except MemoryError:
+        _fail("out of memory; try a smaller --size or -n, or --precision/--provider that needs less")
+    except OSError as e:
+        # The user's environment (a full disk, a file that vanished, a permission): say which.
+        where = f" ({e.filename})" if e.filename else ""
+        _fail(f"{e.strerror or e}{where}", 1)
 
 
 if __name__ == "__main__":

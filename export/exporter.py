@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import signal
+import struct
 import threading
 import time
 import warnings
@@ -101,6 +102,30 @@ def check_source(source: Path) -> None:
             f"{source} is not a complete diffusers Stable Diffusion folder; missing: "
             + ", ".join(missing)
         )
+    for name in SOURCE_FILES:
+        if name.endswith(".json"):
+            parts.read_json(source / name)
+    for weights in sorted(source.glob("*/*.safetensors")):
+        check_safetensors(weights)
+
+
+def check_safetensors(path: Path) -> None:
+    """A ModelFolderError unless `path` is a whole safetensors file: an 8-byte little-endian
+    header length, a JSON header, then exactly the bytes its tensors' offsets cover (a
+    download cut short fails here, before torch reads it)."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if not 2 <= length <= size - 8:
+                raise ValueError(f"a header of {length} bytes in a file of {size}")
+            header = json.loads(f.read(length))
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except (struct.error, ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as e:
+        raise ModelFolderError(f"{path} is not a readable safetensors file ({e}); download it again") from None
+    if size != 8 + length + end:
+        raise ModelFolderError(f"{path} is truncated or damaged: its header describes {8 + length + end:,} bytes, "
+                               f"the file has {size:,}; download it again")
 
 
 def check_out(out: Path, force: bool) -> None:
@@ -241,10 +266,10 @@ def staged_folder(out: Path) -> Iterator[Path]:
 def export(config: ExportConfig, log: Callable[[str], None] = lambda msg: None) -> ExportResult:
     """Export `config.source` to `config.out`; nothing appears at OUT unless all checks pass."""
     source, out = config.source, config.out
+    Defaults.checked(config.defaults)  # refuse what the runtime would refuse, before any work
     check_export_extra()
     check_source(source)
     check_out(out, config.force)
-    Defaults.checked(config.defaults)  # refuse what the runtime would refuse, before any work
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     quiet_libraries()
     start = time.perf_counter()

@@ -38,7 +38,7 @@ from sdonnx.runtime import parts
 from sdonnx.runtime.errors import InputError, SdonnxError
 from sdonnx.runtime.info import folder_bytes
 from sdonnx.runtime.onnx_model import OnnxModel
-from sdonnx.runtime.pipeline import Pipeline, check_model_folder
+from sdonnx.runtime.pipeline import Pipeline, check_model_folder, check_number
 
 MODES = ("fp16", "int8", "int8-openvino")
 DEFAULT_MIN_PSNR = {"fp16": 35.0, "int8": 22.0, "int8-openvino": 22.0}
@@ -62,6 +62,7 @@ CHECK_PROMPTS = (
 # UNet nodes kept in float by int8: the input and output convolutions (they carry the latent
 # image itself, whose precision shows directly in the picture) and the timestep embedding.
 UNET_FLOAT_PREFIXES = ("/conv_in/", "/conv_out/", "/time_embedding/", "/time_proj")
+MAX_CHECK_SIZE = 2048  # pixels per side of the check and calibration images
 
 
 class QuantizeFailed(SdonnxError):
@@ -84,6 +85,19 @@ class QuantizeConfig:
     @property
     def psnr_floor(self) -> float:
         return DEFAULT_MIN_PSNR[self.mode] if self.min_psnr is None else self.min_psnr
+
+    def check(self) -> None:
+        """InputError naming the first setting out of range (the command line's option names)."""
+        check_mode(self.mode)
+        if self.min_psnr is not None:
+            check_number("--min-psnr", self.min_psnr, 0, 100)
+        for name, value, most in (("--check-prompts", self.check_prompts, len(CHECK_PROMPTS)),
+                                  ("--calibration-prompts", self.calibration_prompts, len(CALIBRATION_PROMPTS)),
+                                  ("--check-steps", self.check_steps, 1000),
+                                  ("--check-steps", self.calibration_steps, 1000),
+                                  ("--size", self.size if self.size is not None else 8, MAX_CHECK_SIZE)):
+            if not 1 <= value <= most:
+                raise InputError(f"{name} must be from 1 to {most}, got {value}")
 
 
 @dataclass
@@ -381,7 +395,7 @@ class Doctor:
 
 def quantize(config: QuantizeConfig, log: Callable[[str], None] = lambda msg: None) -> QuantizeResult:
     """Quantize `config.source` into `config.out`; nothing appears at OUT unless the check ran."""
-    check_mode(config.mode)
+    config.check()
     source, out = config.source, config.out
     check_model_folder(source)
     if source.resolve() == out.resolve():

@@ -2,29 +2,72 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from sdonnx.runtime import parts
 from sdonnx.runtime.errors import InputError
 
 
-def load_image(image: Image.Image | str | Path, what: str = "init image") -> Image.Image:
-    """A PIL image or a path to one, read fully so a bad file fails here, naming it."""
+INIT_BACKGROUND = (255, 255, 255)
+MASK_BACKGROUND = (0, 0, 0)
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def load_image(image: Image.Image | str | Path | bytes, what: str = "init image",
+               background: tuple[int, int, int] = INIT_BACKGROUND) -> Image.Image:
+    """The 8-bit RGB picture a person sees in an image file, its bytes, or a PIL image.
+
+    Read fully, so a bad file fails here with an InputError naming `what`. The EXIF
+    orientation is applied (a phone's portrait JPEG is stored sideways); 16-bit and 32-bit
+    grey are scaled to 8 bits, not clipped (a 16-bit PNG would turn white); transparency is
+    flattened onto `background`: white for init images, as AUTOMATIC1111 does by default
+    (its img2img_background_color), black for masks (MASK_BACKGROUND), so a mask painted on a
+    transparent layer repaints only what was painted.
+    """
     if isinstance(image, Image.Image):
-        return image
-    if not isinstance(image, (str, Path)):
+        return as_seen(image, background)
+    if isinstance(image, (bytes, bytearray)):
+        source = io.BytesIO(image)
+    elif isinstance(image, (str, Path)):
+        source = image
+    else:
         raise InputError(f"{what} must be a PIL image or a path to an image file, got {type(image).__name__}")
     try:
-        with Image.open(image) as opened:
+        with Image.open(source) as opened:
             opened.load()
-            return opened.copy()
+            return as_seen(opened, background)
     except FileNotFoundError:
         raise InputError(f"{what} not found: {image}") from None
-    except (UnidentifiedImageError, OSError) as e:
-        raise InputError(f"{what} {image} cannot be read as an image ({e})") from None
+    except IsADirectoryError:
+        raise InputError(f"{what} {image} is a folder, not an image file") from None
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        name = "data" if isinstance(image, (bytes, bytearray)) else str(image)
+        raise InputError(f"{what} {name} cannot be read as an image ({e})") from None
+
+
+def as_seen(image: Image.Image, background: tuple[int, int, int] = INIT_BACKGROUND) -> Image.Image:
+    """`image` upright, in 8-bit RGB, transparency flattened onto `background` (see load_image)."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in _SIXTEEN_BIT or image.mode == "I":
+        values = np.asarray(image, dtype=np.float64)
+        # Mode I holds 16-bit data as PIL reads 16-bit PNGs and TIFFs; 8-bit data stays as it is.
+        scale = 1 / 257 if image.mode in _SIXTEEN_BIT or values.max(initial=0) > 255 else 1.0
+        image = Image.fromarray(np.clip(values * scale, 0, 255).round().astype(np.uint8), "L")
+    elif image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        scale = 255.0 if values.max(initial=0) <= 1.0 else 1.0  # 0..1 floats, else 0..255
+        image = Image.fromarray(np.clip(values * scale, 0, 255).round().astype(np.uint8), "L")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info) \
+            or (image.mode in ("RGB", "L") and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        flat = Image.new("RGBA", rgba.size, (*background, 255))
+        flat.alpha_composite(rgba)
+        return flat.convert("RGB")
+    return image.convert("RGB") if image.mode != "RGB" else image
 
 
 def default_size(image: Image.Image, multiple: int = parts.VAE_SCALE) -> tuple[int, int]:

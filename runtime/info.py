@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import onnxruntime as ort
@@ -28,9 +27,17 @@ def _human(n: int) -> str:
 
 
 def describe(path: Path) -> str:
+    """What `sdonnx info` prints: where the folder came from, its parts and their precision."""
     check_model_folder(path)
     record_file = path / parts.RECORD
-    record = json.loads(record_file.read_text()) if record_file.is_file() else {}
+    try:
+        return _describe(path, parts.read_json(record_file))
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ModelFolderError(f"{record_file} does not read as sdonnx wrote it ({type(e).__name__}: {e}); "
+                               "export or quantize the model again") from None
+
+
+def _describe(path: Path, record: dict) -> str:
     scheduler = SchedulerConfig.from_file(path / parts.SCHEDULER_CONFIG)
     lines = [f"model folder: {path.resolve()}"]
     if record:

@@ -7,8 +7,11 @@ library: the export stage (torch) and the runtime (numpy + onnxruntime) both imp
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
+
+from sdonnx.runtime.errors import ModelFolderError
 
 RECORD = "sdonnx.json"
 TOKENIZER_DIR = "tokenizer"
@@ -66,3 +69,20 @@ DEFAULT_VAE_SCALING_FACTOR = 0.18215
 LATENT_CHANNELS = 4
 # Spatial downscale of the VAE: latents are (H/8, W/8).
 VAE_SCALE = 8
+
+
+def read_json(path: Path) -> dict:
+    """The JSON object in a model folder's file, {} when the file is absent; a ModelFolderError
+    naming the file and the place when it is not a readable JSON object."""
+    if not path.is_file():
+        return {}
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ModelFolderError(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); "
+                               "repair it or export the model again") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ModelFolderError(f"cannot read {path}: {e}") from None
+    if not isinstance(value, dict):
+        raise ModelFolderError(f"{path} must hold a JSON object, not {type(value).__name__}")
+    return value

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import json
+import math
 import os
 import random
 from dataclasses import dataclass, replace
@@ -17,7 +18,7 @@ from PIL import Image
 from sdonnx.runtime import cache, parts, providers
 from sdonnx.runtime.denoiser import Denoiser
 from sdonnx.runtime.errors import InputError, ModelFolderError, ProviderError
-from sdonnx.runtime.images import default_size, fit, load_image, to_mask, to_pixels
+from sdonnx.runtime.images import MASK_BACKGROUND, default_size, fit, load_image, to_mask, to_pixels
 from sdonnx.runtime.infotext import infotext
 from sdonnx.runtime.onnx_model import OnnxModel, PartModel
 from sdonnx.runtime.precision import precise_sigmas
@@ -64,6 +65,33 @@ SAMPLERS = {
 SCHEDULES = ("default", "karras")
 
 
+MAX_THREADS = 1024
+MAX_SIDE = 8192  # pixels; a 512x512 SD 1.5 image already needs 3-11 GB
+# AUTOMATIC1111's slider ends at 30; beyond a few hundred the picture is saturated noise.
+MAX_GUIDANCE = 100.0
+
+
+def check_number(name: str, value, low: float, high: float) -> float:
+    """`value` as a float, or an InputError unless it is a finite number in [low, high]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise InputError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value) or not low <= value <= high:
+        raise InputError(f"{name} must be a finite number from {low:g} to {high:g}, got {value!r}")
+    return float(value)
+
+
+def check_size(width: int | None, height: int | None) -> None:
+    """An InputError unless each given side is a multiple of 8 pixels from 8 to MAX_SIDE (a
+    model may need a larger multiple: Pipeline.size_multiple)."""
+    for name, size in (("width", width), ("height", height)):
+        if size is None:
+            continue
+        if (isinstance(size, bool) or not isinstance(size, (int, np.integer)) or not 0 < size <= MAX_SIDE
+                or size % parts.VAE_SCALE):
+            raise InputError(f"{name} must be a positive multiple of {parts.VAE_SCALE} up to {MAX_SIDE} pixels, "
+                             f"got {size!r}")
+
+
 @dataclass(frozen=True)
 class LoadConfig:
     """How a model folder is loaded: fixed for the life of a Pipeline."""
@@ -84,7 +112,7 @@ class GenerationConfig:
     negative_prompt: str = ""
     steps: int = 20
     guidance: float = 7.5
-    seed: int | None = 0
+    seed: int | None = 0  # None or -1: a random seed (AUTOMATIC1111's -1)
     width: int | None = None  # None: the model's native size
     height: int | None = None
     sampler: str = "euler"
@@ -97,34 +125,29 @@ class GenerationConfig:
         if not isinstance(self.prompt, str) or not isinstance(self.negative_prompt, str):
             raise InputError("prompt and negative prompt must be text")
         check_steps(self.steps)
-        for name, size in (("width", self.width), ("height", self.height)):
-            if size is None:
-                continue
-            if not isinstance(size, (int, np.integer)) or size < parts.VAE_SCALE or size % parts.VAE_SCALE:
-                raise InputError(
-                    f"{name} must be a positive multiple of {parts.VAE_SCALE}, got {size!r}"
-                )
+        check_size(self.width, self.height)
         if self.sampler not in SAMPLERS:
             raise InputError(
                 f"unknown sampler {self.sampler!r}; choose one of: {', '.join(SAMPLERS)}"
             )
         if self.schedule not in SCHEDULES:
             raise InputError(f"unknown schedule {self.schedule!r}; choose one of: {', '.join(SCHEDULES)}")
+        check_number("guidance", self.guidance, 0, MAX_GUIDANCE)
         if self.eta is not None:
             if "eta" not in SAMPLERS[self.sampler].options:
                 takes = [name for name, s in SAMPLERS.items() if "eta" in s.options]
                 raise InputError(f"eta applies to the {', '.join(takes)} samplers, not {self.sampler}")
-            if not 0 <= self.eta <= 1:
-                raise InputError(f"eta must be between 0 and 1, got {self.eta!r}")
-        if self.strength is not None and not (0 <= self.strength <= 1):
-            raise InputError(f"strength must be between 0 and 1, got {self.strength!r}")
-        if not isinstance(self.n, (int, np.integer)) or self.n < 1:
+            check_number("eta", self.eta, 0, 1)
+        if self.strength is not None:
+            check_number("strength", self.strength, 0, 1)
+        if not isinstance(self.n, (int, np.integer)) or isinstance(self.n, bool) or self.n < 1:
             raise InputError(f"n (images per call) must be at least 1, got {self.n!r}")
-        if self.seed is not None and not (0 <= self.seed < 2**63):
-            raise InputError(f"seed must be a non-negative integer, got {self.seed!r}")
-        if self.guidance < 0:
-            raise InputError(f"guidance must be >= 0, got {self.guidance!r}")
-        return self if self.seed is not None else replace(self, seed=random.randrange(2**32))
+        if self.seed is not None and (not isinstance(self.seed, (int, np.integer)) or isinstance(self.seed, bool)
+                                      or not -1 <= self.seed < 2**63):
+            raise InputError(f"seed must be a whole number from 0 to 2^63 - 1, or -1 for a random one; got {self.seed!r}")
+        if self.seed is None or self.seed == -1:
+            return replace(self, seed=random.randrange(2**32))
+        return self
 
     @property
     def latent_shape(self) -> tuple[int, int, int, int]:
@@ -200,10 +223,6 @@ def default_model_path() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "default"
 
 
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-
-
 class Pipeline:
     """A loaded model folder. `generate` turns a prompt into PIL images (info: "parameters", "seed")."""
 
@@ -213,15 +232,15 @@ class Pipeline:
         self.config = config
         self.tokenizer = CLIPTokenizer.from_dir(path / parts.TOKENIZER_DIR)
         self.scheduler = SchedulerConfig.from_file(path / parts.SCHEDULER_CONFIG)
-        vae_config = _read_json(path / parts.VAE_DECODER.name / "config.json")
+        vae_config = parts.read_json(path / parts.VAE_DECODER.name / "config.json")
         self.vae_scaling_factor = vae_config.get("scaling_factor", parts.DEFAULT_VAE_SCALING_FACTOR)
         # The size the UNet was trained at, as diffusers defaults to it (SD 1.x: 512).
-        unet_config = _read_json(path / parts.UNET.name / "config.json")
+        unet_config = parts.read_json(path / parts.UNET.name / "config.json")
         self.native_size = int(unet_config.get("sample_size", 64)) * parts.VAE_SCALE
         # Each UNet level but the last halves the latent; sizes must survive that exactly.
         levels = len(unet_config.get("block_out_channels", (0,) * 4))
         self.size_multiple = parts.VAE_SCALE * 2 ** max(levels - 1, 0)
-        self.defaults = Defaults.from_record(_read_json(path / parts.RECORD), path / parts.RECORD)
+        self.defaults = Defaults.from_record(parts.read_json(path / parts.RECORD), path / parts.RECORD)
 
         openvino = providers.PROVIDERS[config.provider].backend == "openvino"
         ir_only = parts.ir_parts(path)
@@ -265,6 +284,9 @@ class Pipeline:
                     f"the embedded default model is missing ({path}); pass a model folder, "
                     "or set SDONNX_MODEL"
                 )
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+                                    or not 1 <= threads <= MAX_THREADS):
+            raise InputError(f"threads must be a whole number from 1 to {MAX_THREADS}, got {threads!r}")
         provider = providers.resolve(provider)
         return cls(LoadConfig(Path(path), provider, threads, providers.resolve_precision(provider, precision),
                               cache.resolve_root(cache_dir), static_shapes))
@@ -386,8 +408,9 @@ class Pipeline:
                 "mask_image needs an inpainting model (a UNet taking 9 channels); "
                 f"{self.name}'s UNet takes {self.unet.shape('sample')[1]}"
             )
-        if init_image is None and self.is_inpainting:
-            raise InputError(f"{self.name} is an inpainting model: pass init_image and mask_image")
+        if self.is_inpainting and (init_image is None or mask_image is None):
+            raise InputError(f"{self.name} is an inpainting model: it needs an init image and a mask "
+                             f"(white = repaint; --init-image and --mask on the command line)")
         if init_image is not None:
             init_image = load_image(init_image)
             own_width, own_height = default_size(init_image, self.size_multiple)
@@ -456,7 +479,7 @@ class Pipeline:
         pixels = to_pixels(fit(init_image, config.width, config.height))
         if mask_image is None:
             return schedule, self.encode_image(pixels) + noise * schedule.sigmas[0], None
-        mask_image = load_image(mask_image, "mask image")
+        mask_image = load_image(mask_image, "mask image", MASK_BACKGROUND)
         if mask_image.size != init_image.size:
             raise InputError(
                 f"the mask is {mask_image.width}x{mask_image.height} but the init image is "

@@ -9,16 +9,34 @@ that the same config gives the same picture.
 
 from __future__ import annotations
 
-import json
+import math
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
 
 from sdonnx.runtime.errors import InputError, ModelFolderError
+from sdonnx.runtime.parts import read_json
 
 SPACINGS = ("leading", "trailing", "linspace")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _valid_field(name: str, value, default) -> bool:
+    """Whether a scheduler_config.json value has the type of SchedulerConfig's field."""
+    if name == "trained_betas":
+        return isinstance(value, list) and all(_is_number(b) and 0 <= b < 1 for b in value)
+    if name == "timestep_spacing" or isinstance(default, str):
+        return isinstance(value, str)
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    return _is_number(value)
 
 
 @dataclass(frozen=True)
@@ -43,12 +61,18 @@ class SchedulerConfig:
         path = Path(path)
         if not path.is_file():
             raise ModelFolderError(f"scheduler config missing: {path}")
-        raw = json.loads(path.read_text(encoding="utf-8"))
-        known = {f.name for f in fields(cls)}
+        raw = read_json(path)
+        known = {f.name: f.default for f in fields(cls)}
         values = {k: v for k, v in raw.items() if k in known and v is not None}
+        for name, value in values.items():
+            if not _valid_field(name, value, known[name]):
+                raise ModelFolderError(f"{path}: {name} {value!r} is not a valid value; repair the file "
+                                       "or export the model again")
         if "trained_betas" in values:
             values["trained_betas"] = tuple(values["trained_betas"])
         config = cls(**values)
+        if config.num_train_timesteps < 2 or config.steps_offset < 0 or config.original_inference_steps < 1:
+            raise ModelFolderError(f"{path}: num_train_timesteps, steps_offset or original_inference_steps out of range")
         if config.prediction_type not in PREDICTION_TYPES:
             raise ModelFolderError(
                 f"{path}: prediction_type {config.prediction_type!r} is not supported "
@@ -231,9 +255,12 @@ def karras_sigmas(sigma_min: float, sigma_max: float, steps: int, rho: float = 7
     return (hi + ramp * (lo - hi)) ** rho
 
 
+MAX_STEPS = 1000  # SD's training timesteps; a model's own count may lower it (see _timesteps)
+
+
 def check_steps(steps: int) -> None:
-    if not isinstance(steps, (int, np.integer)) or steps < 1:
-        raise InputError(f"steps must be a whole number of at least 1, got {steps!r}")
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= MAX_STEPS:
+        raise InputError(f"steps must be a whole number from 1 to {MAX_STEPS}, got {steps!r}")
 
 
 def discrete_schedule(config: SchedulerConfig, steps: int, karras: bool = False) -> Schedule:

@@ -7,7 +7,6 @@ regular expression, mapped to printable byte characters and merged by rank.
 
 from __future__ import annotations
 
-import json
 import unicodedata
 from functools import lru_cache
 from pathlib import Path
@@ -16,6 +15,7 @@ import numpy as np
 import regex
 
 from sdonnx.runtime.errors import ModelFolderError
+from sdonnx.runtime.parts import read_json
 
 SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
 _SPECIAL = regex.compile("(" + "|".join(regex.escape(t) for t in SPECIAL_TOKENS) + ")")
@@ -90,10 +90,10 @@ class CLIPTokenizer:
         for f in (vocab_file, merges_file):
             if not f.is_file():
                 raise ModelFolderError(f"tokenizer file missing: {f}")
-        vocab = json.loads(vocab_file.read_text(encoding="utf-8"))
+        vocab = read_json(vocab_file)
         lines = merges_file.read_text(encoding="utf-8").split("\n")
         merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
-        config = _read_json(path / "tokenizer_config.json")
+        config = read_json(path / "tokenizer_config.json")
         pad = config.get("pad_token", "<|endoftext|>")
         if isinstance(pad, dict):
             pad = pad.get("content", "<|endoftext|>")
@@ -163,7 +163,3 @@ class CLIPTokenizer:
         chunks = [tokens[i:i + body] for i in range(0, len(tokens), body)] or [[]]
         chunks += [[]] * (windows - len(chunks))
         return np.array([self._window(chunk) for chunk in chunks], dtype=np.int64)
-
-
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}

@@ -58,25 +58,31 @@ def test_explicit_file_is_not_overwritten(tiny_onnx, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--model", "{missing}"], "model folder not found"),
-    (["--size", "65x64"], "width must be a positive multiple of 8"),
-    (["--size", "64x60"], "height must be a positive multiple of 8"),
+    (["--size", "65x64"], "width must be a positive multiple of 8 up to"),
+    (["--size", "64x60"], "height must be a positive multiple of 8 up to"),
     (["--size", "big"], "--size must look like 512x512"),
-    (["--steps", "0"], "steps must be a whole number of at least 1"),
+    (["--steps", "0"], "steps must be a whole number from 1 to 1000, got 0"),
     (["--sampler", "nope"], "unknown sampler 'nope'; choose one of: euler, "),
     (["--schedule", "nope"], "unknown schedule 'nope'; choose one of: default, karras"),
     (["--eta", "0.5"], "eta applies to the euler_a, ddim, dpmpp_2m_sde samplers, not euler"),
-    (["--init-image", "{png}", "--strength", "1.5"], "strength must be between 0 and 1, got 1.5"),
+    (["--init-image", "{png}", "--strength", "1.5"], "strength must be a finite number from 0 to 1, got 1.5"),
     (["--strength", "0.5"], "--strength needs --init-image"),
     (["--init-image", "{missing}"], "init image not found"),
     (["--init-image", "{text}"], "cannot be read as an image"),
     (["--mask", "{png}"], "--mask needs --init-image"),
     (["--init-image", "{png}", "--mask", "{png}"], "mask_image needs an inpainting model"),
+    (["--guidance", "inf"], "guidance must be a finite number from 0 to 100, got inf"),
+    (["--guidance", "nan"], "guidance must be a finite number from 0 to 100, got nan"),
+    (["--sampler", "ddim", "--eta", "nan"], "eta must be a finite number from 0 to 1, got nan"),
+    (["--threads", "-1", "--provider", "openvino"], "Invalid value for '--threads'"),
+    (["--seed", "-2"], "or -1 for a random one; got -2"),
+    (["--out", "x.gif"], "sdonnx writes .png, .jpg, .jpeg, .webp files"),
     (["--provider", "tpu"], "unknown provider 'tpu'"),
     (["--provider", "cuda"], "onnxruntime-gpu"),
     (["--precision", "fp8"], "unknown precision 'fp8'"),
     (["--provider", "cpu", "--precision", "bf16"], "'cpu' cannot run in bf16"),
-    (["-n", "0"], "n (images per call) must be at least 1"),
-    (["--n-iter", "0"], "--n-iter (batches) must be at least 1, got 0"),
+    (["-n", "0"], "Invalid value for '-n'"),
+    (["--n-iter", "0"], "Invalid value for '--n-iter'"),
     (["--out", "/proc/forbidden"], "cannot create output folder"),
 ])
 def test_bad_input_gets_clear_error(tiny_onnx, tmp_path, args, message):
@@ -242,8 +248,9 @@ def test_bench_prints_a_table_per_provider(tiny_onnx):
 
 @pytest.mark.parametrize("args, message", [
     (["--provider", "tpu"], "unknown provider 'tpu'"),
-    (["--repeats", "0"], "--repeats must be at least 1"),
-    (["--threads", "0"], "--threads must be at least 1"),
+    (["--repeats", "0"], "Invalid value for '--repeats'"),
+    (["--threads", "0"], "Invalid value for '--threads'"),
+    (["--size", "0x64"], "width must be a positive multiple of 8"),
     (["{missing}"], "model folder not found"),
 ])
 def test_bench_bad_input(tiny_onnx, tmp_path, args, message):
@@ -252,3 +259,142 @@ def test_bench_bad_input(tiny_onnx, tmp_path, args, message):
         args = [str(tiny_onnx), *args]
     proc = sdonnx("bench", *args)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+
+
+def test_an_existing_output_file_is_refused_before_the_model_loads(tiny_onnx, tmp_path):
+    """Issue 18: the refusal came after the whole generation. A model folder that cannot load
+    shows the order: the output is checked first."""
+    (tmp_path / "mine.png").write_bytes(b"precious")
+    proc = sdonnx("generate", "a cat", "--model", tmp_path / "missing", "--out", tmp_path / "mine.png")
+    assert proc.returncode == 2 and "mine.png already exists" in proc.stderr, proc.stderr
+    proc = sdonnx("generate", "a cat", "--model", tmp_path / "missing", "-n", 2, "--grid",
+                  "--out", tmp_path / "run.jpg")
+    assert "model folder not found" in proc.stderr
+    (tmp_path / "run-grid.jpg").write_bytes(b"precious")
+    proc = sdonnx("generate", "a cat", "--model", tmp_path / "missing", "-n", 2, "--grid",
+                  "--out", tmp_path / "run.jpg")
+    assert proc.returncode == 2 and "run-grid.jpg already exists" in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("name, kind", [("x.jpg", "JPEG"), ("x.JPEG", "JPEG"), ("x.webp", "WEBP")])
+def test_out_suffix_chooses_the_format_and_exif_keeps_the_parameters(tiny_onnx, tmp_path, name, kind):
+    """As AUTOMATIC1111 writes JPEG and WebP: the parameters in the EXIF UserComment, in
+    piexif's Unicode form (an 8-byte "UNICODE" prefix, then UTF-16 big-endian)."""
+    proc = sdonnx("generate", "a cat", "--model", tiny_onnx, "--steps", 1, "--size", "64x48", "--seed", 4,
+                  "--out", tmp_path / name)
+    assert proc.returncode == 0, proc.stderr
+    image = Image.open(tmp_path / name)
+    assert image.format == kind and image.size == (64, 48)
+    comment = image.getexif().get_ifd(0x8769)[0x9286]
+    assert comment[:8] == b"UNICODE\0"
+    assert comment[8:].decode("utf-16-be").startswith("a cat\nSteps: 1, Sampler: Euler, CFG scale: 7.5, Seed: 4")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name], "a folder or temporary file was left"
+
+
+def test_output_files_follow_the_umask(tiny_onnx, tmp_path):
+    import os
+
+    for umask, mode in ((0o022, 0o644), (0o077, 0o600)):
+        out = tmp_path / f"u{umask:o}.png"
+        proc = subprocess.run(["sh", "-c", f'umask {umask:o} && exec "$@"', "sh", sys.executable, "-m",
+                               "sdonnx.cli.app", "generate", "a cat", "--model", str(tiny_onnx), "--steps", "1",
+                               "--size", "64x64", "--out", str(out)], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        assert os.stat(out).st_mode & 0o777 == mode
+
+
+def test_a_full_disk_leaves_nothing_and_says_so(tmp_path, monkeypatch):
+    """ENOSPC while the PNG is written: a one-line error, and neither the image nor a
+    temporary file remains."""
+    import errno
+
+    from sdonnx.cli import output
+    from sdonnx.runtime.errors import InputError
+
+    image = Image.new("RGB", (64, 64), "red")
+    image.info["parameters"] = "a cat"
+
+    def full(self, file, *args, **kwargs):
+        file.write(b"\x89PNG partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", full)
+    with pytest.raises(InputError, match="no space left on the device of .*; nothing was written"):
+        output.save_image(image, tmp_path / "x.png", tmp_path, seed=1)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_unwritable_output_folder_is_one_line(tiny_onnx, tmp_path):
+    import os
+
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    os.chmod(folder, 0o500)
+    if os.access(folder, os.W_OK):  # root ignores permissions: a read-only bind would be needed
+        folder = "/proc/sys"
+    proc = sdonnx("generate", "a cat", "--model", tiny_onnx, "--steps", 1, "--out", folder)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "cannot" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_seed_minus_one_is_random_as_in_the_server(tiny_onnx, tmp_path):
+    import re
+
+    seeds = []
+    for i in range(2):
+        proc = sdonnx("generate", "a cat", "--model", tiny_onnx, "--steps", 1, "--size", "64x64", "--seed", -1,
+                      "--out", tmp_path / f"{i}.png")
+        assert proc.returncode == 0, proc.stderr
+        seeds.append(int(re.search(r"Seed: (\d+)", Image.open(tmp_path / f"{i}.png").text["parameters"])[1]))
+    assert seeds[0] != seeds[1]
+
+
+def test_help_states_the_size_multiple_the_models_need():
+    import typer
+
+    from sdonnx.cli.app import app
+
+    command = typer.main.get_command(app).commands["generate"]
+    help_text = " ".join(p.help for p in command.params if p.param_type_name == "option")
+    assert "multiples of 64 for SD 1.x and 2.x, of 32 for the embedded model" in help_text
+    assert "-1 or omitted: a random one" in help_text
+
+
+def test_a_broken_scheduler_config_is_one_line_for_every_command(tiny_onnx, tmp_path):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_onnx, model)
+    (model / "scheduler" / "scheduler_config.json").write_text('{"beta_start": 0.00085,')
+    for args in (["info", model], ["generate", "a cat", "--model", model, "--out", tmp_path / "o"]):
+        proc = sdonnx(*args)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert "scheduler_config.json is not valid JSON (line 1" in proc.stderr
+    (model / "scheduler" / "scheduler_config.json").write_text('{"num_train_timesteps": "many"}')
+    proc = sdonnx("info", model)
+    assert proc.returncode == 2 and "num_train_timesteps 'many' is not a valid value" in proc.stderr, proc.stderr
+
+
+def test_an_inpainting_model_without_a_mask_says_a_mask_is_needed(inpaint_pipeline, tmp_path):
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "in.png")
+    proc = sdonnx("generate", "a cat", "--model", inpaint_pipeline.config.path, "--steps", 1,
+                  "--init-image", tmp_path / "in.png", "--out", tmp_path / "o")
+    assert proc.returncode == 2, proc.stderr
+    assert "is an inpainting model: it needs an init image and a mask" in proc.stderr
+
+
+def test_export_of_a_truncated_safetensors_file_names_it(tiny_source, tmp_path):
+    import os
+    import shutil
+
+    source = tmp_path / "source"
+    shutil.copytree(tiny_source, source)
+    weights = source / "unet" / "diffusion_pytorch_model.safetensors"
+    os.truncate(weights, weights.stat().st_size - 1000)
+    proc = sdonnx("export", source, tmp_path / "out")
+    assert proc.returncode == 2, proc.stderr
+    assert f"{weights} is truncated or damaged" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
+    (source / "unet" / "config.json").write_text("{")
+    proc = sdonnx("export", source, tmp_path / "out")
+    assert proc.returncode == 2 and "unet/config.json is not valid JSON" in proc.stderr, proc.stderr
