@@ -237,7 +237,7 @@ def serve(
     """Serve one model: OpenAI's images API, AUTOMATIC1111's /sdapi/v1, and a web page at /."""
     import importlib.util
 
-    missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
+    missing = [name for name in ("fastapi", "uvicorn", "python_multipart") if importlib.util.find_spec(name) is None]
     if missing:
         raise InputError(f"sdonnx serve needs {' and '.join(missing)}: pip install 'sdonnx[serve]'")
     from sdonnx.cli import server
@@ -281,7 +281,13 @@ def _fail(message: str, code: int = 2) -> None:
 def main() -> None:
     signal.signal(signal.SIGTERM, _terminate)
     try:
-        app(standalone_mode=False)
+        # Outside standalone mode typer returns an exit code instead of exiting: 130 when it
+        # caught a KeyboardInterrupt (Ctrl-C, or SIGTERM through _terminate).
+        code = app(standalone_mode=False)
+        if code == 130:
+            typer.secho("interrupted", err=True)
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except NoArgsIsHelpError as e:
         typer.echo(e.ctx.get_help())
         sys.exit(2)

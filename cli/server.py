@@ -3,9 +3,11 @@
 One worker thread generates, one request at a time, from a bounded queue: a request that finds
 the queue full gets 503 at once (with Retry-After), never a silent drop. Cancellation
 (/sdapi/v1/interrupt) stops the running generation after its current step. Requests carry
-images as base64, never file-system paths; bodies over the size limit get 413; with an API key,
-every endpoint wants it (`Authorization: Bearer KEY`, or HTTP Basic with KEY as password, which
-is what a browser asks for on the page).
+images as base64 (or, for /v1/images/edits, as multipart files), never file-system paths;
+bodies over the size limit get 413; with an API key, every endpoint wants it
+(`Authorization: Bearer KEY`, or HTTP Basic with KEY as password, which is what a browser asks
+for on the page). Request bodies are the pydantic models below, published at /docs and
+/openapi.json; a request they refuse gets 400 with a one-line message naming the field.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import importlib.util
 import io
 import json
 import queue
@@ -23,20 +26,34 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from importlib import resources
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from fastapi import FastAPI, Request
+import numpy as np
+from fastapi import FastAPI, File, HTTPException, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sdonnx.runtime.errors import InputError, SdonnxError
-from sdonnx.runtime.pipeline import SAMPLERS, GenerationConfig, Pipeline
+from sdonnx.runtime.images import MASK_BACKGROUND, default_size, load_image
+from sdonnx.runtime.pipeline import MAX_GUIDANCE, SAMPLERS, GenerationConfig, Pipeline
 
 MAX_BODY_BYTES = 16 * 2**20
 MAX_QUEUE = 4
 MAX_SIDE = 2048
 MAX_BATCH = 8
+MAX_ITER = 32  # A1111's batch count: each batch holds the worker; interrupt stops them all
+MAX_STEPS = 150  # A1111's slider
 SEED_LIMIT = 2**32 - 1
+# A prompt is tokenized whole and encoded in 75-token windows, and every window lengthens the
+# UNet's cross-attention context at every step: a 3 MB prompt held the worker for 22 s and
+# 4 GB. 4000 characters (OpenAI's DALL-E 3 limit) is about 1000 CLIP tokens, 13 windows,
+# far past the longest prompts A1111 users write.
+MAX_PROMPT_CHARS = 4000
+EDIT_STRENGTH = 0.75  # /v1/images/edits without a mask: img2img at A1111's and diffusers' default
+A1111_SCHEDULERS = {"automatic": "default", "karras": "karras"}  # A1111's scheduler names sdonnx has
 
 
 class Busy(Exception):
@@ -51,12 +68,34 @@ class Interrupted(Exception):
         self.step, self.total = step, total
 
 
-class _HttpError(Exception):
-    """An answer other than 200: status, message, extra headers."""
+class _HttpError(HTTPException):
+    """An answer other than 200: (status, message, extra headers). An HTTPException, so that
+    FastAPI lets one raised while it reads a body (413) through to the handler."""
 
-    def __init__(self, status: int, message: str, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.headers = status, message, headers
+
+class ErrorMessage(BaseModel):
+    message: str
+    type: str = "invalid_request_error"
+
+
+class ErrorBody(BaseModel):
+    """Every answer other than 200: OpenAI's error shape, and "detail" as A1111 clients read it."""
+
+    error: ErrorMessage
+    detail: str
+
+
+ERRORS = {400: {"model": ErrorBody, "description": "A bad request: one line naming the field"},
+          401: {"model": ErrorBody, "description": "Missing or wrong API key (with --api-key)"},
+          413: {"model": ErrorBody, "description": f"Body over MAX_BODY_BYTES ({MAX_BODY_BYTES // 2**20} MB)"}}
+GENERATION_ERRORS = {409: {"model": ErrorBody, "description": "Stopped by /sdapi/v1/interrupt"},
+                     503: {"model": ErrorBody, "description": "Queue full: retry after Retry-After seconds"}}
+
+
+def error_response(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    # OpenAI's error shape; A1111 clients read "detail".
+    return JSONResponse({"error": {"message": message, "type": "invalid_request_error"},
+                         "detail": message}, status_code=status, headers=headers)
 
 
 def _b64_png(image: Image.Image) -> str:
@@ -70,64 +109,232 @@ def _b64_png(image: Image.Image) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-def decode_image(value: Any, field_name: str) -> Image.Image:
-    """A base64 image (plain, or a data: URL as browsers make them); nothing else is accepted."""
-    if not isinstance(value, str) or not value:
-        raise InputError(f"{field_name}: expected a base64-encoded image")
+def decode_image(value: str, what: str, background: tuple[int, int, int] | None = None) -> Image.Image:
+    """A base64 image (plain, or a data: URL as browsers make them) as the runtime reads images."""
     if value.startswith("data:"):
         value = value.partition(",")[2]
     try:
         data = base64.b64decode(value, validate=True)
-        return Image.open(io.BytesIO(data)).convert("RGB")
     except (binascii.Error, ValueError):
-        raise InputError(f"{field_name}: not valid base64") from None
-    except (UnidentifiedImageError, OSError):
-        raise InputError(f"{field_name}: not a readable image (PNG, JPEG, WebP ...)") from None
+        raise InputError(f"{what}: not valid base64") from None
+    return load_image(data, what) if background is None else load_image(data, what, background)
 
 
-def sampler_key(name: str | None, scheduler: str | None = None, default: str = "euler") -> tuple[str, str]:
-    """(sampler, schedule) from an A1111 sampler name ("Euler a", "DPM++ 2M Karras") or ours."""
-    schedule = "karras" if (scheduler or "").lower() == "karras" else "default"
-    if not name:
-        return default, schedule
+def openai_mask(data: bytes) -> Image.Image:
+    """OpenAI's edit mask (transparent where to edit) as sdonnx's (white = repaint)."""
+    try:
+        with Image.open(io.BytesIO(data)) as opened:
+            alpha = np.asarray(ImageOps.exif_transpose(opened).convert("RGBA"))[..., 3]
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        raise InputError(f"mask cannot be read as an image ({e})") from None
+    return Image.fromarray(np.where(alpha == 0, 255, 0).astype(np.uint8), "L")
+
+
+def find_sampler(name: str) -> tuple[str, bool]:
+    """(sampler key, Karras?) from an A1111 sampler name ("Euler a", "DPM++ 2M Karras") or ours."""
     wanted = name.strip().lower()
-    if wanted.endswith(" karras"):
-        wanted, schedule = wanted[: -len(" karras")], "karras"
+    karras = wanted.endswith(" karras")
+    if karras:
+        wanted = wanted[: -len(" karras")]
     for key, sampler in SAMPLERS.items():
         if wanted in (key, sampler.label.lower()):
-            return key, schedule
+            return key, karras
     known = ", ".join(s.label for s in SAMPLERS.values())
-    raise InputError(f"unknown sampler {name!r}; choose one of: {known}")
+    raise ValueError(f"unknown sampler {name!r}; choose one of: {known}")
 
 
-def _number(body: dict, name: str, default, kind=int, low=None, high=None):
-    value = body.get(name, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
-        raise InputError(f"{name}: expected {'an integer' if kind is int else 'a number'}, got {value!r}")
-    value = kind(value)
-    if (low is not None and value < low) or (high is not None and value > high):
-        raise InputError(f"{name}: {value} is outside {low}..{high}")
+def _known_sampler(name: str | None) -> str | None:
+    if name:
+        find_sampler(name)
+    return name
+
+
+def _known_scheduler(name: str | None) -> str | None:
+    if name and name.strip().lower() not in A1111_SCHEDULERS:
+        raise ValueError(f"sdonnx has no scheduler {name!r}; it has Automatic and Karras")
+    return name
+
+
+def _size(value: str | None) -> str | None:
+    if value is None or value == "auto":
+        return value
+    try:
+        width, height = (int(v) for v in value.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"expected WIDTHxHEIGHT such as 512x512, got {value!r}") from None
+    if not (8 <= width <= MAX_SIDE and 8 <= height <= MAX_SIDE):
+        raise ValueError(f"{value} is outside 8..{MAX_SIDE} per side")
     return value
 
 
-def _text(body: dict, name: str, default: str = "") -> str:
-    value = body.get(name, default)
-    if value is None:
-        return default
-    if not isinstance(value, str):
-        raise InputError(f"{name}: expected a string")
+def _b64_json_only(value: str | None) -> str | None:
+    if value not in (None, "b64_json"):
+        raise ValueError("only b64_json is served (no URLs: nothing is stored)")
     return value
+
+
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("required: describe the picture")
+    return value
+
+
+def _not_done(what: str, *off) -> AfterValidator:
+    """A field whose other values change the picture in a way sdonnx does not implement."""
+    def check(value):
+        if value is not None and value not in off:
+            raise ValueError(f"sdonnx does not do {what}; send {json.dumps(off[0])} or leave it out")
+        return value
+
+    return AfterValidator(check)
+
+
+Prompt = Annotated[str, Field(max_length=MAX_PROMPT_CHARS,
+                              description=f"At most {MAX_PROMPT_CHARS} characters (MAX_PROMPT_CHARS).")]
+SamplerName = Annotated[str, Field(max_length=100), AfterValidator(_known_sampler)]
+
+
+class _Request(BaseModel):
+    # NaN and Infinity parse as JSON numbers in Python; no setting takes them.
+    model_config = ConfigDict(allow_inf_nan=False, extra="ignore")
+
+
+class A1111Request(_Request):
+    """The fields /sdapi/v1/txt2img and /sdapi/v1/img2img share, with AUTOMATIC1111's names.
+
+    Unset steps, cfg_scale and sampler take the model's recommended settings (sdonnx.json
+    "defaults", else 20, 7.5, Euler); unset width and height its native size. n_iter batches
+    of batch_size run one after another; image j of the request uses seed + j, as in A1111.
+    eta is used by the samplers that take it (DDIM, Euler a, DPM++ 2M SDE) and, as in A1111,
+    ignored by the others. Fields A1111 has that change nothing here (save_images,
+    do_not_save_*, override_settings_restore_afterwards, hr_* without enable_hr, ...) and
+    unknown fields are ignored; a field asking for something that would change the picture
+    and that sdonnx does not do (styles, variation seeds, face restoration, tiling, s_churn,
+    scripts ...) gets 400. override_settings follow /sdapi/v1/options.
+    """
+
+    prompt: Prompt = ""
+    negative_prompt: Prompt = ""
+    steps: int | None = Field(None, ge=1, le=MAX_STEPS, description="Default: the model's.")
+    cfg_scale: float | None = Field(None, ge=0, le=MAX_GUIDANCE, description="Default: the model's.")
+    seed: int = Field(-1, ge=-1, le=SEED_LIMIT, description="-1: a random seed (reported in info).")
+    sampler_name: SamplerName | None = Field(None, description="A1111's label (Euler a, DPM++ 2M Karras ...).")
+    sampler_index: SamplerName | None = Field(None, description="A1111's older name for sampler_name.")
+    scheduler: Annotated[str | None, Field(max_length=100), AfterValidator(_known_scheduler)] = Field(
+        None, description="Automatic (the model's schedule) or Karras.")
+    width: int | None = Field(None, ge=8, le=MAX_SIDE, description="Default: the model's native size.")
+    height: int | None = Field(None, ge=8, le=MAX_SIDE)
+    batch_size: int = Field(1, ge=1, le=MAX_BATCH, description="Images per batch, generated together.")
+    n_iter: int = Field(1, ge=1, le=MAX_ITER, description="Batches, generated one after another.")
+    eta: float | None = Field(None, ge=0, le=1, description="Noise share for DDIM, Euler a, DPM++ 2M SDE.")
+    send_images: bool = Field(True, description="False: answer without the images.")
+    override_settings: dict[str, Any] = Field({}, description="As POST /sdapi/v1/options.")
+    styles: Annotated[list[str], _not_done("saved styles (put their text in the prompt)", [])] = []
+    subseed: int = Field(-1, description="Unused: variation seeds are not done.")
+    subseed_strength: Annotated[float, _not_done("variation seeds (subseed_strength)", 0)] = 0
+    seed_resize_from_h: Annotated[int, _not_done("seed resizing", -1, 0)] = -1
+    seed_resize_from_w: Annotated[int, _not_done("seed resizing", -1, 0)] = -1
+    restore_faces: Annotated[bool | None, _not_done("face restoration", False)] = None
+    tiling: Annotated[bool | None, _not_done("tiling", False)] = None
+    s_churn: Annotated[float | None, _not_done("s_churn", 0)] = None
+    s_noise: Annotated[float | None, _not_done("s_noise", 1)] = None
+    s_min_uncond: Annotated[float | None, _not_done("s_min_uncond", 0)] = None
+    refiner_checkpoint: Annotated[str | None, _not_done("refiners", "")] = None
+    script_name: Annotated[str | None, _not_done("scripts", "")] = None
+    alwayson_scripts: Annotated[dict[str, Any], _not_done("scripts (alwayson_scripts)", {})] = {}
+
+    def sampler_and_schedule(self, default: str) -> tuple[str, str]:
+        name = self.sampler_name or self.sampler_index
+        sampler, karras = find_sampler(name) if name else (default, False)
+        if (self.scheduler or "").strip().lower() == "karras":
+            karras = True
+        return sampler, "karras" if karras else "default"
+
+
+class Txt2ImgRequest(A1111Request):
+    """POST /sdapi/v1/txt2img. Hires fix (enable_hr) is not done: 400."""
+
+    enable_hr: Annotated[bool, _not_done("hires fix (enable_hr)", False)] = False
+
+
+class Img2ImgRequest(A1111Request):
+    """POST /sdapi/v1/img2img: one init image; with a mask (white = repaint), an inpainting model.
+
+    resize_mode 0 (A1111's default) stretches the init image to width x height, 1 scales it to
+    cover and crops the centre; 2 and 3 get 400. Without width and height the init image's own
+    size, rounded down to what the model takes, is used. sdonnx inpaints as diffusers does: the
+    whole picture, with the mask as it is (no blur), from the original image under the noise
+    (A1111's "original" fill); A1111's other choices get 400 when a mask is sent (it defaults
+    to inpaint_full_res true, mask_blur 4, inpainting_fill 0: send false, 0, 1).
+    """
+
+    init_images: list[str] = Field(min_length=1, max_length=1, description="One base64 image.")
+    denoising_strength: float = Field(0.75, ge=0, le=1)
+    mask: str | None = Field(None, description="A base64 image, white = repaint (inpainting models).")
+    resize_mode: Annotated[int, _not_done("resize modes 2 and 3 (fill, latent upscale)", 0, 1)] = 0
+    inpainting_mask_invert: Literal[0, 1] = Field(0, description="1: black = repaint.")
+    inpaint_full_res: bool | None = Field(None, description="Only false: the whole picture is inpainted.")
+    mask_blur: int | None = Field(None, description="Only 0: the mask is used as it is.")
+    inpainting_fill: int | None = Field(None, description="Only 1 (original).")
+    initial_noise_multiplier: Annotated[float | None, _not_done("initial_noise_multiplier", 1)] = None
+
+    @model_validator(mode="after")
+    def _inpainting_as_sdonnx_does(self) -> "Img2ImgRequest":
+        if self.mask is not None:
+            for name, off, what in (("inpaint_full_res", False, "inpainting only the masked area"),
+                                    ("mask_blur", 0, "mask blur"),
+                                    ("inpainting_fill", 1, "inpainting fills other than 1 (original)")):
+                if getattr(self, name) not in (None, off):
+                    raise ValueError(f"{name}: sdonnx does not do {what}; send {json.dumps(off)} or leave it out")
+        return self
+
+
+class ImagesRequest(_Request):
+    """POST /v1/images/generations, OpenAI's names, plus sdonnx's own settings.
+
+    model is accepted and ignored (one model per server); response_format can only be b64_json.
+    steps, guidance and sampler default to the model's; eta for a sampler without it gets 400.
+    """
+
+    prompt: Annotated[Prompt, AfterValidator(_not_blank)]
+    n: int = Field(1, ge=1, le=MAX_BATCH)
+    size: Annotated[str | None, Field(max_length=20), AfterValidator(_size)] = Field(
+        None, description="WIDTHxHEIGHT in the model's multiples, or auto; default: its native size.")
+    response_format: Annotated[str | None, AfterValidator(_b64_json_only)] = Field(
+        "b64_json", json_schema_extra={"enum": ["b64_json"]})
+    model: str | None = Field(None, max_length=200, description="Ignored: the server has one model.")
+    negative_prompt: Prompt = ""
+    steps: int | None = Field(None, ge=1, le=MAX_STEPS)
+    guidance: float | None = Field(None, ge=0, le=MAX_GUIDANCE)
+    seed: int = Field(-1, ge=-1, le=SEED_LIMIT, description="-1: a random seed (reported per image).")
+    sampler: SamplerName | None = Field(None, description="euler, euler_a, ... or A1111's label.")
+    schedule: Literal["default", "karras"] = "default"
+    eta: float | None = Field(None, ge=0, le=1, description="Only for ddim, euler_a, dpmpp_2m_sde.")
+
+
+class EditRequest(ImagesRequest):
+    """POST /v1/images/edits (multipart/form-data, as OpenAI's API and the openai package send it).
+
+    With a mask (OpenAI's convention: its transparent pixels are where to edit) an inpainting
+    model repaints it; without one, img2img at `strength` (default EDIT_STRENGTH, 0.75).
+    Without size, the image's own size, rounded down to what the model takes.
+    """
+
+    image: UploadFile = Field(description="The picture to edit (PNG, JPEG, WebP ...).")
+    mask: UploadFile | None = Field(None, description="Transparent (alpha 0) where to edit; same size.")
+    strength: float | None = Field(None, ge=0, le=1, description=f"Default: {EDIT_STRENGTH} without a mask, "
+                                                                 "1 (the masked area from noise) with one.")
 
 
 @dataclass
 class Job:
-    """One request's generation settings; the worker fills `images` or `error`, then settles
-    `done`, a future of the request's event loop, so a waiting request holds no thread."""
+    """One request's generation settings, run `runs` times (A1111's n_iter) with consecutive
+    seeds; the worker fills `images` or `error`, then settles `done`, a future of the request's
+    event loop, so a waiting request holds no thread."""
 
     settings: dict
     done: asyncio.Future
+    runs: int = 1
     images: list[Image.Image] = field(default_factory=list)
     error: Exception | None = None
 
@@ -153,6 +360,7 @@ class Worker:
         self.jobs: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
         self.lock = threading.Lock()
         self.step = self.total = 0
+        self.batch = 0  # of the running job's n_iter
         self.started = 0.0
         self.preview: str | None = None
         self.preview_wanted = threading.Event()
@@ -162,9 +370,9 @@ class Worker:
         self.thread = threading.Thread(target=self._loop, name="sdonnx-worker", daemon=True)
         self.thread.start()
 
-    def submit(self, settings: dict) -> Job:
+    def submit(self, settings: dict, runs: int = 1) -> Job:
         """Queue a generation; called on the event loop that will await `job.done`."""
-        job = Job(settings, asyncio.get_running_loop().create_future())
+        job = Job(settings, asyncio.get_running_loop().create_future(), runs)
         try:
             self.jobs.put_nowait(job)
         except queue.Full:
@@ -176,10 +384,15 @@ class Worker:
             job = self.jobs.get()
             with self.lock:
                 self.running, self.step, self.total, self.preview = job, 0, job.settings["steps"], None
+                self.batch = 0
                 self.started = time.monotonic()
                 self.interrupt.clear()
             try:
-                job.images = self.pipe.generate(**job.settings, on_step=self._on_step)
+                for batch in range(job.runs):
+                    with self.lock:
+                        self.batch, self.step = batch, 0
+                    seed = job.settings["seed"] + batch * job.settings["n"]
+                    job.images += self.pipe.generate(**{**job.settings, "seed": seed}, on_step=self._on_step)
             except Exception as e:  # reported to the waiting request
                 job.error = e
             finally:
@@ -212,156 +425,218 @@ class Worker:
 
     def progress(self, preview: bool) -> dict:
         with self.lock:
-            running, step, total, image = self.running, self.step, self.total, self.preview
+            running, step, total, image, batch = self.running, self.step, self.total, self.preview, self.batch
             elapsed = time.monotonic() - self.started
         if preview and running:
             self.preview_wanted.set()
-        fraction = step / total if running and total else 0.0
+        fraction = (batch + step / total) / running.runs if running and total else 0.0
         return {
             "progress": fraction,
             "eta_relative": elapsed / fraction - elapsed if fraction > 0 else 0.0,
             "state": {"job_count": self.jobs.qsize() + (1 if running else 0), "sampling_step": step,
                       "sampling_steps": total, "interrupted": self.interrupt.is_set(),
-                      "job": "generating" if running else ""},
+                      "job": "generating" if running else "", "job_no": batch if running else 0},
             "current_image": image if preview and running else None,
             "textinfo": f"step {step} of {total}" if running else None,
         }
 
 
-class Settings:
-    """Request bodies -> Pipeline.generate keyword arguments, with A1111's and OpenAI's names."""
+def _random_seed(seed: int) -> int:
+    return random.randrange(SEED_LIMIT // 2) if seed == -1 else seed
 
-    def __init__(self, pipe: Pipeline):
-        self.pipe = pipe
 
-    def _size(self, width: int, height: int) -> tuple[int, int]:
-        m = self.pipe.size_multiple
-        if width % m or height % m:
-            raise InputError(f"width and height must be multiples of {m} for this model; got {width}x{height}")
-        return width, height
+def _checked_size(pipe: Pipeline, width: int, height: int) -> tuple[int, int]:
+    m = pipe.size_multiple
+    if width % m or height % m:
+        raise InputError(f"width and height must be multiples of {m} for this model; got {width}x{height}")
+    return width, height
 
-    def _seed(self, body: dict, name: str = "seed") -> int:
-        seed = _number(body, name, -1, int, -1, SEED_LIMIT)
-        return random.randrange(SEED_LIMIT // 2) if seed == -1 else seed
 
-    def a1111(self, body: dict, img2img: bool = False) -> dict:
-        native = self.pipe.native_size
-        defaults = self.pipe.defaults
-        sampler, schedule = sampler_key(_text(body, "sampler_name") or _text(body, "sampler_index"),
-                                        _text(body, "scheduler"), defaults.sampler)
-        width = _number(body, "width", native, int, 8, MAX_SIDE)
-        height = _number(body, "height", native, int, 8, MAX_SIDE)
-        settings = {
-            "prompt": _text(body, "prompt"),
-            "negative_prompt": _text(body, "negative_prompt"),
-            "steps": _number(body, "steps", defaults.steps, int, 1, 150),
-            "guidance": _number(body, "cfg_scale", defaults.guidance, float, 0.0, 30.0),
-            "seed": self._seed(body),
-            "sampler": sampler,
-            "schedule": schedule,
-            "n": _number(body, "batch_size", 1, int, 1, MAX_BATCH),
-        }
-        if img2img:
-            images = body.get("init_images")
-            if not isinstance(images, list) or not images:
-                raise InputError("init_images: expected a list with one base64 image")
-            settings["init_image"] = decode_image(images[0], "init_images[0]")
-            settings["strength"] = _number(body, "denoising_strength", 0.75, float, 0.0, 1.0)
-            if body.get("mask"):
-                settings["mask_image"] = decode_image(body["mask"], "mask")
-            if "width" not in body and "height" not in body:
-                width = height = None  # the init image's own size
-        if width is not None:
-            settings["width"], settings["height"] = self._size(width, height)
-        return settings
+def _needs_right_model(pipe: Pipeline, mask: bool, field_name: str) -> None:
+    """Refused before queueing, with the API's field names, what Pipeline.generate would refuse."""
+    if mask and not pipe.is_inpainting:
+        raise InputError(f"{field_name}: a mask needs an inpainting model; {pipe.name} is not one "
+                         f"(leave the mask out for img2img)")
+    if not mask and pipe.is_inpainting:
+        raise InputError(f"{pipe.name} is an inpainting model: send a {field_name} (white = repaint)")
 
-    def openai(self, body: dict) -> dict:
-        native = self.pipe.native_size
-        size = _text(body, "size", f"{native}x{native}")
+
+def a1111_options(pipe: Pipeline) -> dict:
+    """A1111's settings that change pictures, at the values sdonnx generates with."""
+    return {"sd_model_checkpoint": pipe.name, "sd_checkpoint_hash": None, "sd_vae": "Automatic",
+            "CLIP_stop_at_last_layers": 1, "eta_ddim": 0.0, "eta_ancestral": 1.0, "eta_noise_seed_delta": 0,
+            "s_churn": 0.0, "s_tmin": 0.0, "s_noise": 1.0, "s_min_uncond": 0.0,
+            "img2img_background_color": "#ffffff", "samples_format": "png"}
+
+
+def check_options(pipe: Pipeline, options: dict, where: str) -> None:
+    """Setting an option GET /sdapi/v1/options reports to another value is 400 (one model per
+    server, fixed settings); other keys (saving, UI, extensions) change no picture and are ignored."""
+    fixed = a1111_options(pipe)
+    for key, value in options.items():
+        if key not in fixed or value == fixed[key]:
+            continue
+        if key == "sd_model_checkpoint":
+            raise InputError(f"{where}: sd_model_checkpoint {str(value)[:100]!r}: this server serves one "
+                             f"model, {pipe.name!r}; start another `sdonnx serve --model` for another")
+        raise InputError(f"{where}: {key} is fixed at {fixed[key]!r} in sdonnx, got {str(value)[:100]!r}")
+
+
+def a1111_settings(pipe: Pipeline, request: A1111Request) -> dict:
+    """Pipeline.generate keyword arguments for an A1111 request."""
+    check_options(pipe, request.override_settings, "override_settings")
+    defaults = pipe.defaults
+    sampler, schedule = request.sampler_and_schedule(defaults.sampler)
+    settings = {
+        "prompt": request.prompt,
+        "negative_prompt": request.negative_prompt,
+        "steps": defaults.steps if request.steps is None else request.steps,
+        "guidance": defaults.guidance if request.cfg_scale is None else request.cfg_scale,
+        "seed": _random_seed(request.seed),
+        "sampler": sampler,
+        "schedule": schedule,
+        "n": request.batch_size,
+    }
+    if request.eta is not None and "eta" in SAMPLERS[sampler].options:  # A1111 ignores it elsewhere
+        settings["eta"] = request.eta
+    width, height = request.width, request.height
+    if isinstance(request, Img2ImgRequest):
+        _needs_right_model(pipe, request.mask is not None, "mask")
+        init = decode_image(request.init_images[0], "init_images[0]")
+        mask = None if request.mask is None else decode_image(request.mask, "mask", MASK_BACKGROUND)
+        if mask is not None and request.inpainting_mask_invert:
+            mask = ImageOps.invert(mask)
+        own_width, own_height = default_size(init, pipe.size_multiple)
+        width, height = width or own_width, height or own_height
+        if request.resize_mode == 0:  # A1111's "Just resize"; the runtime's own fit is mode 1
+            init = init.resize((width, height), Image.Resampling.LANCZOS)
+            mask = None if mask is None else mask.resize((width, height), Image.Resampling.LANCZOS)
+        settings.update(init_image=init, strength=request.denoising_strength)
+        if mask is not None:
+            settings["mask_image"] = mask
+    settings["width"], settings["height"] = _checked_size(pipe, width or pipe.native_size,
+                                                          height or pipe.native_size)
+    return settings
+
+
+def openai_settings(pipe: Pipeline, request: ImagesRequest) -> dict:
+    """Pipeline.generate keyword arguments for an OpenAI request (without its images)."""
+    defaults = pipe.defaults
+    sampler, karras = find_sampler(request.sampler) if request.sampler else (defaults.sampler, False)
+    settings = {
+        "prompt": request.prompt,
+        "negative_prompt": request.negative_prompt,
+        "steps": defaults.steps if request.steps is None else request.steps,
+        "guidance": defaults.guidance if request.guidance is None else request.guidance,
+        "seed": _random_seed(request.seed),
+        "sampler": sampler,
+        "schedule": "karras" if karras else request.schedule,
+        "n": request.n,
+    }
+    if request.eta is not None:
+        settings["eta"] = request.eta
+    if request.size not in (None, "auto"):
+        settings["width"], settings["height"] = _checked_size(pipe, *(int(v) for v in request.size.lower().split("x")))
+    elif not isinstance(request, EditRequest):
+        settings["width"] = settings["height"] = pipe.native_size
+    return settings
+
+
+def validation_message(errors: list[dict]) -> str:
+    """pydantic's first complaint as one line naming the field: "cfg_scale: Input should be ..."."""
+    error = errors[0]
+    kind, ctx = error["type"], error.get("ctx") or {}
+    if kind == "json_invalid":
+        return f"malformed JSON: {ctx.get('error', error['msg'])}"
+    place = ""
+    for part in error["loc"][1:]:  # after "body" or "query"
+        place += f"[{part}]" if isinstance(part, int) else f"{'.' if place else ''}{part}"
+    if kind == "value_error":
+        text = str(ctx.get("error", error["msg"]))
+    elif kind == "missing":
+        text = "required"
+    elif kind == "string_too_long":
+        text = f"at most {ctx['max_length']} characters, got {len(error['input'])}"
+    else:
+        text = error["msg"]
+        value = error.get("input")
+        if isinstance(value, (int, float, str)) and len(repr(value)) <= 40:
+            text += f", got {value!r}"
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    if place:
+        return f"{place}: {text}{more}"
+    if kind in ("missing", "model_attributes_type", "dict_type", "model_type"):
+        return "the body must be a JSON object (Content-Type: application/json)"
+    return f"{text}{more}"  # a check across fields names them itself
+
+
+def authorized(header: str, api_key: str | None) -> bool:
+    if api_key is None:
+        return True
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() == "bearer":
+        return secrets.compare_digest(value.strip(), api_key)
+    if scheme.lower() == "basic":
         try:
-            width, height = (int(v) for v in size.lower().split("x"))
-        except ValueError:
-            raise InputError(f"size: expected WIDTHxHEIGHT such as {native}x{native}, got {size!r}") from None
-        if not (8 <= width <= MAX_SIDE and 8 <= height <= MAX_SIDE):
-            raise InputError(f"size: {size} is outside 8..{MAX_SIDE} per side")
-        if _text(body, "response_format", "b64_json") != "b64_json":
-            raise InputError("response_format: only b64_json is served (no URLs: nothing is stored)")
-        if not _text(body, "prompt").strip():
-            raise InputError("prompt: required")
-        defaults = self.pipe.defaults
-        sampler, schedule = sampler_key(_text(body, "sampler"), _text(body, "schedule"), defaults.sampler)
-        width, height = self._size(width, height)
-        return {
-            "prompt": _text(body, "prompt"),
-            "negative_prompt": _text(body, "negative_prompt"),
-            "steps": _number(body, "steps", defaults.steps, int, 1, 150),
-            "guidance": _number(body, "guidance", defaults.guidance, float, 0.0, 30.0),
-            "seed": self._seed(body),
-            "sampler": sampler,
-            "schedule": schedule,
-            "n": _number(body, "n", 1, int, 1, MAX_BATCH),
-            "width": width,
-            "height": height,
-        }
+            _, _, password = base64.b64decode(value).decode().partition(":")
+        except (binascii.Error, UnicodeDecodeError):
+            return False
+        return secrets.compare_digest(password, api_key)
+    return False
+
+
+class Guard:
+    """ASGI middleware in front of every endpoint, /docs included: the API key, then the body
+    size limit, at once from Content-Length, and while the body is read when it has none
+    (chunked): FastAPI reads bodies itself, through `receive`."""
+
+    def __init__(self, app, api_key: str | None, max_body: int):
+        self.app, self.api_key, self.max_body = app, api_key, max_body
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        request = Request(scope)
+        too_large = f"request body over {self.max_body // 2**20} MB"
+        if not authorized(request.headers.get("authorization", ""), self.api_key):
+            response = error_response(401, "missing or wrong API key: send Authorization: Bearer KEY",
+                                      {"WWW-Authenticate": 'Basic realm="sdonnx"'})
+            return await response(scope, receive, send)
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_body):
+            return await error_response(413, too_large)(scope, receive, send)
+        received = 0
+
+        async def counted():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_body:
+                raise _HttpError(413, too_large)
+            return message
+
+        await self.app(scope, counted, send)
 
 
 def create_app(pipe: Pipeline, api_key: str | None = None, max_queue: int = MAX_QUEUE,
                max_body: int = MAX_BODY_BYTES):
-    app = FastAPI(title="sdonnx", docs_url=None, redoc_url=None, openapi_url=None)
+    if not (importlib.util.find_spec("python_multipart") or importlib.util.find_spec("multipart")):
+        raise InputError("sdonnx serve needs python-multipart (for /v1/images/edits): pip install 'sdonnx[serve]'")
+    app = FastAPI(title="sdonnx", version="0.1.0", redoc_url=None,
+                  description="One Stable Diffusion model behind OpenAI's images API and AUTOMATIC1111's "
+                              "/sdapi/v1. Errors: 400 with a one-line message, 413 body over "
+                              f"{max_body // 2**20} MB, 503 queue full (Retry-After), 409 interrupted.",
+                  responses=ERRORS)
+    app.add_middleware(Guard, api_key=api_key, max_body=max_body)
     worker = Worker(pipe, max_queue)
-    settings = Settings(pipe)
     app.state.worker = worker
 
-    def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
-        # OpenAI's error shape; A1111 clients read "detail".
-        return JSONResponse({"error": {"message": message, "type": "invalid_request_error"},
-                             "detail": message}, status_code=status, headers=headers)
-
-    def authorized(request: Request) -> bool:
-        if api_key is None:
-            return True
-        header = request.headers.get("authorization", "")
-        scheme, _, value = header.partition(" ")
-        if scheme.lower() == "bearer":
-            return secrets.compare_digest(value.strip(), api_key)
-        if scheme.lower() == "basic":
-            try:
-                _, _, password = base64.b64decode(value).decode().partition(":")
-            except (binascii.Error, UnicodeDecodeError):
-                return False
-            return secrets.compare_digest(password, api_key)
-        return False
-
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        if not authorized(request):
-            return error(401, "missing or wrong API key: send Authorization: Bearer KEY",
-                         {"WWW-Authenticate": 'Basic realm="sdonnx"'})
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > max_body):
-            return error(413, f"request body over {max_body // 2**20} MB")
-        return await call_next(request)
-
-    async def body_of(request: Request) -> dict:
-        data = b""
-        async for chunk in request.stream():  # chunked bodies have no content-length
-            data += chunk
-            if len(data) > max_body:
-                raise _HttpError(413, f"request body over {max_body // 2**20} MB")
-        try:
-            body = json.loads(data or b"{}")
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise _HttpError(400, f"malformed JSON: {e}") from None
-        if not isinstance(body, dict):
-            raise _HttpError(400, "the body must be a JSON object")
-        return body
-
-    async def run(job_settings: dict) -> list[Image.Image]:
+    async def run(settings: dict, runs: int = 1) -> list[Image.Image]:
         names = ("prompt", "negative_prompt", "steps", "guidance", "seed", "width", "height", "sampler",
-                 "n", "schedule", "strength")
-        GenerationConfig(**{k: job_settings[k] for k in names if k in job_settings}).validate()
+                 "n", "schedule", "eta", "strength")
+        GenerationConfig(**{k: settings[k] for k in names if k in settings}).validate()
         try:
-            job = worker.submit(job_settings)
+            job = worker.submit(settings, runs)
         except Busy:
             raise _HttpError(503, f"busy: {max_queue} requests already queued; retry later",
                              {"Retry-After": "5"}) from None
@@ -374,15 +649,23 @@ def create_app(pipe: Pipeline, api_key: str | None = None, max_queue: int = MAX_
             raise _HttpError(500, f"generation failed: {job.error}")
         return job.images
 
-    @app.exception_handler(_HttpError)
-    async def http_error(request: Request, e: _HttpError):
-        return error(e.status, e.message, e.headers)
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException):
+        return error_response(e.status_code, str(e.detail), e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, e: RequestValidationError):
+        return error_response(400, validation_message(list(e.errors())))
 
     @app.exception_handler(SdonnxError)
     async def bad_input(request: Request, e: SdonnxError):
-        return error(400, str(e))
+        return error_response(400, str(e))
 
-    @app.get("/", response_class=HTMLResponse)
+    @app.exception_handler(Exception)
+    async def fault(request: Request, e: Exception):
+        return error_response(500, f"internal error: {type(e).__name__}: {e}")
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page():
         return resources.files("sdonnx.cli").joinpath("page.html").read_text(encoding="utf-8")
 
@@ -398,42 +681,67 @@ def create_app(pipe: Pipeline, api_key: str | None = None, max_queue: int = MAX_
         return {"object": "list", "data": [{"id": pipe.name, "object": "model", "owned_by": "sdonnx",
                                             "created": 0}]}
 
-    @app.post("/v1/images/generations")
-    async def openai_generations(request: Request):
-        job_settings = settings.openai(await body_of(request))
-        images = await run(job_settings)
+    def openai_answer(settings: dict, images: list[Image.Image]) -> dict:
         return {"created": int(time.time()),
-                "data": [{"b64_json": _b64_png(im), "revised_prompt": job_settings["prompt"],
+                "data": [{"b64_json": _b64_png(im), "revised_prompt": settings["prompt"],
                           "seed": im.info["seed"]} for im in images]}
 
-    async def a1111(request: Request, img2img: bool):
-        body = await body_of(request)
-        job_settings = settings.a1111(body, img2img)
-        images = await run(job_settings)
+    @app.post("/v1/images/generations", responses=GENERATION_ERRORS)
+    async def openai_generations(request: ImagesRequest):
+        settings = openai_settings(pipe, request)
+        return openai_answer(settings, await run(settings))
+
+    @app.post("/v1/images/edits", responses=GENERATION_ERRORS)
+    async def openai_edits(request: Annotated[EditRequest, File()]):  # File: multipart/form-data
+        settings = openai_settings(pipe, request)
+        _needs_right_model(pipe, request.mask is not None, "mask")
+        settings["init_image"] = load_image(await request.image.read(), "image")
+        if request.mask is not None:
+            settings["mask_image"] = openai_mask(await request.mask.read())
+        default = EDIT_STRENGTH if request.mask is None else 1.0
+        settings["strength"] = default if request.strength is None else request.strength
+        return openai_answer(settings, await run(settings))
+
+    async def a1111(request: A1111Request) -> dict:
+        settings = a1111_settings(pipe, request)
+        images = await run(settings, request.n_iter)
         seeds = [im.info["seed"] for im in images]
         info = {
-            "prompt": job_settings["prompt"], "all_prompts": [job_settings["prompt"]] * len(images),
-            "negative_prompt": job_settings["negative_prompt"],
-            "all_negative_prompts": [job_settings["negative_prompt"]] * len(images),
+            "prompt": settings["prompt"], "all_prompts": [settings["prompt"]] * len(images),
+            "negative_prompt": settings["negative_prompt"],
+            "all_negative_prompts": [settings["negative_prompt"]] * len(images),
             "seed": seeds[0], "all_seeds": seeds, "subseed": -1, "all_subseeds": [-1] * len(images),
             "width": images[0].width, "height": images[0].height,
-            "sampler_name": SAMPLERS[job_settings["sampler"]].label,
-            "cfg_scale": job_settings["guidance"], "steps": job_settings["steps"],
-            "batch_size": len(images), "sd_model_name": pipe.name,
-            "denoising_strength": job_settings.get("strength"),
+            "sampler_name": SAMPLERS[settings["sampler"]].label,
+            "scheduler": "Karras" if settings["schedule"] == "karras" else "Automatic",
+            "cfg_scale": settings["guidance"], "steps": settings["steps"], "eta": settings.get("eta"),
+            "batch_size": request.batch_size, "n_iter": request.n_iter, "sd_model_name": pipe.name,
+            "denoising_strength": settings.get("strength"),
             "infotexts": [im.info["parameters"] for im in images], "version": "sdonnx 0.1.0",
         }
-        parameters = {k: v for k, v in body.items() if k not in ("init_images", "mask")}
-        return {"images": [_b64_png(im) for im in images], "parameters": parameters,
-                "info": json.dumps(info)}
+        parameters = request.model_dump(exclude={"init_images", "mask"})
+        return {"images": [_b64_png(im) for im in images] if request.send_images else [],
+                "parameters": parameters, "info": json.dumps(info)}
 
-    @app.post("/sdapi/v1/txt2img")
-    async def txt2img(request: Request):
-        return await a1111(request, img2img=False)
+    @app.post("/sdapi/v1/txt2img", responses=GENERATION_ERRORS)
+    async def txt2img(request: Txt2ImgRequest):
+        return await a1111(request)
 
-    @app.post("/sdapi/v1/img2img")
-    async def img2img(request: Request):
-        return await a1111(request, img2img=True)
+    @app.post("/sdapi/v1/img2img", responses=GENERATION_ERRORS)
+    async def img2img(request: Img2ImgRequest):
+        return await a1111(request)
+
+    @app.get("/sdapi/v1/options")
+    async def get_options():
+        """A1111's settings that change pictures, fixed in sdonnx; sd_model_checkpoint names the model."""
+        return a1111_options(pipe)
+
+    @app.post("/sdapi/v1/options")
+    async def set_options(options: dict[str, Any]):
+        """Accepts the values GET reports (the same model name included) and ignores other keys;
+        another value of a reported setting, another model above all, gets 400."""
+        check_options(pipe, options, "options")
+        return a1111_options(pipe)
 
     @app.get("/sdapi/v1/progress")
     async def progress(skip_current_image: bool = False):
@@ -447,12 +755,31 @@ def create_app(pipe: Pipeline, api_key: str | None = None, max_queue: int = MAX_
     async def samplers():
         return [{"name": s.label, "aliases": [key], "options": {}} for key, s in SAMPLERS.items()]
 
+    @app.get("/sdapi/v1/schedulers")
+    async def schedulers():
+        return [{"name": "automatic", "label": "Automatic", "aliases": None, "default_rho": -1,
+                 "need_inner_model": False},
+                {"name": "karras", "label": "Karras", "aliases": None, "default_rho": 7.0,
+                 "need_inner_model": False}]
+
     @app.get("/sdapi/v1/sd-models")
     async def sd_models():
         # The model's name only: no file-system path leaves the server.
         return [{"title": pipe.name, "model_name": pipe.name, "hash": None, "sha256": None,
                  "filename": pipe.name, "config": None}]
 
+    def openapi() -> dict:
+        # Validation errors are answered 400 (ERRORS), never FastAPI's 422.
+        if app.openapi_schema is None:
+            schema = FastAPI.openapi(app)
+            for operations in schema["paths"].values():
+                for operation in operations.values():
+                    operation.get("responses", {}).pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(name, None)
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app
 
 

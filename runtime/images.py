@@ -44,7 +44,11 @@ def load_image(image: Image.Image | str | Path | bytes, what: str = "init image"
         raise InputError(f"{what} not found: {image}") from None
     except IsADirectoryError:
         raise InputError(f"{what} {image} is a folder, not an image file") from None
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+    except UnidentifiedImageError:
+        name = "data" if isinstance(image, (bytes, bytearray)) else str(image)
+        raise InputError(f"{what} {name} cannot be read as an image (not a format PIL reads: PNG, JPEG, "
+                         "WebP ...)") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
         name = "data" if isinstance(image, (bytes, bytearray)) else str(image)
         raise InputError(f"{what} {name} cannot be read as an image ({e})") from None
 

@@ -17,6 +17,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,8 +71,9 @@ class Server:
     def request(self, method: str, path: str, body=None, headers: dict | None = None,
                 raw: bytes | None = None, timeout: float = 300) -> Reply:
         data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
-        request = urllib.request.Request(self.url + path, data=data, method=method, headers=headers or {})
-        if data is not None:
+        headers = headers or {}
+        request = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)
+        if data is not None and not any(k.lower() == "content-type" for k in headers):
             request.add_header("Content-Type", "application/json")
         try:
             with urllib.request.urlopen(request, timeout=timeout) as response:
@@ -98,6 +100,20 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+def multipart(fields: dict, files: dict) -> tuple[bytes, dict]:
+    """A multipart/form-data body as OpenAI's clients send one (the openai package through httpx):
+    text fields, then files as (filename, bytes, content type); returns (body, headers)."""
+    boundary = "sdonnx-test-" + uuid.uuid4().hex
+    parts = []
+    for name, value in fields.items():
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode())
+    for name, (filename, data, content_type) in files.items():
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{filename}"\r\n'
+                     f"Content-Type: {content_type}\r\n\r\n".encode() + data + b"\r\n")
+    body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+    return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
 
 
 def png(b64: str) -> Image.Image:

@@ -47,7 +47,7 @@ def test_the_api_uses_the_models_settings_where_none_are_given(recommending, tin
 @pytest.mark.parametrize("defaults, message", [
     ({"sampler": "foo"}, "unknown sampler 'foo'"),
     ({"steps": 0}, "steps"),
-    ({"guidance": -2}, "guidance must be >= 0"),
+    ({"guidance": -2}, "guidance must be a finite number from 0 to 100"),
     ({"width": 64}, "unknown defaults width"),
 ])
 def test_bad_recommendations_are_refused_naming_the_file(recommending, tmp_path, defaults, message):

@@ -67,7 +67,7 @@ def test_recommended_settings_are_recorded_and_checked_first(tiny_source, tmp_pa
     export(ExportConfig(tiny_source, out, check=False, defaults={"steps": 4, "guidance": 1.0, "sampler": "lcm"}))
     assert json.loads((out / parts.RECORD).read_text())["defaults"] == {"steps": 4, "guidance": 1.0, "sampler": "lcm"}
     for bad, message in [({"sampler": "foo"}, "unknown sampler 'foo'"), ({"steps": 0}, "steps"),
-                         ({"guidance": -1.0}, "guidance must be >= 0"), ({"size": 3}, "unknown defaults size")]:
+                         ({"guidance": -1.0}, "guidance must be a finite number from 0 to 100"), ({"size": 3}, "unknown defaults size")]:
         with pytest.raises(InputError, match=message):
             export(ExportConfig(tiny_source, tmp_path / "bad", defaults=bad))
         assert not (tmp_path / "bad").exists()

@@ -155,8 +155,8 @@ def test_init_image_from_a_path(tiny_pipeline, tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"strength": 1.5}, "strength must be between 0 and 1"),
-    ({"strength": -0.1}, "strength must be between 0 and 1"),
+    ({"strength": 1.5}, "strength must be a finite number from 0 to 1"),
+    ({"strength": -0.1}, "strength must be a finite number from 0 to 1"),
     ({"strength": 0.1}, "runs no step"),
 ])
 def test_bad_strength_is_a_clear_error(tiny_pipeline, kwargs, message):
@@ -184,7 +184,7 @@ def test_mask_errors_name_the_problem(tiny_pipeline, inpaint_pipeline):
         inpaint_pipeline.generate(PROMPT, init_image=init_image(), mask_image=Image.new("L", (32, 32)))
     with pytest.raises(InputError, match="needs an inpainting model"):
         tiny_pipeline.generate(PROMPT, init_image=init_image(), mask_image=mask_image())
-    with pytest.raises(InputError, match="is an inpainting model: pass init_image and mask_image"):
+    with pytest.raises(InputError, match="is an inpainting model: it needs an init image and a mask"):
         inpaint_pipeline.generate(PROMPT)
     with pytest.raises(InputError, match="mask_image needs an init_image"):
         inpaint_pipeline.generate(PROMPT, mask_image=mask_image())

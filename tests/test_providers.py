@@ -190,3 +190,18 @@ def test_cuda_draws_the_cpu_picture(tiny_onnx, tiny_pipeline):
     on_gpu = cuda.generate("a red circle", **settings)[0]
     on_cpu = tiny_pipeline.generate("a red circle", **settings)[0]
     assert psnr(np.asarray(on_gpu), np.asarray(on_cpu)) > 35
+
+
+@needs_openvino
+def test_openvino_keeps_only_the_last_compiled_shapes(tiny_onnx, monkeypatch):
+    """Issue 18: every new image size compiled and kept another model forever (65 MB each on
+    the embedded model); now the least recently used beyond MAX_COMPILED is dropped."""
+    from sdonnx import Pipeline
+    from sdonnx.runtime import openvino_model
+
+    monkeypatch.setattr(openvino_model, "MAX_COMPILED", 2)
+    pipe = Pipeline.load(tiny_onnx, provider="openvino", precision="fp32", cache_dir=False)
+    for side in (32, 64, 96, 64):
+        pipe.generate("a cat", steps=1, width=side, height=side, seed=0)
+    kept = [dict(shapes)["sample"][2] * 8 for _, shapes in pipe.unet._compiled]
+    assert kept == [96, 64], kept

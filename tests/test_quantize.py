@@ -228,7 +228,7 @@ def test_ssim_and_psnr_agree_with_scikit_image():
 
 @pytest.mark.parametrize("args, message", [
     (["--mode", "int3"], "unknown quantization mode 'int3'; choose one of: fp16, int8"),
-    (["--check-prompts", "9"], "--check-prompts must be between 1 and 4"),
+    (["--check-prompts", "9"], "--check-prompts must be from 1 to 4"),
 ])
 def test_cli_rejects_bad_options(tmp_path, args, message):
     proc = _sdonnx("quantize", DEFAULT, tmp_path / "out", *args)
