@@ -13,7 +13,8 @@ import typer
 
 from sdonnx.cli import output
 from sdonnx.runtime.errors import InputError, SdonnxError
-from sdonnx.runtime.pipeline import MAX_THREADS, SAMPLERS, SCHEDULES, check_number
+from sdonnx.runtime.checks import MAX_THREADS, check_number, check_size
+from sdonnx.runtime.pipeline import SAMPLERS, SCHEDULES
 from sdonnx.runtime.providers import CHOICES as PROVIDER_CHOICES
 
 try:  # typer 0.2x carries its own copy of click
@@ -207,7 +208,7 @@ def bench(
 ) -> None:
     """Time text encoding, a UNet step, VAE decoding, load time and peak RSS per provider."""
     from sdonnx.runtime import bench as benchmark
-    from sdonnx.runtime.pipeline import check_model_folder, check_size, default_model_path
+    from sdonnx.runtime.pipeline import check_model_folder, default_model_path
 
     width, height = parse_size(size) if size is not None else (None, None)
     check_size(width, height)
@@ -237,7 +238,8 @@ def serve(
     """Serve one model: OpenAI's images API, AUTOMATIC1111's /sdapi/v1, and a web page at /."""
     import importlib.util
 
-    missing = [name for name in ("fastapi", "uvicorn", "python_multipart") if importlib.util.find_spec(name) is None]
+    modules = {"fastapi": "fastapi", "uvicorn": "uvicorn", "python_multipart": "python-multipart"}
+    missing = [package for module, package in modules.items() if importlib.util.find_spec(module) is None]
     if missing:
         raise InputError(f"sdonnx serve needs {' and '.join(missing)}: pip install 'sdonnx[serve]'")
     from sdonnx.cli import server
@@ -248,7 +250,11 @@ def serve(
     if not host.strip():
         raise InputError("--host is empty; give an address such as 127.0.0.1 (this machine) or 0.0.0.0 (the network)")
     sock = server.bind(host, port)
-    pipe = Pipeline.load(model, provider=provider, threads=threads, precision=precision)
+    try:
+        pipe = Pipeline.load(model, provider=provider, threads=threads, precision=precision)
+    except BaseException:
+        sock.close()
+        raise
     where = sock.getsockname()
     url = f"http://{'[' + where[0] + ']' if ':' in where[0] else where[0]}:{where[1]}/"
     typer.echo(f"serving {pipe.name} ({pipe.config.provider}, {pipe.config.precision}) on {url}"

@@ -96,7 +96,9 @@ def _encode(image: Image.Image, file, suffix: str) -> None:
 
 
 def _next_number(folder: Path) -> int:
-    numbers = [int(m[1]) for f in folder.iterdir() if (m := re.match(r"(\d+)-", f.name))]
+    """One past the largest NNNNN of the images sdonnx numbered in `folder` (0 for none)."""
+    numbers = [int(m[1]) for f in folder.iterdir()
+               if f.suffix.lower() in FORMATS and (m := re.match(r"(\d{5,})-\d+", f.name))]
     return max(numbers, default=-1) + 1
 
 
@@ -123,9 +125,13 @@ def save_image(image: Image.Image, path: Path | None, folder: Path, seed: int, s
             except FileExistsError:
                 if path:
                     raise InputError(f"{final} already exists; it was not overwritten") from None
+    except InputError:
+        raise
     except OSError as e:
         if e.errno == errno.ENOSPC:
             raise InputError(f"no space left on the device of {target_dir}; nothing was written") from None
         raise InputError(f"cannot write {path or folder}: {e.strerror or e}") from None
+    except ValueError as e:  # the encoder's limits: WebP sides over 16383, JPEG EXIF over 64 KB
+        raise InputError(f"cannot write {path or folder} as {FORMATS[fmt]}: {e}; write a PNG instead") from None
     finally:
         tmp.unlink(missing_ok=True)

@@ -19,7 +19,6 @@ import importlib.util
 import io
 import json
 import queue
-import random
 import secrets
 import socket
 import threading
@@ -37,12 +36,16 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sdonnx.runtime.errors import InputError, SdonnxError
-from sdonnx.runtime.images import MASK_BACKGROUND, default_size, load_image
-from sdonnx.runtime.pipeline import MAX_GUIDANCE, SAMPLERS, GenerationConfig, Pipeline
+from sdonnx.runtime.images import INIT_BACKGROUND, MASK_BACKGROUND, default_size, load_image
+from sdonnx.runtime.checks import MAX_GUIDANCE
+from sdonnx.runtime.pipeline import SAMPLERS, GenerationConfig, Pipeline, random_seed
 
 MAX_BODY_BYTES = 16 * 2**20
 MAX_QUEUE = 4
 MAX_SIDE = 2048
+# An upload is decoded before it is scaled to the generation size: a 16 MB PNG can hold 150
+# megapixels (600 MB as RGB). Four times the largest generation is room enough.
+MAX_UPLOAD_PIXELS = 4 * MAX_SIDE**2
 MAX_BATCH = 8
 MAX_ITER = 32  # A1111's batch count: each batch holds the worker; interrupt stops them all
 MAX_STEPS = 150  # A1111's slider
@@ -109,7 +112,7 @@ def _b64_png(image: Image.Image) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-def decode_image(value: str, what: str, background: tuple[int, int, int] | None = None) -> Image.Image:
+def decode_image(value: str, what: str, background: tuple[int, int, int] = INIT_BACKGROUND) -> Image.Image:
     """A base64 image (plain, or a data: URL as browsers make them) as the runtime reads images."""
     if value.startswith("data:"):
         value = value.partition(",")[2]
@@ -117,16 +120,22 @@ def decode_image(value: str, what: str, background: tuple[int, int, int] | None 
         data = base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
         raise InputError(f"{what}: not valid base64") from None
-    return load_image(data, what) if background is None else load_image(data, what, background)
+    return load_image(data, what, background, max_pixels=MAX_UPLOAD_PIXELS)
 
 
 def openai_mask(data: bytes) -> Image.Image:
     """OpenAI's edit mask (transparent where to edit) as sdonnx's (white = repaint)."""
     try:
         with Image.open(io.BytesIO(data)) as opened:
+            if opened.width * opened.height > MAX_UPLOAD_PIXELS:
+                raise InputError(f"mask is {opened.width}x{opened.height}, over {MAX_UPLOAD_PIXELS:,} pixels")
             alpha = np.asarray(ImageOps.exif_transpose(opened).convert("RGBA"))[..., 3]
+    except InputError:
+        raise
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
         raise InputError(f"mask cannot be read as an image ({e})") from None
+    if not (alpha == 0).any():
+        raise InputError("mask: no transparent pixel; OpenAI's masks are transparent (alpha 0) where to edit")
     return Image.fromarray(np.where(alpha == 0, 255, 0).astype(np.uint8), "L")
 
 
@@ -270,7 +279,8 @@ class Img2ImgRequest(A1111Request):
 
     init_images: list[str] = Field(min_length=1, max_length=1, description="One base64 image.")
     denoising_strength: float = Field(0.75, ge=0, le=1)
-    mask: str | None = Field(None, description="A base64 image, white = repaint (inpainting models).")
+    mask: Annotated[str | None, AfterValidator(lambda v: v or None)] = Field(
+        None, description="A base64 image, white = repaint (inpainting models); empty: none.")
     resize_mode: Annotated[int, _not_done("resize modes 2 and 3 (fill, latent upscale)", 0, 1)] = 0
     inpainting_mask_invert: Literal[0, 1] = Field(0, description="1: black = repaint.")
     inpaint_full_res: bool | None = Field(None, description="Only false: the whole picture is inpainted.")
@@ -442,11 +452,17 @@ class Worker:
 
 
 def _random_seed(seed: int) -> int:
-    return random.randrange(SEED_LIMIT // 2) if seed == -1 else seed
+    """A concrete seed for -1, drawn as the runtime draws it, so n_iter batches can continue it."""
+    return random_seed() if seed == -1 else seed
 
 
 def _checked_size(pipe: Pipeline, width: int, height: int) -> tuple[int, int]:
+    """The size to generate, whether asked for or taken from an init image: the model's
+    multiples, at most MAX_SIDE per side (what one worker can hold without running out)."""
     m = pipe.size_multiple
+    if not (8 <= width <= MAX_SIDE and 8 <= height <= MAX_SIDE):
+        raise InputError(f"{width}x{height} is outside 8..{MAX_SIDE} pixels per side (an init image's own size "
+                         f"counts when no size is given: send width and height)")
     if width % m or height % m:
         raise InputError(f"width and height must be multiples of {m} for this model; got {width}x{height}")
     return width, height
@@ -499,6 +515,8 @@ def a1111_settings(pipe: Pipeline, request: A1111Request) -> dict:
     }
     if request.eta is not None and "eta" in SAMPLERS[sampler].options:  # A1111 ignores it elsewhere
         settings["eta"] = request.eta
+    if not isinstance(request, Img2ImgRequest) and pipe.is_inpainting:
+        raise InputError(f"{pipe.name} is an inpainting model: use /sdapi/v1/img2img with a mask")
     width, height = request.width, request.height
     if isinstance(request, Img2ImgRequest):
         _needs_right_model(pipe, request.mask is not None, "mask")
@@ -620,7 +638,7 @@ class Guard:
 
 def create_app(pipe: Pipeline, api_key: str | None = None, max_queue: int = MAX_QUEUE,
                max_body: int = MAX_BODY_BYTES):
-    if not (importlib.util.find_spec("python_multipart") or importlib.util.find_spec("multipart")):
+    if not importlib.util.find_spec("python_multipart"):
         raise InputError("sdonnx serve needs python-multipart (for /v1/images/edits): pip install 'sdonnx[serve]'")
     app = FastAPI(title="sdonnx", version="0.1.0", redoc_url=None,
                   description="One Stable Diffusion model behind OpenAI's images API and AUTOMATIC1111's "
@@ -688,6 +706,8 @@ def create_app(pipe: Pipeline, api_key: str | None = None, max_queue: int = MAX_
 
     @app.post("/v1/images/generations", responses=GENERATION_ERRORS)
     async def openai_generations(request: ImagesRequest):
+        if pipe.is_inpainting:
+            raise InputError(f"{pipe.name} is an inpainting model: use /v1/images/edits with a mask")
         settings = openai_settings(pipe, request)
         return openai_answer(settings, await run(settings))
 
@@ -695,9 +715,12 @@ def create_app(pipe: Pipeline, api_key: str | None = None, max_queue: int = MAX_
     async def openai_edits(request: Annotated[EditRequest, File()]):  # File: multipart/form-data
         settings = openai_settings(pipe, request)
         _needs_right_model(pipe, request.mask is not None, "mask")
-        settings["init_image"] = load_image(await request.image.read(), "image")
+        settings["init_image"] = load_image(await request.image.read(), "image", max_pixels=MAX_UPLOAD_PIXELS)
         if request.mask is not None:
             settings["mask_image"] = openai_mask(await request.mask.read())
+        if "width" not in settings:
+            own = default_size(settings["init_image"], pipe.size_multiple)
+            settings["width"], settings["height"] = _checked_size(pipe, *own)
         default = EDIT_STRENGTH if request.mask is None else 1.0
         settings["strength"] = default if request.strength is None else request.strength
         return openai_answer(settings, await run(settings))

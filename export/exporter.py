@@ -42,6 +42,7 @@ SOURCE_FILES = (
 )
 WEIGHT_NAMES = ("model.safetensors", "diffusion_pytorch_model.safetensors",
                 "pytorch_model.bin", "diffusion_pytorch_model.bin")
+SAFETENSORS_MAX_HEADER = 100 * 2**20  # bytes; the safetensors format's own limit
 VERSIONED = ("torch", "diffusers", "transformers", "optimum-onnx", "onnx", "onnxruntime")
 # Modules of the `export` extra; the base install (the runtime) has none of them.
 EXPORT_MODULES = ("torch", "diffusers", "transformers", "optimum.exporters.onnx", "onnx")
@@ -117,11 +118,16 @@ def check_safetensors(path: Path) -> None:
     try:
         with open(path, "rb") as f:
             (length,) = struct.unpack("<Q", f.read(8))
-            if not 2 <= length <= size - 8:
+            if not 2 <= length <= min(size - 8, SAFETENSORS_MAX_HEADER):
                 raise ValueError(f"a header of {length} bytes in a file of {size}")
             header = json.loads(f.read(length))
-        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
-    except (struct.error, ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as e:
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+        offsets = [t["data_offsets"] for k, t in header.items() if k != "__metadata__"]
+        if not all(isinstance(o, list) and len(o) == 2 and all(type(v) is int for v in o) for o in offsets):
+            raise ValueError("a tensor's data_offsets are not two integers")
+        end = max((o[1] for o in offsets), default=0)
+    except (struct.error, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
         raise ModelFolderError(f"{path} is not a readable safetensors file ({e}); download it again") from None
     if size != 8 + length + end:
         raise ModelFolderError(f"{path} is truncated or damaged: its header describes {8 + length + end:,} bytes, "

@@ -38,7 +38,9 @@ from sdonnx.runtime import parts
 from sdonnx.runtime.errors import InputError, SdonnxError
 from sdonnx.runtime.info import folder_bytes
 from sdonnx.runtime.onnx_model import OnnxModel
-from sdonnx.runtime.pipeline import Pipeline, check_model_folder, check_number
+from sdonnx.runtime.checks import check_number
+from sdonnx.runtime.pipeline import Pipeline, check_model_folder
+from sdonnx.runtime.schedules import MAX_STEPS
 
 MODES = ("fp16", "int8", "int8-openvino")
 DEFAULT_MIN_PSNR = {"fp16": 35.0, "int8": 22.0, "int8-openvino": 22.0}
@@ -90,11 +92,11 @@ class QuantizeConfig:
         """InputError naming the first setting out of range (the command line's option names)."""
         check_mode(self.mode)
         if self.min_psnr is not None:
-            check_number("--min-psnr", self.min_psnr, 0, 100)
+            check_number("--min-psnr", self.min_psnr, 0, 1000)  # identical images score 100 dB
         for name, value, most in (("--check-prompts", self.check_prompts, len(CHECK_PROMPTS)),
                                   ("--calibration-prompts", self.calibration_prompts, len(CALIBRATION_PROMPTS)),
-                                  ("--check-steps", self.check_steps, 1000),
-                                  ("--check-steps", self.calibration_steps, 1000),
+                                  ("--check-steps", self.check_steps, MAX_STEPS),
+                                  ("calibration steps", self.calibration_steps, MAX_STEPS),
                                   ("--size", self.size if self.size is not None else 8, MAX_CHECK_SIZE)):
             if not 1 <= value <= most:
                 raise InputError(f"{name} must be from 1 to {most}, got {value}")

@@ -18,7 +18,7 @@ _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
 def load_image(image: Image.Image | str | Path | bytes, what: str = "init image",
-               background: tuple[int, int, int] = INIT_BACKGROUND) -> Image.Image:
+               background: tuple[int, int, int] = INIT_BACKGROUND, max_pixels: int | None = None) -> Image.Image:
     """The 8-bit RGB picture a person sees in an image file, its bytes, or a PIL image.
 
     Read fully, so a bad file fails here with an InputError naming `what`. The EXIF
@@ -26,7 +26,8 @@ def load_image(image: Image.Image | str | Path | bytes, what: str = "init image"
     grey are scaled to 8 bits, not clipped (a 16-bit PNG would turn white); transparency is
     flattened onto `background`: white for init images, as AUTOMATIC1111 does by default
     (its img2img_background_color), black for masks (MASK_BACKGROUND), so a mask painted on a
-    transparent layer repaints only what was painted.
+    transparent layer repaints only what was painted. A file of more than `max_pixels` pixels
+    is refused before it is decoded.
     """
     if isinstance(image, Image.Image):
         return as_seen(image, background)
@@ -38,8 +39,13 @@ def load_image(image: Image.Image | str | Path | bytes, what: str = "init image"
         raise InputError(f"{what} must be a PIL image or a path to an image file, got {type(image).__name__}")
     try:
         with Image.open(source) as opened:
+            if max_pixels is not None and opened.width * opened.height > max_pixels:
+                raise InputError(f"{what} is {opened.width}x{opened.height}, over the {max_pixels:,} pixels "
+                                 "accepted here; scale it down first")
             opened.load()
             return as_seen(opened, background)
+    except InputError:
+        raise
     except FileNotFoundError:
         raise InputError(f"{what} not found: {image}") from None
     except IsADirectoryError:

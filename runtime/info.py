@@ -30,18 +30,31 @@ def describe(path: Path) -> str:
     """What `sdonnx info` prints: where the folder came from, its parts and their precision."""
     check_model_folder(path)
     record_file = path / parts.RECORD
-    try:
-        return _describe(path, parts.read_json(record_file))
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise ModelFolderError(f"{record_file} does not read as sdonnx wrote it ({type(e).__name__}: {e}); "
-                               "export or quantize the model again") from None
+    return _describe(path, _checked_record(record_file))
+
+
+def _checked_record(record_file: Path) -> dict:
+    """sdonnx.json ({} when absent), or a ModelFolderError when a field `info` reads is not as
+    sdonnx writes it."""
+    record = parts.read_json(record_file)
+    bad = [key for key in ("source", "defaults", "parts", "quantization")
+           if key in record and not isinstance(record[key], dict)]
+    if not bad:
+        bad = [f"parts.{name}" for name, entry in record.get("parts", {}).items() if not isinstance(entry, dict)]
+        quantization = record.get("quantization", {})
+        bad += [f"quantization.{key}" for key in ("mode", "source", "check", "psnr", "ssim", "min_psnr", "parts")
+                if quantization and key not in quantization]
+    if bad:
+        raise ModelFolderError(f"{record_file}: {', '.join(bad)} not as sdonnx writes it; "
+                               "export or quantize the model again")
+    return record
 
 
 def _describe(path: Path, record: dict) -> str:
     scheduler = SchedulerConfig.from_file(path / parts.SCHEDULER_CONFIG)
     lines = [f"model folder: {path.resolve()}"]
     if record:
-        lines.append(f"made by: sdonnx from {record['source']['path']} (opset {record.get('opset')}, "
+        lines.append(f"made by: sdonnx from {record.get('source', {}).get('path', '?')} (opset {record.get('opset')}, "
                      f"{record.get('created', '?')})")
     else:
         lines.append("made by: another exporter (no sdonnx.json)")

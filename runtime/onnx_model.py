@@ -38,6 +38,13 @@ class PartModel:
                 f"(it has {', '.join(self.input_types)})"
             )
 
+    def run(self, inputs: dict[str, np.ndarray], precision: str | None = None) -> dict[str, np.ndarray]:
+        """Outputs by name. `precision` None or "fp32" (the only one onnxruntime's providers
+        compute here; OpenVinoModel also takes "bf16")."""
+        if precision not in (None, "fp32"):
+            raise ProviderError(f"{self.part.name}: this provider computes fp32 only, not {precision}")
+        return self(**inputs)
+
     def dtype(self, name: str) -> type:
         return self.input_types[name]
 

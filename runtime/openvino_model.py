@@ -3,8 +3,8 @@
 Compiled for the CPU with an inference precision (fp32, or bf16 on CPUs that compute it) and a
 cache directory of compiled models, so a second start skips compilation. With `static_shapes`
 each new set of input shapes (width, height, batch) is compiled once with those shapes fixed,
-which lets OpenVINO plan memory and pick kernels for them; the last MAX_COMPILED of them are
-kept (a server asked for ever new sizes would otherwise hold one compiled model per size:
+which lets OpenVINO plan memory and pick kernels for them; the last MAX_COMPILED of them per
+precision are kept (a server asked for ever new sizes would otherwise hold one compiled model per size:
 65 MB each for the embedded model, far more at SD 1.5 size).
 """
 
@@ -71,15 +71,18 @@ class OpenVinoModel(PartModel):
             model.reshape({name: list(value.shape) for name, value in inputs.items()})
         config = {**self.config, "INFERENCE_PRECISION_HINT": PRECISION_HINTS[precision]}
         self._compiled[key] = self.core.compile_model(model, "CPU", config)
-        while len(self._compiled) > MAX_COMPILED:
-            self._compiled.popitem(last=False)
+        # Per precision: a bf16 run that moves some evaluations to fp32 (precision.py) holds
+        # both for the same shapes, and must not push out the sizes in use.
+        same = [k for k in self._compiled if k[0] == precision]
+        for old in same[: max(len(same) - MAX_COMPILED, 0)]:
+            del self._compiled[old]
         return self._compiled[key]
 
     def __call__(self, **inputs: np.ndarray) -> dict[str, np.ndarray]:
         return self.run(inputs)
 
     def run(self, inputs: dict[str, np.ndarray], precision: str | None = None) -> dict[str, np.ndarray]:
-        """Outputs by name; `precision` fp32 or bf16 overrides the loaded one for this call."""
+        """Outputs by name; `precision` "fp32" or "bf16" overrides the loaded one for this call."""
         self._check_inputs(inputs)
         request = self.compiled(inputs, precision).create_infer_request()
         result = request.infer(inputs)

@@ -86,3 +86,14 @@ def read_json(path: Path) -> dict:
     if not isinstance(value, dict):
         raise ModelFolderError(f"{path} must hold a JSON object, not {type(value).__name__}")
     return value
+
+
+def config_field(config: dict, key: str, default, valid, path: Path, wanted: str):
+    """config[key] (default when absent or null), or a ModelFolderError naming the file and the
+    field when `valid(value)` is false; `wanted` says what it should be."""
+    value = config.get(key)
+    if value is None:
+        return default
+    if not valid(value):
+        raise ModelFolderError(f"{path}: {key} must be {wanted}, got {value!r}; repair it or export the model again")
+    return value

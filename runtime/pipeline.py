@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import json
-import math
 import os
 import random
 from dataclasses import dataclass, replace
@@ -17,6 +16,7 @@ from PIL import Image
 
 from sdonnx.runtime import cache, parts, providers
 from sdonnx.runtime.denoiser import Denoiser
+from sdonnx.runtime.checks import MAX_GUIDANCE, MAX_THREADS, check_number, check_size, is_int, is_number, shown
 from sdonnx.runtime.errors import InputError, ModelFolderError, ProviderError
 from sdonnx.runtime.images import MASK_BACKGROUND, default_size, fit, load_image, to_mask, to_pixels
 from sdonnx.runtime.infotext import infotext
@@ -65,31 +65,9 @@ SAMPLERS = {
 SCHEDULES = ("default", "karras")
 
 
-MAX_THREADS = 1024
-MAX_SIDE = 8192  # pixels; a 512x512 SD 1.5 image already needs 3-11 GB
-# AUTOMATIC1111's slider ends at 30; beyond a few hundred the picture is saturated noise.
-MAX_GUIDANCE = 100.0
-
-
-def check_number(name: str, value, low: float, high: float) -> float:
-    """`value` as a float, or an InputError unless it is a finite number in [low, high]."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise InputError(f"{name} must be a number, got {value!r}")
-    if not math.isfinite(value) or not low <= value <= high:
-        raise InputError(f"{name} must be a finite number from {low:g} to {high:g}, got {value!r}")
-    return float(value)
-
-
-def check_size(width: int | None, height: int | None) -> None:
-    """An InputError unless each given side is a multiple of 8 pixels from 8 to MAX_SIDE (a
-    model may need a larger multiple: Pipeline.size_multiple)."""
-    for name, size in (("width", width), ("height", height)):
-        if size is None:
-            continue
-        if (isinstance(size, bool) or not isinstance(size, (int, np.integer)) or not 0 < size <= MAX_SIDE
-                or size % parts.VAE_SCALE):
-            raise InputError(f"{name} must be a positive multiple of {parts.VAE_SCALE} up to {MAX_SIDE} pixels, "
-                             f"got {size!r}")
+def random_seed() -> int:
+    """A seed for "random" (None or -1): 32 bits, as AUTOMATIC1111 draws them."""
+    return random.randrange(2**32 - 1)
 
 
 @dataclass(frozen=True)
@@ -140,13 +118,13 @@ class GenerationConfig:
             check_number("eta", self.eta, 0, 1)
         if self.strength is not None:
             check_number("strength", self.strength, 0, 1)
-        if not isinstance(self.n, (int, np.integer)) or isinstance(self.n, bool) or self.n < 1:
-            raise InputError(f"n (images per call) must be at least 1, got {self.n!r}")
-        if self.seed is not None and (not isinstance(self.seed, (int, np.integer)) or isinstance(self.seed, bool)
-                                      or not -1 <= self.seed < 2**63):
-            raise InputError(f"seed must be a whole number from 0 to 2^63 - 1, or -1 for a random one; got {self.seed!r}")
+        if not is_int(self.n) or self.n < 1:
+            raise InputError(f"n (images per call) must be at least 1, got {shown(self.n)}")
+        if self.seed is not None and (not is_int(self.seed) or not -1 <= self.seed < 2**63):
+            raise InputError(f"seed must be a whole number from 0 to 2^63 - 1, or -1 for a random one; "
+                             f"got {shown(self.seed)}")
         if self.seed is None or self.seed == -1:
-            return replace(self, seed=random.randrange(2**32))
+            return replace(self, seed=random_seed())
         return self
 
     @property
@@ -181,6 +159,8 @@ class Defaults:
     @classmethod
     def checked(cls, given: dict) -> "Defaults":
         """These settings, or an InputError naming what the runtime would refuse."""
+        if not isinstance(given, dict):
+            raise InputError(f"defaults must be a mapping of steps, guidance and sampler, got {given!r}")
         unknown = set(given) - {"steps", "guidance", "sampler"}
         if unknown:
             raise InputError(f"unknown defaults {', '.join(sorted(unknown))} (known: steps, guidance, sampler)")
@@ -232,13 +212,20 @@ class Pipeline:
         self.config = config
         self.tokenizer = CLIPTokenizer.from_dir(path / parts.TOKENIZER_DIR)
         self.scheduler = SchedulerConfig.from_file(path / parts.SCHEDULER_CONFIG)
-        vae_config = parts.read_json(path / parts.VAE_DECODER.name / "config.json")
-        self.vae_scaling_factor = vae_config.get("scaling_factor", parts.DEFAULT_VAE_SCALING_FACTOR)
+        vae_file = path / parts.VAE_DECODER.name / "config.json"
+        self.vae_scaling_factor = float(parts.config_field(
+            parts.read_json(vae_file), "scaling_factor", parts.DEFAULT_VAE_SCALING_FACTOR,
+            lambda v: is_number(v) and v > 0, vae_file, "a positive number"))
         # The size the UNet was trained at, as diffusers defaults to it (SD 1.x: 512).
-        unet_config = parts.read_json(path / parts.UNET.name / "config.json")
-        self.native_size = int(unet_config.get("sample_size", 64)) * parts.VAE_SCALE
+        unet_file = path / parts.UNET.name / "config.json"
+        unet_config = parts.read_json(unet_file)
+        sample_size = parts.config_field(unet_config, "sample_size", 64, lambda v: is_int(v) and 1 <= v <= 4096,
+                                         unet_file, "a whole number of latent pixels")
+        self.native_size = sample_size * parts.VAE_SCALE
         # Each UNet level but the last halves the latent; sizes must survive that exactly.
-        levels = len(unet_config.get("block_out_channels", (0,) * 4))
+        levels = len(parts.config_field(unet_config, "block_out_channels", (0,) * 4,
+                                        lambda v: isinstance(v, list) and 1 <= len(v) <= 8, unet_file,
+                                        "a list of 1 to 8 channel counts"))
         self.size_multiple = parts.VAE_SCALE * 2 ** max(levels - 1, 0)
         self.defaults = Defaults.from_record(parts.read_json(path / parts.RECORD), path / parts.RECORD)
 
@@ -284,10 +271,10 @@ class Pipeline:
                     f"the embedded default model is missing ({path}); pass a model folder, "
                     "or set SDONNX_MODEL"
                 )
-        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
-                                    or not 1 <= threads <= MAX_THREADS):
-            raise InputError(f"threads must be a whole number from 1 to {MAX_THREADS}, got {threads!r}")
+        if threads is not None and (not is_int(threads) or not 1 <= threads <= MAX_THREADS):
+            raise InputError(f"threads must be a whole number from 1 to {MAX_THREADS}, got {shown(threads)}")
         provider = providers.resolve(provider)
+        threads = None if threads is None else int(threads)
         return cls(LoadConfig(Path(path), provider, threads, providers.resolve_precision(provider, precision),
                               cache.resolve_root(cache_dir), static_shapes))
 
@@ -331,7 +318,7 @@ class Pipeline:
             # copy=False: the same context object every step, which a bound device keeps.
             "encoder_hidden_states": context.astype(self.unet.dtype("encoder_hidden_states"), copy=False),
         }
-        out = self.unet.run(inputs, "fp32") if precise else self.unet(**inputs)
+        out = self.unet.run(inputs, "fp32" if precise else None)
         return out[parts.UNET.output].astype(np.float32)
 
     def _precise_unet(self, sample: np.ndarray, t: float, context: np.ndarray) -> np.ndarray:
@@ -410,7 +397,7 @@ class Pipeline:
             )
         if self.is_inpainting and (init_image is None or mask_image is None):
             raise InputError(f"{self.name} is an inpainting model: it needs an init image and a mask "
-                             f"(white = repaint; --init-image and --mask on the command line)")
+                             "(white = repaint)")
         if init_image is not None:
             init_image = load_image(init_image)
             own_width, own_height = default_size(init_image, self.size_multiple)
@@ -447,7 +434,8 @@ class Pipeline:
         options = {k: v for k, v in options.items() if k in chosen.options}
         precise = frozenset()
         if self.config.precision != "fp32":
-            precise = precise_sigmas(chosen.sample, schedule_.sigmas, options, self.scheduler.prediction_type)
+            precise = precise_sigmas(chosen.sample, schedule_.sigmas, options, self.scheduler.prediction_type,
+                                     config.guidance)
         denoise = Denoiser(self._unet, context, config.guidance, self.scheduler.prediction_type,
                            schedule_.sigma_to_t, conditioning, self._precise_unet, precise)
         def step(i: int, x: np.ndarray, denoised: np.ndarray) -> None:

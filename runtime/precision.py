@@ -16,10 +16,18 @@ Every sampler is linear in the model's outputs for a given schedule and noise, s
 error in one evaluation moves the final latent does not depend on the picture. `error_gains`
 measures it once per run by replaying the sampler (a few microseconds of numpy per step) with
 the exact denoiser of unit-variance Gaussian data, D(x, sigma) = x / (1 + sigma^2), in place of
-the UNet, and a unit error injected into one evaluation per lane. `precise_sigmas` then picks
-the evaluations with the largest gains for fp32 until what is left stays within the budget.
-On the embedded model every (sampler, schedule, steps) combination whose total gain is at most
-2 drew the fp32 picture to >= 35 dB in bf16 (tests/test_providers.py sweeps all of them).
+the UNet, and a unit error injected into one evaluation per lane. Classifier-free guidance
+multiplies the error once more: uncond + g (cond - uncond) carried about g times the error of
+one half in bf16 (measured at sigmas 14.6, 1 and 0.1: 2.6-3.0x at g = 3, 4.5-5.2x at g = 5,
+14-17x at g = 15; the halves' errors are partly correlated, so less than the independent
+sqrt(g^2 + (g - 1)^2)). `precise_sigmas` then picks the evaluations with the largest gains for
+fp32 until what is left stays within the budget.
+
+The budget was set on the embedded model at its guidance 5, where all runs of total gain up to
+9.5 (1.9 before guidance) drew the fp32 picture to >= 35 dB in bf16 and all from 38 (7.6) up
+fell below 35 dB; with it, the worst of the 67 runs that tests/test_providers.py sweeps (every
+sampler, both schedules, 1 to 100 steps) is PLMS with 4 steps at 31.2 dB (seed 3), where even
+fp32 draws a shape that is not the prompt's (that run's result hangs on small differences).
 """
 
 from __future__ import annotations
@@ -28,10 +36,8 @@ from typing import Callable
 
 import numpy as np
 
-# sqrt(sum of squared gains) that bf16 evaluations may carry: the largest total among the
-# combinations that stayed >= 35 dB was 1.9 (Euler a, Karras, 4 steps); the smallest among
-# those that fell below was 7.6.
-GAIN_BUDGET = 2.0
+# sqrt(sum of squared gains) that bf16 evaluations may carry, guidance included (see above).
+GAIN_BUDGET = 10.0
 
 
 def output_scale(sigma: float, prediction_type: str) -> float:
@@ -74,10 +80,12 @@ def error_gains(sample: Callable, sigmas: np.ndarray, options: dict,
 
 
 def precise_sigmas(sample: Callable, sigmas: np.ndarray, options: dict, prediction_type: str = "epsilon",
-                   budget: float = GAIN_BUDGET) -> frozenset[float]:
+                   guidance: float = 1.0, budget: float = GAIN_BUDGET) -> frozenset[float]:
     """The sigmas whose UNet evaluations must run in fp32 so that the others' total gain,
-    sqrt(sum gain_k^2), stays within `budget` (empty for most runs)."""
+    sqrt(sum gain_k^2) times the guidance scale (when above 1), stays within `budget` (empty
+    for most runs)."""
     at, gains = error_gains(sample, sigmas, options, prediction_type)
+    gains = gains * max(float(guidance), 1.0)
     left = float(np.sum(gains**2))
     chosen: set[float] = set()
     for k in np.argsort(gains)[::-1]:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sdonnx.runtime.checks import is_int, is_number, shown
 from sdonnx.runtime.errors import InputError, ModelFolderError
 from sdonnx.runtime.parts import read_json
 
@@ -22,21 +23,17 @@ SPACINGS = ("leading", "trailing", "linspace")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _valid_field(name: str, value, default) -> bool:
     """Whether a scheduler_config.json value has the type of SchedulerConfig's field."""
     if name == "trained_betas":
-        return isinstance(value, list) and all(_is_number(b) and 0 <= b < 1 for b in value)
+        return isinstance(value, list) and all(is_number(b) and 0 <= b < 1 for b in value)
     if name == "timestep_spacing" or isinstance(default, str):
         return isinstance(value, str)
     if isinstance(default, bool):
         return isinstance(value, bool)
     if isinstance(default, int):
         return isinstance(value, int) and not isinstance(value, bool)
-    return _is_number(value)
+    return is_number(value)
 
 
 @dataclass(frozen=True)
@@ -71,8 +68,17 @@ class SchedulerConfig:
         if "trained_betas" in values:
             values["trained_betas"] = tuple(values["trained_betas"])
         config = cls(**values)
-        if config.num_train_timesteps < 2 or config.steps_offset < 0 or config.original_inference_steps < 1:
-            raise ModelFolderError(f"{path}: num_train_timesteps, steps_offset or original_inference_steps out of range")
+        ranges = {
+            "num_train_timesteps": 2 <= config.num_train_timesteps <= 100_000,
+            "steps_offset": 0 <= config.steps_offset < config.num_train_timesteps,
+            "original_inference_steps": 1 <= config.original_inference_steps <= config.num_train_timesteps,
+            "beta_start and beta_end": 0 < config.beta_start <= config.beta_end < 1,
+            "trained_betas": config.trained_betas is None or len(config.trained_betas) == config.num_train_timesteps,
+        }
+        for name, ok in ranges.items():
+            if not ok:
+                raise ModelFolderError(f"{path}: {name} out of range (betas in (0, 1), start <= end, one trained "
+                                       "beta per training timestep); repair the file or export the model again")
         if config.prediction_type not in PREDICTION_TYPES:
             raise ModelFolderError(
                 f"{path}: prediction_type {config.prediction_type!r} is not supported "
@@ -259,8 +265,8 @@ MAX_STEPS = 1000  # SD's training timesteps; a model's own count may lower it (s
 
 
 def check_steps(steps: int) -> None:
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= MAX_STEPS:
-        raise InputError(f"steps must be a whole number from 1 to {MAX_STEPS}, got {steps!r}")
+    if not is_int(steps) or not 1 <= steps <= MAX_STEPS:
+        raise InputError(f"steps must be a whole number from 1 to {MAX_STEPS}, got {shown(steps)}")
 
 
 def discrete_schedule(config: SchedulerConfig, steps: int, karras: bool = False) -> Schedule:

@@ -17,7 +17,7 @@ def plan(sampler: str, steps: int, schedule: str = "default") -> tuple[np.ndarra
     chosen = SAMPLERS[sampler]
     run = chosen.schedule(SD, steps, karras=schedule == "karras")
     options = {k: v for k, v in {**run.sampler_kwargs, "noise": None}.items() if k in chosen.options}
-    return run.sigmas, precise_sigmas(chosen.sample, run.sigmas, options)
+    return run.sigmas, precise_sigmas(chosen.sample, run.sigmas, options, guidance=5.0)
 
 
 def test_euler_gains_are_the_weights_of_each_clean_estimate():
@@ -60,3 +60,10 @@ def test_the_denoiser_calls_the_precise_unet_at_those_sigmas_only():
     denoise(x, np.float64(2.0))
     denoise(x, 1.0)
     assert calls == [("fp32", 200.0), ("bf16", 100.0)]
+
+
+def test_guidance_multiplies_the_error_so_more_runs_need_fp32():
+    chosen = SAMPLERS["euler"]
+    run = chosen.schedule(SD, 20)
+    assert precise_sigmas(chosen.sample, run.sigmas, {}, guidance=5.0) == frozenset()
+    assert float(run.sigmas[0]) in precise_sigmas(chosen.sample, run.sigmas, {}, guidance=15.0)

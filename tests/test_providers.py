@@ -205,3 +205,33 @@ def test_openvino_keeps_only_the_last_compiled_shapes(tiny_onnx, monkeypatch):
         pipe.generate("a cat", steps=1, width=side, height=side, seed=0)
     kept = [dict(shapes)["sample"][2] * 8 for _, shapes in pipe.unet._compiled]
     assert kept == [96, 64], kept
+
+
+@needs_openvino
+def test_the_evaluations_precision_py_picks_run_on_an_fp32_compilation(tiny_onnx, monkeypatch):
+    """On any CPU: a pipeline loaded for bf16 (OpenVINO computes it as fp32 where the CPU lacks
+    bf16) compiles the UNet a second time in fp32 for the planned evaluations only."""
+    from sdonnx.runtime import pipeline
+    from sdonnx.runtime.pipeline import LoadConfig, Pipeline
+
+    planned = []
+    monkeypatch.setattr(pipeline, "precise_sigmas",
+                        lambda sample, sigmas, *args: planned.append(float(sigmas[0])) or frozenset(planned))
+    pipe = Pipeline(LoadConfig(tiny_onnx, "openvino", precision="bf16"))
+    calls = []
+    run = pipe.unet.run
+    monkeypatch.setattr(pipe.unet, "run", lambda inputs, precision=None: calls.append(precision) or run(inputs, precision))
+    pipe.generate("a cat", steps=3, width=32, height=32, seed=0)
+    assert calls == ["fp32", None, None]
+    assert sorted(precision for precision, _ in pipe.unet._compiled) == ["bf16", "fp32"]
+    assert pipe.text_encoder.precision == "fp32"
+
+
+@needs_openvino
+def test_threads_out_of_range_is_one_clear_error_in_the_api(tiny_onnx):
+    from sdonnx import Pipeline
+    from sdonnx.runtime.errors import InputError
+
+    for threads in (-1, 0, 10**6, 2.5):
+        with pytest.raises(InputError, match="threads must be a whole number from 1 to 1024"):
+            Pipeline.load(tiny_onnx, provider="openvino", threads=threads)

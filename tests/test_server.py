@@ -381,7 +381,7 @@ def test_karras_comes_from_the_scheduler_or_the_sampler_name(server):
 
 def test_docs_and_openapi_describe_the_fields(server):
     from sdonnx.cli.server import MAX_PROMPT_CHARS
-    from sdonnx.runtime.pipeline import MAX_GUIDANCE
+    from sdonnx.runtime.checks import MAX_GUIDANCE
 
     docs = server.get("/docs")
     assert docs.status == 200 and "swagger" in docs.text.lower()
@@ -504,3 +504,34 @@ def test_serve_refuses_a_taken_port_and_bad_options(server):
     empty = subprocess.run(cli + ["--port", "0", "--api-key", " "], capture_output=True, text=True, timeout=60)
     assert empty.returncode == 2 and "--api-key is empty" in empty.stderr
     assert healthy(server)
+
+
+def test_an_init_image_over_the_size_limit_is_refused_not_generated(server):
+    """Without width and height the init image's own size counts, and it must stay within
+    MAX_SIDE; an upload of more than MAX_UPLOAD_PIXELS is refused before it is decoded."""
+    from sdonnx.cli.server import MAX_SIDE
+
+    wide = b64_png(Image.new("RGB", (MAX_SIDE + 64, 64), "white"))
+    for path, body in (("/sdapi/v1/img2img", {"prompt": PROMPT, "init_images": [wide]}),):
+        reply = server.post(path, body)
+        assert reply.status == 400 and f"outside 8..{MAX_SIDE} pixels per side" in reply.message, reply.message
+    reply = _edit(server, {"prompt": PROMPT}, {"image": ("i.png", base64.b64decode(wide), "image/png")})
+    assert reply.status == 400 and f"outside 8..{MAX_SIDE} pixels per side" in reply.message, reply.message
+    huge = b64_png(Image.new("1", (4 * MAX_SIDE + 8, MAX_SIDE)))  # 1-bit: a small file, many pixels
+    reply = server.post("/sdapi/v1/img2img", {"prompt": PROMPT, "init_images": [huge], "width": 64, "height": 64})
+    assert reply.status == 400 and "pixels accepted here" in reply.message, reply.message
+    assert healthy(server)
+
+
+def test_an_empty_mask_is_no_mask_as_before(server):
+    init = b64_png(Image.new("RGB", (64, 64), "white"))
+    reply = server.post("/sdapi/v1/img2img", {**SMALL, "init_images": [init], "mask": ""})
+    assert reply.status == 200, reply.message
+
+
+def test_an_openai_mask_without_a_transparent_pixel_is_refused():
+    from sdonnx.cli.server import openai_mask
+    from sdonnx.runtime.errors import InputError
+
+    with pytest.raises(InputError, match="no transparent pixel"):
+        openai_mask(base64.b64decode(b64_png(Image.new("RGB", (8, 8), "white"))))
