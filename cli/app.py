@@ -12,7 +12,7 @@ from typing import Optional
 import typer
 
 from sdonnx.cli import output
-from sdonnx.runtime.errors import InputError, SdonnxError
+from sdonnx.runtime.errors import InputError, SdonnxError, install_hint
 from sdonnx.runtime.checks import MAX_THREADS, check_number, check_size
 from sdonnx.runtime.pipeline import SAMPLERS, SCHEDULES
 from sdonnx.runtime.providers import CHOICES as PROVIDER_CHOICES
@@ -81,6 +81,7 @@ def generate(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Print load and per-step times."),
 ) -> None:
     """Generate images from a prompt and write them as PNGs with their parameters."""
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from sdonnx.runtime import GenerationConfig, Pipeline
@@ -121,8 +122,9 @@ def generate(
     step_times: list[float] = []
     run: list = []
     for batch in range(n_iter):
+        # On stderr, so that stdout holds only the lines naming what was written.
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TimeRemainingColumn(), transient=not verbose) as progress:
+                      TimeRemainingColumn(), transient=not verbose, console=Console(stderr=True)) as progress:
             task = progress.add_task(f"batch {batch + 1}/{n_iter}" if n_iter > 1 else "sampling", total=None)
             last = time.perf_counter()
 
@@ -178,7 +180,8 @@ def export(
 def quantize(
     source: Path = typer.Argument(..., help="An ONNX model folder (from sdonnx export)."),
     out: Path = typer.Argument(..., help="Folder to write the quantized model to."),
-    mode: str = typer.Option("int8", "--mode", help="int8 (UNet weights+activations, others weights) or fp16 (weights)."),
+    mode: str = typer.Option("int8", "--mode", help="int8 (onnxruntime: UNet weights+activations, others weights), "
+                             "int8-openvino (NNCF, OpenVINO IR for --provider openvino) or fp16 (weights)."),
     min_psnr: Optional[float] = typer.Option(
         None, "--min-psnr", help="A part whose images fall below this PSNR stays float (default: int8 22, fp16 35)."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
@@ -188,6 +191,9 @@ def quantize(
     size: Optional[int] = typer.Option(None, "--size", help="Check and calibration image side (default: native, at most 256)."),
 ) -> None:
     """Quantize a model folder, check its pictures against the float model, keep bad parts float."""
+    from sdonnx.export.exporter import check_export_extra
+
+    check_export_extra()  # onnx and onnxruntime's quantization tools come with the export stage
     from sdonnx.export.quantize import QuantizeConfig
     from sdonnx.export.quantize import quantize as run_quantize
 
@@ -241,7 +247,7 @@ def serve(
     modules = {"fastapi": "fastapi", "uvicorn": "uvicorn", "python_multipart": "python-multipart"}
     missing = [package for module, package in modules.items() if importlib.util.find_spec(module) is None]
     if missing:
-        raise InputError(f"sdonnx serve needs {' and '.join(missing)}: pip install 'sdonnx[serve]'")
+        raise InputError(f"sdonnx serve needs {' and '.join(missing)}: {install_hint('serve')}")
     from sdonnx.cli import server
     from sdonnx.runtime import Pipeline
 
@@ -266,11 +272,12 @@ def serve(
 
 
 @app.command()
-def info(model: Path = typer.Argument(..., help="An ONNX model folder.")) -> None:
-    """Show a model folder's parts, their inputs, precision and size on disk."""
+def info(model: Optional[Path] = typer.Argument(None, help="An ONNX model folder (default: the embedded model).")) -> None:
+    """Show a model folder's parts, their inputs, precision, sizes and size on disk."""
     from sdonnx.runtime.info import describe
+    from sdonnx.runtime.pipeline import default_model_path
 
-    typer.echo(describe(model))
+    typer.echo(describe(model or default_model_path()))
 
 
 def _terminate(signum, frame):

@@ -35,7 +35,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from sdonnx.runtime.errors import InputError, SdonnxError
+from sdonnx.runtime.errors import InputError, SdonnxError, install_hint
 from sdonnx.runtime.images import INIT_BACKGROUND, MASK_BACKGROUND, default_size, load_image
 from sdonnx.runtime.checks import MAX_GUIDANCE
 from sdonnx.runtime.pipeline import SAMPLERS, GenerationConfig, Pipeline, random_seed
@@ -498,21 +498,21 @@ def check_options(pipe: Pipeline, options: dict, where: str) -> None:
         raise InputError(f"{where}: {key} is fixed at {fixed[key]!r} in sdonnx, got {str(value)[:100]!r}")
 
 
+def _settings(pipe: Pipeline, prompt: str, negative_prompt: str, steps: int | None, guidance: float | None,
+              seed: int, sampler: str, schedule: str, n: int) -> dict:
+    """Pipeline.generate's common keyword arguments, the model's defaults where unset."""
+    return {"prompt": prompt, "negative_prompt": negative_prompt,
+            "steps": pipe.defaults.steps if steps is None else steps,
+            "guidance": pipe.defaults.guidance if guidance is None else guidance,
+            "seed": _random_seed(seed), "sampler": sampler, "schedule": schedule, "n": n}
+
+
 def a1111_settings(pipe: Pipeline, request: A1111Request) -> dict:
     """Pipeline.generate keyword arguments for an A1111 request."""
     check_options(pipe, request.override_settings, "override_settings")
-    defaults = pipe.defaults
-    sampler, schedule = request.sampler_and_schedule(defaults.sampler)
-    settings = {
-        "prompt": request.prompt,
-        "negative_prompt": request.negative_prompt,
-        "steps": defaults.steps if request.steps is None else request.steps,
-        "guidance": defaults.guidance if request.cfg_scale is None else request.cfg_scale,
-        "seed": _random_seed(request.seed),
-        "sampler": sampler,
-        "schedule": schedule,
-        "n": request.batch_size,
-    }
+    sampler, schedule = request.sampler_and_schedule(pipe.defaults.sampler)
+    settings = _settings(pipe, request.prompt, request.negative_prompt, request.steps, request.cfg_scale,
+                         request.seed, sampler, schedule, request.batch_size)
     if request.eta is not None and "eta" in SAMPLERS[sampler].options:  # A1111 ignores it elsewhere
         settings["eta"] = request.eta
     if not isinstance(request, Img2ImgRequest) and pipe.is_inpainting:
@@ -539,18 +539,9 @@ def a1111_settings(pipe: Pipeline, request: A1111Request) -> dict:
 
 def openai_settings(pipe: Pipeline, request: ImagesRequest) -> dict:
     """Pipeline.generate keyword arguments for an OpenAI request (without its images)."""
-    defaults = pipe.defaults
-    sampler, karras = find_sampler(request.sampler) if request.sampler else (defaults.sampler, False)
-    settings = {
-        "prompt": request.prompt,
-        "negative_prompt": request.negative_prompt,
-        "steps": defaults.steps if request.steps is None else request.steps,
-        "guidance": defaults.guidance if request.guidance is None else request.guidance,
-        "seed": _random_seed(request.seed),
-        "sampler": sampler,
-        "schedule": "karras" if karras else request.schedule,
-        "n": request.n,
-    }
+    sampler, karras = find_sampler(request.sampler) if request.sampler else (pipe.defaults.sampler, False)
+    settings = _settings(pipe, request.prompt, request.negative_prompt, request.steps, request.guidance,
+                         request.seed, sampler, "karras" if karras else request.schedule, request.n)
     if request.eta is not None:
         settings["eta"] = request.eta
     if request.size not in (None, "auto"):
@@ -639,7 +630,7 @@ class Guard:
 def create_app(pipe: Pipeline, api_key: str | None = None, max_queue: int = MAX_QUEUE,
                max_body: int = MAX_BODY_BYTES):
     if not importlib.util.find_spec("python_multipart"):
-        raise InputError("sdonnx serve needs python-multipart (for /v1/images/edits): pip install 'sdonnx[serve]'")
+        raise InputError(f"sdonnx serve needs python-multipart (for /v1/images/edits): {install_hint('serve')}")
     app = FastAPI(title="sdonnx", version="0.1.0", redoc_url=None,
                   description="One Stable Diffusion model behind OpenAI's images API and AUTOMATIC1111's "
                               "/sdapi/v1. Errors: 400 with a one-line message, 413 body over "

@@ -28,7 +28,7 @@ from sdonnx.export.parity import PartParity, check_parts
 from sdonnx.runtime import parts
 from sdonnx.runtime.pipeline import Defaults
 from sdonnx.runtime.info import folder_bytes
-from sdonnx.runtime.errors import InputError, ModelFolderError, SdonnxError
+from sdonnx.runtime.errors import InputError, ModelFolderError, SdonnxError, install_hint
 
 # What a diffusers Stable Diffusion folder must hold for an export.
 SOURCE_FILES = (
@@ -81,7 +81,7 @@ def check_export_extra() -> None:
     if missing:
         raise SdonnxError(
             f"the export stage needs {', '.join(missing)}, which the base install leaves out: "
-            "pip install 'sdonnx[export]'"
+            + install_hint("export")
         )
 
 

@@ -35,7 +35,7 @@ from sdonnx.export import weights
 from sdonnx.export.exporter import check_out, staged_folder
 from sdonnx.export.quality import compare
 from sdonnx.runtime import parts
-from sdonnx.runtime.errors import InputError, SdonnxError
+from sdonnx.runtime.errors import InputError, SdonnxError, install_hint
 from sdonnx.runtime.info import folder_bytes
 from sdonnx.runtime.onnx_model import OnnxModel
 from sdonnx.runtime.checks import check_number
@@ -44,7 +44,7 @@ from sdonnx.runtime.schedules import MAX_STEPS
 
 MODES = ("fp16", "int8", "int8-openvino")
 DEFAULT_MIN_PSNR = {"fp16": 35.0, "int8": 22.0, "int8-openvino": 22.0}
-NNCF_INSTALL = "pip install 'sdonnx[openvino-int8]'"
+NNCF_INSTALL = install_hint("openvino-int8")
 # Prompts for calibration and for the check: different sets, so the check is not the data
 # the ranges were fitted to. The shapes prompts exercise the embedded model.
 CALIBRATION_PROMPTS = (
@@ -134,9 +134,12 @@ class Recorder:
     def __getattr__(self, name):
         return getattr(self.model, name)
 
-    def __call__(self, **inputs):
+    def run(self, inputs: dict, precision: str | None = None):
         self.calls.append({k: np.array(v) for k, v in inputs.items()})
-        return self.model(**inputs)
+        return self.model.run(inputs, precision)
+
+    def __call__(self, **inputs):
+        return self.run(inputs)
 
 
 def check_mode(mode: str) -> None:

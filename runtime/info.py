@@ -7,8 +7,8 @@ from pathlib import Path
 import onnxruntime as ort
 
 from sdonnx.runtime import parts, providers
-from sdonnx.runtime.errors import ModelFolderError
-from sdonnx.runtime.pipeline import check_model_folder
+from sdonnx.runtime.errors import ModelFolderError, install_hint
+from sdonnx.runtime.pipeline import check_model_folder, image_sizes
 from sdonnx.runtime.schedules import SchedulerConfig
 
 _PRECISION = {"tensor(float)": "fp32", "tensor(float16)": "fp16", "tensor(bfloat16)": "bf16"}
@@ -60,6 +60,8 @@ def _describe(path: Path, record: dict) -> str:
         lines.append("made by: another exporter (no sdonnx.json)")
     lines.append(f"prediction: {scheduler.prediction_type}, beta schedule {scheduler.beta_schedule}, "
                  f"{scheduler.num_train_timesteps} training timesteps")
+    native, multiple = image_sizes(path)
+    lines.append(f"size: {native}x{native} native; width and height in multiples of {multiple} pixels")
     if record.get("defaults"):
         lines.append("recommended: " + ", ".join(f"{k} {v}" for k, v in record["defaults"].items())
                      + " (used when a generation does not say)")
@@ -106,7 +108,7 @@ def _signature(part: parts.Part, model_file: Path) -> tuple[list[tuple], list[tu
         try:
             import openvino as ov
         except ImportError:
-            raise ModelFolderError(f"{model_file} is OpenVINO IR: pip install 'sdonnx[openvino]' to read it") from None
+            raise ModelFolderError(f"{model_file} is OpenVINO IR: {install_hint('openvino')} to read it") from None
         model = ov.Core().read_model(str(model_file))
         return tuple([(port.get_any_name(), f"tensor({port.get_element_type().get_type_name()})",
                        str(port.get_partial_shape())) for port in ports]

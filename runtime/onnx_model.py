@@ -10,7 +10,7 @@ import onnxruntime as ort
 
 from sdonnx.runtime import providers
 from sdonnx.runtime.cache import OPTIMIZED_FILE, OptimizedGraphs
-from sdonnx.runtime.errors import InputError, ModelFolderError, ProviderError
+from sdonnx.runtime.errors import InputError, ModelFolderError, ProviderError, raise_if_out_of_memory
 from sdonnx.runtime.parts import Part
 
 _NUMPY_TYPES = {
@@ -149,9 +149,13 @@ class OnnxModel(PartModel):
 
     def __call__(self, **inputs: np.ndarray) -> dict[str, np.ndarray]:
         self._check_inputs(inputs)
-        if self.bind_device:
-            return self._run_bound(inputs)
-        return dict(zip(self.output_names, self.session.run(None, inputs)))
+        try:
+            if self.bind_device:
+                return self._run_bound(inputs)
+            return dict(zip(self.output_names, self.session.run(None, inputs)))
+        except Exception as e:  # onnxruntime's own error types
+            raise_if_out_of_memory(e, self.part.name, inputs)
+            raise
 
     def _run_bound(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run with onnxruntime's IO binding on `bind_device`: outputs are allocated there and

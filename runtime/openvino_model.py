@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sdonnx.runtime.errors import ModelFolderError
+from sdonnx.runtime.errors import ModelFolderError, raise_if_out_of_memory
 from sdonnx.runtime.onnx_model import PartModel
 from sdonnx.runtime.parts import Part
 
@@ -84,6 +84,9 @@ class OpenVinoModel(PartModel):
     def run(self, inputs: dict[str, np.ndarray], precision: str | None = None) -> dict[str, np.ndarray]:
         """Outputs by name; `precision` "fp32" or "bf16" overrides the loaded one for this call."""
         self._check_inputs(inputs)
-        request = self.compiled(inputs, precision).create_infer_request()
-        result = request.infer(inputs)
+        try:
+            result = self.compiled(inputs, precision).create_infer_request().infer(inputs)
+        except Exception as e:  # OpenVINO's own error types, from compiling or running
+            raise_if_out_of_memory(e, self.part.name, inputs)
+            raise
         return {name: np.asarray(result[i]) for i, name in enumerate(self.output_names)}

@@ -181,8 +181,13 @@ class Defaults:
 
 def check_model_folder(path: Path) -> None:
     """Fail naming every file a Stable Diffusion ONNX folder needs but lacks."""
+    if path.is_file():
+        raise ModelFolderError(f"{path} is a file; a model is a folder (`sdonnx export` makes one)")
     if not path.is_dir():
         raise ModelFolderError(f"model folder not found: {path}")
+    if path.name in {p.name for p in parts.PARTS} | {parts.TOKENIZER_DIR, "scheduler"} \
+            and (path.parent / parts.UNET.name).is_dir():
+        raise ModelFolderError(f"{path} is one part of a model folder; pass the folder itself: {path.parent}")
     missing = [p.onnx_path for p in parts.PARTS if p.required and p.file(path) is None]
     needed = [f"{parts.TOKENIZER_DIR}/vocab.json", f"{parts.TOKENIZER_DIR}/merges.txt", parts.SCHEDULER_CONFIG]
     missing += [name for name in needed if not (path / name).is_file()]
@@ -203,6 +208,20 @@ def default_model_path() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "default"
 
 
+def image_sizes(path: Path) -> tuple[int, int]:
+    """(native size, size multiple) in pixels from the UNet's config.json: the size it was
+    trained at, as diffusers defaults to it (SD 1.x: 512), and the multiple every width and
+    height must be (each UNet level but the last halves the latent: SD 64, the embedded model 32)."""
+    unet_file = path / parts.UNET.name / "config.json"
+    unet_config = parts.read_json(unet_file)
+    sample_size = parts.config_field(unet_config, "sample_size", 64, lambda v: is_int(v) and 1 <= v <= 4096,
+                                     unet_file, "a whole number of latent pixels")
+    levels = len(parts.config_field(unet_config, "block_out_channels", (0,) * 4,
+                                    lambda v: isinstance(v, list) and 1 <= len(v) <= 8, unet_file,
+                                    "a list of 1 to 8 channel counts"))
+    return sample_size * parts.VAE_SCALE, parts.VAE_SCALE * 2 ** max(levels - 1, 0)
+
+
 class Pipeline:
     """A loaded model folder. `generate` turns a prompt into PIL images (info: "parameters", "seed")."""
 
@@ -216,17 +235,7 @@ class Pipeline:
         self.vae_scaling_factor = float(parts.config_field(
             parts.read_json(vae_file), "scaling_factor", parts.DEFAULT_VAE_SCALING_FACTOR,
             lambda v: is_number(v) and v > 0, vae_file, "a positive number"))
-        # The size the UNet was trained at, as diffusers defaults to it (SD 1.x: 512).
-        unet_file = path / parts.UNET.name / "config.json"
-        unet_config = parts.read_json(unet_file)
-        sample_size = parts.config_field(unet_config, "sample_size", 64, lambda v: is_int(v) and 1 <= v <= 4096,
-                                         unet_file, "a whole number of latent pixels")
-        self.native_size = sample_size * parts.VAE_SCALE
-        # Each UNet level but the last halves the latent; sizes must survive that exactly.
-        levels = len(parts.config_field(unet_config, "block_out_channels", (0,) * 4,
-                                        lambda v: isinstance(v, list) and 1 <= len(v) <= 8, unet_file,
-                                        "a list of 1 to 8 channel counts"))
-        self.size_multiple = parts.VAE_SCALE * 2 ** max(levels - 1, 0)
+        self.native_size, self.size_multiple = image_sizes(path)
         self.defaults = Defaults.from_record(parts.read_json(path / parts.RECORD), path / parts.RECORD)
 
         openvino = providers.PROVIDERS[config.provider].backend == "openvino"
@@ -376,9 +385,14 @@ class Pipeline:
         """Generate `n` images; `latents` (n, 4, H/8, W/8) of unit noise replaces the seeded noise.
 
         Steps, guidance and sampler default to the model's `defaults` (20, 7.5, euler unless
-        its sdonnx.json says otherwise). Width and height default to the model's native size (512 for SD 1.x), or with an
-        `init_image` to its size rounded down to multiples of 8; an init image of another size
-        is scaled to cover the requested size and centre-cropped. img2img runs the last
+        its sdonnx.json says otherwise). `seed` None or -1 draws a random one (reported in each
+        image's info["seed"]); image i uses seed + i. Width and height (pixels) default to the
+        model's native size (512 for SD 1.x), or with an `init_image` to its size rounded down to
+        the model's `size_multiple`; an init image of another size is scaled to cover the
+        requested size and centre-cropped. Images (paths, bytes or PIL) are read as a person sees
+        them (images.load_image). In bf16 the UNet evaluations the sampler would amplify run in
+        fp32 (precision.py). Raises InputError for values out of range, ModelFolderError for a
+        model folder that lacks what the call needs. img2img runs the last
         int(steps x strength) steps from the encoded image noised to that level, as diffusers'
         StableDiffusionImg2ImgPipeline; with `mask_image` (white = repaint, the init image's
         size) an inpainting model repaints the masked part. `schedule="karras"` uses Karras

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from sdonnx.runtime.errors import ProviderError
+from sdonnx.runtime.errors import ProviderError, install_hint
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ PROVIDERS = {p.name: p for p in (
                      "an NVIDIA GPU",
              bind_device="cuda"),
     Provider("openvino", "openvino", precisions=("fp32", "bf16"),
-             install="pip install 'sdonnx[openvino]'"),
+             install=install_hint("openvino")),
     Provider("ort-openvino", "onnxruntime", ("OpenVINOExecutionProvider", "CPUExecutionProvider"),
              install="pip install onnxruntime-openvino (in place of onnxruntime)"),
 )}

@@ -278,7 +278,8 @@ def discrete_schedule(config: SchedulerConfig, steps: int, karras: bool = False)
     """
     check_steps(steps)
     if karras:
-        raise InputError("Karras sigmas apply to the sigma-based samplers, not to ddim or plms")
+        raise InputError("Karras sigmas apply to the sigma-based samplers, not to ddim or plms; "
+                         "use the default schedule with them")
     ac = alphas_cumprod(config).astype(np.float64)
     n_train = config.num_train_timesteps
     ts = _timesteps(config.spacing("leading"), n_train, steps, config.steps_offset).round().astype(np.int64)
@@ -340,7 +341,7 @@ def lcm_schedule(config: SchedulerConfig, steps: int, karras: bool = False) -> S
     """LCMScheduler's timesteps: evenly spaced picks from the distillation schedule."""
     check_steps(steps)
     if karras:
-        raise InputError("Karras sigmas do not apply to lcm")
+        raise InputError("Karras sigmas do not apply to lcm; use the default schedule with it")
     original = config.original_inference_steps
     if steps > original:
         raise InputError(f"lcm takes at most the model's original_inference_steps ({original}) steps, got {steps}")

@@ -357,6 +357,10 @@ def test_help_states_the_size_multiple_the_models_need():
     command = typer.main.get_command(app).commands["generate"]
     help_text = " ".join(p.help for p in command.params if p.param_type_name == "option")
     assert "multiples of 64 for SD 1.x and 2.x, of 32 for the embedded model" in help_text
+    from sdonnx.runtime.pipeline import default_model_path, image_sizes
+
+    assert image_sizes(default_model_path()) == (128, 32)  # what the help says of the embedded model
+    assert "multiples of 32 pixels" in sdonnx("info").stdout
     assert "-1 or omitted: a random one" in help_text
 
 

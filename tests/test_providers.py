@@ -24,7 +24,7 @@ def test_unknown_provider_lists_the_choices():
 
 def test_provider_not_installed_says_what_to_install(monkeypatch):
     monkeypatch.setattr(providers.Provider, "available", lambda self: self.name == "cpu")
-    with pytest.raises(ProviderError, match=r"'openvino' is not installed.*pip install 'sdonnx\[openvino\]'"):
+    with pytest.raises(ProviderError, match=r"'openvino' is not installed.*pip install -e '.*\[openvino\]'"):
         providers.resolve("openvino")
     with pytest.raises(ProviderError, match=r"pip install 'onnxruntime-gpu\[cuda,cudnn\]'"):
         providers.resolve("cuda")
@@ -235,3 +235,22 @@ def test_threads_out_of_range_is_one_clear_error_in_the_api(tiny_onnx):
     for threads in (-1, 0, 10**6, 2.5):
         with pytest.raises(InputError, match="threads must be a whole number from 1 to 1024"):
             Pipeline.load(tiny_onnx, provider="openvino", threads=threads)
+
+
+def test_a_failed_allocation_is_one_clear_error(tiny_pipeline, monkeypatch):
+    """onnxruntime reports a buffer it cannot allocate (an 8192x8192 image of the tests' tiny
+    model asked for 70 TB) as its own RuntimeException; sdonnx says what ran out and what to do."""
+    from sdonnx.runtime.errors import OutOfMemory
+
+    session = tiny_pipeline.unet.session
+
+    class Failing:
+        def __getattr__(self, name):
+            return getattr(session, name)
+
+        def run(self, *args):
+            raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : Failed to allocate memory for requested buffer")
+
+    monkeypatch.setattr(tiny_pipeline.unet, "session", Failing())
+    with pytest.raises(OutOfMemory, match=r"unet: not enough memory for sample \(2, 4, 8, 8\).*smaller size or batch"):
+        tiny_pipeline.generate("a cat", steps=1, width=64, height=64, guidance=5.0)

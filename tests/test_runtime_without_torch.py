@@ -62,5 +62,16 @@ def test_export_without_the_export_extra_says_what_to_install(tiny_source, tmp_p
     """)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert "pip install 'sdonnx[export]'" in proc.stderr and "Traceback" not in proc.stderr
+    assert "[export]'" in proc.stderr and "pip install" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_quantize_without_the_export_extra_says_what_to_install(tmp_path):
+    code = SCRIPT.split("from sdonnx import Pipeline")[0].format(blocked=set(BLOCKED), model="") + textwrap.dedent(f"""
+        sys.argv = ["sdonnx", "quantize", {str(tmp_path / "missing")!r}, {str(tmp_path / "out")!r}, "--mode", "fp16"]
+        from sdonnx.cli.app import main
+        main()
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "the export stage needs" in proc.stderr and "[export]'" in proc.stderr and "Traceback" not in proc.stderr
