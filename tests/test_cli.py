@@ -324,6 +324,32 @@ def test_a_full_disk_leaves_nothing_and_says_so(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_really_full_disk_is_one_line_and_leaves_nothing(tiny_onnx, tmp_path):
+    """End to end on a 64 KB tmpfs filled to its last page (needs root)."""
+    import os
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (not root?)")
+    try:
+        fd = os.open(disk / "filler", os.O_WRONLY | os.O_CREAT)
+        try:
+            while os.write(fd, b"\0" * 4096):
+                pass
+        except OSError:
+            pass
+        os.close(fd)
+        os.truncate(disk / "filler", os.path.getsize(disk / "filler") - 4096)  # one page: less than the PNG
+        proc = sdonnx("generate", "a cat", "--model", tiny_onnx, "--steps", 1, "--size", "64x64", "--seed", 1,
+                      "--out", disk / "x.png")
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert "no space left" in proc.stderr and "Traceback" not in proc.stderr
+        assert sorted(p.name for p in disk.iterdir()) == ["filler"]
+    finally:
+        subprocess.run(["umount", str(disk)])
+
+
 def test_an_unwritable_output_folder_is_one_line(tiny_onnx, tmp_path):
     import os
 
