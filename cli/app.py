@@ -156,7 +156,7 @@ def generate(
 
 @app.command()
 def export(
-    source: Path = typer.Argument(..., help="A diffusers-format Stable Diffusion folder."),
+    source: Path = typer.Argument(..., help="A single-file checkpoint (.safetensors, .ckpt) or a diffusers folder."),
     out: Path = typer.Argument(..., help="Folder to write the ONNX models to."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
     opset: Optional[int] = typer.Option(None, "--opset", min=7, max=30, help="ONNX opset (default: optimum's)."),
@@ -166,13 +166,18 @@ def export(
     default_guidance: Optional[float] = typer.Option(
         None, "--default-guidance", help="Its recommended guidance scale (e.g. 0-1 for Turbo/LCM models)."),
     default_sampler: Optional[str] = typer.Option(None, "--default-sampler", help="Its recommended sampler."),
+    config: Optional[Path] = typer.Option(
+        None, "--config", help="Single file: a diffusers folder of configs for an architecture sdonnx does not bundle."),
+    vae: Optional[Path] = typer.Option(None, "--vae", help="Single file: a VAE file to use instead of the one inside."),
+    extract_ema: bool = typer.Option(False, "--extract-ema", help="Single file: export the EMA copy of the UNet."),
 ) -> None:
     """Export a checkpoint to a folder of ONNX models, checked against torch."""
     from sdonnx.export.exporter import ExportConfig, export as run_export
 
     given = {"steps": default_steps, "guidance": default_guidance, "sampler": default_sampler}
     defaults = {name: value for name, value in given.items() if value is not None}
-    result = run_export(ExportConfig(source, out, force, opset, check, defaults), log=typer.echo)
+    result = run_export(ExportConfig(source, out, force, opset, check, defaults, config, vae, extract_ema),
+                        log=typer.echo)
     typer.echo(f"wrote {result.out} in {result.seconds:.1f} s")
 
 

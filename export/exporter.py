@@ -18,7 +18,7 @@ import threading
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -42,6 +42,7 @@ SOURCE_FILES = (
 )
 WEIGHT_NAMES = ("model.safetensors", "diffusion_pytorch_model.safetensors",
                 "pytorch_model.bin", "diffusion_pytorch_model.bin")
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
 SAFETENSORS_MAX_HEADER = 100 * 2**20  # bytes; the safetensors format's own limit
 VERSIONED = ("torch", "diffusers", "transformers", "optimum-onnx", "onnx", "onnxruntime")
 # Modules of the `export` extra; the base install (the runtime) has none of them.
@@ -61,6 +62,11 @@ class ExportConfig:
     check: bool = True
     # Recommended generation settings recorded for the runtime (runtime.pipeline.Defaults).
     defaults: dict = field(default_factory=dict)
+    # Single-file sources (export/checkpoints.py): a diffusers folder of configs for families
+    # sdonnx does not bundle, a separate VAE file, and the EMA copy instead of the weights.
+    config: Path | None = None
+    vae: Path | None = None
+    extract_ema: bool = False
 
 
 @dataclass
@@ -91,8 +97,8 @@ def check_source(source: Path) -> None:
         raise ModelFolderError(f"source not found: {source}")
     if not source.is_dir():
         raise ModelFolderError(
-            f"{source} is a file; sdonnx export takes a diffusers-format folder "
-            "(model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)"
+            f"{source} is neither a diffusers-format folder (model_index.json, unet/, vae/, text_encoder/, "
+            f"tokenizer/, scheduler/) nor a single-file checkpoint ({', '.join(SINGLE_FILE_SUFFIXES)})"
         )
     missing = [name for name in SOURCE_FILES if not (source / name).is_file()]
     for sub in ("text_encoder", "unet", "vae"):
@@ -190,12 +196,13 @@ def _run_optimum(source: Path, tmp: Path, opset: int | None) -> None:
         )
 
 
-def _write_record(tmp: Path, config: ExportConfig, seconds: float, parity: list[PartParity]) -> None:
+def _write_record(tmp: Path, config: ExportConfig, seconds: float, parity: list[PartParity],
+                  source_record: dict | None = None) -> None:
     by_part = {p.part: p for p in parity}
     record = {
         "format": 1,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "source": {"path": str(config.source.resolve()), "format": "diffusers"},
+        "source": source_record or {"path": str(config.source.resolve()), "format": "diffusers"},
         "opset": _opset(tmp / parts.UNET.onnx_path),
         "versions": {"sdonnx": "0.1.0", **_versions()},
         "export_seconds": round(seconds, 1),
@@ -274,16 +281,39 @@ def export(config: ExportConfig, log: Callable[[str], None] = lambda msg: None) 
     source, out = config.source, config.out
     Defaults.checked(config.defaults)  # refuse what the runtime would refuse, before any work
     check_export_extra()
-    check_source(source)
+    single_file = source.is_file() and source.suffix.lower() in SINGLE_FILE_SUFFIXES
+    if not single_file:
+        if config.config or config.vae or config.extract_ema:
+            raise InputError("--config, --vae and --extract-ema apply to single-file checkpoints "
+                             "(.safetensors, .ckpt), not to a diffusers folder")
+        check_source(source)
+    for name, given in (("--vae", config.vae), ("--config", config.config)):
+        if given is not None and not given.exists():
+            raise InputError(f"{name} {given} not found")
     check_out(out, config.force)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     quiet_libraries()
     start = time.perf_counter()
     with staged_folder(out) as tmp:
-        return _export_into(tmp, config, start, log)
+        if not single_file:
+            return _export_into(tmp, config, start, log)
+        from sdonnx.export import checkpoints
+
+        converted = tmp.with_name(tmp.name + "-diffusers")
+        try:
+            log(f"reading {source}")
+            found = checkpoints.to_diffusers(source, converted, config=config.config, vae=config.vae,
+                                             extract_ema=config.extract_ema, log=log)
+            record = {"path": str(source.resolve()), "format": "single-file", "family": found.family,
+                      "description": found.description, "ema": config.extract_ema,
+                      **({"vae": str(config.vae.resolve())} if config.vae else {})}
+            return _export_into(tmp, replace(config, source=converted), start, log, record)
+        finally:
+            shutil.rmtree(converted, ignore_errors=True)
 
 
-def _export_into(tmp: Path, config: ExportConfig, start: float, log: Callable[[str], None]) -> ExportResult:
+def _export_into(tmp: Path, config: ExportConfig, start: float, log: Callable[[str], None],
+                 source_record: dict | None = None) -> ExportResult:
     """Export, check and record into `tmp` (renamed to OUT by `staged_folder`)."""
     source, out = config.source, config.out
     log(f"exporting {source} with optimum's ONNX exporter")
@@ -305,5 +335,5 @@ def _export_into(tmp: Path, config: ExportConfig, start: float, log: Callable[[s
                 + ". The export was not written."
             )
     seconds = time.perf_counter() - start
-    _write_record(tmp, config, seconds, parity)
+    _write_record(tmp, config, seconds, parity, source_record)
     return ExportResult(out, seconds, parity)

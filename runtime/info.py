@@ -54,8 +54,13 @@ def _describe(path: Path, record: dict) -> str:
     scheduler = SchedulerConfig.from_file(path / parts.SCHEDULER_CONFIG)
     lines = [f"model folder: {path.resolve()}"]
     if record:
-        lines.append(f"made by: sdonnx from {record.get('source', {}).get('path', '?')} (opset {record.get('opset')}, "
+        source = record.get("source", {})
+        lines.append(f"made by: sdonnx from {source.get('path', '?')} (opset {record.get('opset')}, "
                      f"{record.get('created', '?')})")
+        if source.get("format") == "single-file":
+            lines.append(f"single file: {source.get('description', '?')}"
+                         + (" (its EMA weights)" if source.get("ema") else "")
+                         + (f", VAE from {source['vae']}" if source.get("vae") else ""))
     else:
         lines.append("made by: another exporter (no sdonnx.json)")
     lines.append(f"prediction: {scheduler.prediction_type}, beta schedule {scheduler.beta_schedule}, "

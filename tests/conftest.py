@@ -124,3 +124,26 @@ def psnr(a, b) -> float:
     b = np.asarray(b, dtype=np.float64)
     mse = np.mean((a - b) ** 2)
     return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
+
+
+@pytest.fixture
+def deterministic_reference(monkeypatch):
+    """Patch diffusers' img2img/inpaint modules: posterior mean, and the given noise."""
+    import torch
+    from diffusers.pipelines.stable_diffusion import (
+        pipeline_stable_diffusion_img2img as img2img,
+        pipeline_stable_diffusion_inpaint as inpaint,
+    )
+
+    noise = {}
+
+    def mean(encoder_output, generator=None, sample_mode="sample"):
+        return encoder_output.latent_dist.mean
+
+    def given_noise(shape, generator=None, device=None, dtype=None, layout=None):
+        return torch.from_numpy(noise["value"]).to(dtype)
+
+    for module in (img2img, inpaint):
+        monkeypatch.setattr(module, "retrieve_latents", mean)
+        monkeypatch.setattr(module, "randn_tensor", given_noise)
+    return noise

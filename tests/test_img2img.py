@@ -49,28 +49,6 @@ def unit_noise(seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((1, 4, HEIGHT // 8, WIDTH // 8), dtype=np.float32)
 
 
-@pytest.fixture
-def deterministic_reference(monkeypatch):
-    """Patch diffusers' img2img/inpaint modules: posterior mean, and the given noise."""
-    from diffusers.pipelines.stable_diffusion import (
-        pipeline_stable_diffusion_img2img as img2img,
-        pipeline_stable_diffusion_inpaint as inpaint,
-    )
-
-    noise = {}
-
-    def mean(encoder_output, generator=None, sample_mode="sample"):
-        return encoder_output.latent_dist.mean
-
-    def given_noise(shape, generator=None, device=None, dtype=None, layout=None):
-        return torch.from_numpy(noise["value"]).to(dtype)
-
-    for module in (img2img, inpaint):
-        monkeypatch.setattr(module, "retrieve_latents", mean)
-        monkeypatch.setattr(module, "randn_tensor", given_noise)
-    return noise
-
-
 @pytest.fixture(scope="module")
 def img2img_reference(tiny_source):
     return _reference(tiny_source, "StableDiffusionImg2ImgPipeline")

@@ -1,0 +1,181 @@
+"""Single-file checkpoints (export/checkpoints.py): tiny checkpoints written in the original
+LDM key layout are exported and compared with diffusers' `from_single_file` on the same file
+and local configs; what is not a checkpoint, or would run code, is refused."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import psnr
+from sdonnx.export import checkpoints
+from sdonnx.export.exporter import ExportConfig, export
+from sdonnx.export.ldm_layout import UNET_PREFIX, write_single_file, write_vae_file
+from sdonnx.runtime.errors import InputError, ModelFolderError
+
+PARITY_DB = 45.0
+PROMPT, NEGATIVE = "a red circle on a white background", "blurry"
+
+
+@pytest.fixture(scope="module")
+def files(tiny_source, inpaint_source, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("single-files")
+    return {
+        "fp32": write_single_file(tiny_source, folder / "tiny.safetensors"),
+        "fp16-ema": write_single_file(tiny_source, folder / "tiny-ema.ckpt", dtype="fp16", ema="both"),
+        "no-vae": write_single_file(tiny_source, folder / "tiny-novae.safetensors", include_vae=False),
+        "vae": write_vae_file(tiny_source, folder / "vae.safetensors"),
+        "inpainting": write_single_file(inpaint_source, folder / "inpaint.safetensors", dtype="fp16"),
+    }
+
+
+def exported(path, out, config, **options):
+    from sdonnx import Pipeline
+
+    export(ExportConfig(path, out, config=config, **options))
+    return Pipeline.load(out, provider="cpu")
+
+
+def reference_pipe(path, config, cls="StableDiffusionPipeline", ema=False):
+    """diffusers' own reading of the single file with the same local configs."""
+    import diffusers
+
+    pipe = getattr(diffusers, cls).from_single_file(str(path), config=str(config), local_files_only=True,
+                                                    torch_dtype=torch.float32)
+    if ema:  # write_single_file's EMA copy is the UNet's weights times 0.5
+        pipe.unet.load_state_dict({k: v * 0.5 for k, v in pipe.unet.state_dict().items()})
+    pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def latents(seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((1, 4, 8, 8), dtype=np.float32)
+
+
+def reference_image(pipe, **images) -> np.ndarray:
+    out = pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=6, guidance_scale=7.5, width=64, height=64,
+               latents=torch.from_numpy(latents()), output_type="np", **images).images[0]
+    return (out * 255).round().astype(np.uint8)
+
+
+def ours(pipe, **images) -> np.ndarray:
+    return np.asarray(pipe.generate(PROMPT, negative_prompt=NEGATIVE, steps=6, guidance=7.5, width=64, height=64,
+                                    sampler="euler", latents=latents(), seed=0, **images)[0])
+
+
+def test_an_fp32_safetensors_file_draws_what_diffusers_draws_from_it(files, tiny_source, tmp_path):
+    pipe = exported(files["fp32"], tmp_path / "out", tiny_source)
+    want = reference_image(reference_pipe(files["fp32"], tiny_source))
+    assert want.std() > 10
+    assert psnr(ours(pipe), want) >= PARITY_DB
+    source = __import__("json").loads((tmp_path / "out" / "sdonnx.json").read_text())["source"]
+    assert source["format"] == "single-file" and source["path"].endswith("tiny.safetensors")
+    from sdonnx.runtime.info import describe
+
+    assert "single file: UNet of 4 input channels, 32-d text context" in describe(tmp_path / "out")
+
+
+def test_an_fp16_ckpt_with_ema_exports_the_weights_a1111_loads_or_the_ema_copy(files, tiny_source, tmp_path):
+    """By default the `model.diffusion_model.*` weights (what AUTOMATIC1111 loads); with
+    extract_ema the `model_ema.*` copy. Each is a negative control for the other."""
+    main = exported(files["fp16-ema"], tmp_path / "main", tiny_source)
+    ema = exported(files["fp16-ema"], tmp_path / "ema", tiny_source, extract_ema=True)
+    want_main = reference_image(reference_pipe(files["fp16-ema"], tiny_source))
+    want_ema = reference_image(reference_pipe(files["fp16-ema"], tiny_source, ema=True))
+    assert psnr(ours(main), want_main) >= PARITY_DB
+    assert psnr(ours(ema), want_ema) >= PARITY_DB
+    assert psnr(ours(ema), want_main) < PARITY_DB
+    assert psnr(ours(main), want_ema) < PARITY_DB
+
+
+def test_a_checkpoint_without_a_vae_takes_a_separate_vae_file(files, tiny_source, tmp_path):
+    with pytest.raises(InputError, match="holds no VAE .*--vae FILE"):
+        export(ExportConfig(files["no-vae"], tmp_path / "refused", config=tiny_source))
+    assert not (tmp_path / "refused").exists()
+    pipe = exported(files["no-vae"], tmp_path / "out", tiny_source, vae=files["vae"])
+    assert psnr(ours(pipe), reference_image(reference_pipe(files["fp32"], tiny_source))) >= PARITY_DB
+
+
+def test_an_inpainting_checkpoint_exports_its_nine_channel_unet(files, inpaint_source, tmp_path,
+                                                                 deterministic_reference):
+    from PIL import Image
+
+    pipe = exported(files["inpainting"], tmp_path / "out", inpaint_source)
+    assert pipe.is_inpainting
+    init = Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    reference = reference_pipe(files["inpainting"], inpaint_source, cls="StableDiffusionInpaintPipeline")
+    deterministic_reference["value"] = latents()
+    want = reference_image(reference, image=init, mask_image=mask, strength=1.0)
+    assert psnr(ours(pipe, init_image=init, mask_image=mask, strength=1.0), want) >= PARITY_DB
+
+
+class RunsCode:
+    def __reduce__(self):
+        import os
+
+        return os.system, ("touch ran-code",)
+
+
+@pytest.mark.parametrize("form", ["zip", "legacy pickle"])
+def test_a_pickle_that_would_run_code_is_refused_and_nothing_runs(tmp_path, monkeypatch, form):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "evil.ckpt"
+    payload = {"state_dict": {"x": RunsCode()}}
+    torch.save(payload, path, _use_new_zipfile_serialization=form == "zip")
+    with pytest.raises(ModelFolderError, match="needs more than tensors .* it could run code, so it was not loaded"):
+        export(ExportConfig(path, tmp_path / "out"))
+    assert not (tmp_path / "ran-code").exists() and not (tmp_path / "out").exists()
+    with pytest.raises(AssertionError):  # the control: unpickled in full, the file does run code
+        torch.load(path, weights_only=False)
+        assert not (tmp_path / "ran-code").exists()
+
+
+def fake(shapes: dict) -> dict:
+    return {key: torch.empty(shape) for key, shape in shapes.items()}
+
+
+SD1 = {UNET_PREFIX + "input_blocks.0.0.weight": (320, 4, 3, 3),
+       checkpoints.CONTEXT_KEY: (320, 768),
+       "first_stage_model.encoder.conv_in.weight": (128, 3, 3, 3),
+       "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight": (49408, 768)}
+
+
+def test_families_are_read_from_the_tensors(tmp_path):
+    found = checkpoints.inspect(tmp_path / "m.safetensors", fake(SD1))
+    assert found.family == "sd1" and found.description.startswith("SD 1.x, 768-d CLIP ViT-L text encoder, epsilon")
+    inpainting = fake({**SD1, UNET_PREFIX + "input_blocks.0.0.weight": (320, 9, 3, 3)})
+    assert checkpoints.inspect(tmp_path / "m.safetensors", inpainting).family == "sd1-inpainting"
+    folder = checkpoints.config_folder(checkpoints.inspect(tmp_path / "m", inpainting), tmp_path / "configs")
+    from diffusers import UNet2DConditionModel
+
+    assert UNet2DConditionModel.load_config(folder / "unet")["in_channels"] == 9
+    assert (folder / "tokenizer" / "vocab.json").is_file()
+
+
+@pytest.mark.parametrize("shapes, message", [
+    ({**SD1, checkpoints.CONTEXT_KEY: (320, 1024)}, "is an SD 2.x checkpoint"),
+    ({**SD1, "conditioner.embedders.1.model.ln_final.weight": (1280,)}, "is an SDXL checkpoint"),
+    ({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": (4, 320)}, r"is a LoRA \(1 tensors\)"),
+    ({"string_to_param": (1, 768)}, "is a textual-inversion embedding"),
+    ({"fc.weight": (10, 10)}, "is not a Stable Diffusion checkpoint"),
+    ({**SD1, checkpoints.CONTEXT_KEY: (320, 32)}, "pass --config"),
+])
+def test_what_is_not_an_sd1_checkpoint_is_named(tmp_path, shapes, message):
+    with pytest.raises(ModelFolderError, match=message):
+        checkpoints.inspect(tmp_path / "m.safetensors", fake(shapes))
+
+
+def test_a_truncated_single_file_is_refused_before_torch_reads_it(files, tmp_path):
+    import os
+    import shutil
+
+    broken = tmp_path / "broken.safetensors"
+    shutil.copy(files["fp32"], broken)
+    os.truncate(broken, broken.stat().st_size - 100)
+    with pytest.raises(ModelFolderError, match="is truncated or damaged"):
+        export(ExportConfig(broken, tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
