@@ -170,13 +170,16 @@ def export(
         None, "--config", help="Single file: a diffusers folder of configs for an architecture sdonnx does not bundle."),
     vae: Optional[Path] = typer.Option(None, "--vae", help="Single file: a VAE file to use instead of the one inside."),
     extract_ema: bool = typer.Option(False, "--extract-ema", help="Single file: export the EMA copy of the UNet."),
+    variant: Optional[str] = typer.Option(
+        None, "--variant", help="Diffusers folder: read these weights (fp16: model.fp16.safetensors ...); "
+                                "default: the plain ones, or fp16 when a folder has only those."),
 ) -> None:
     """Export a checkpoint to a folder of ONNX models, checked against torch."""
     from sdonnx.export.exporter import ExportConfig, export as run_export
 
     given = {"steps": default_steps, "guidance": default_guidance, "sampler": default_sampler}
     defaults = {name: value for name, value in given.items() if value is not None}
-    result = run_export(ExportConfig(source, out, force, opset, check, defaults, config, vae, extract_ema),
+    result = run_export(ExportConfig(source, out, force, opset, check, defaults, config, vae, extract_ema, variant),
                         log=typer.echo)
     typer.echo(f"wrote {result.out} in {result.seconds:.1f} s")
 

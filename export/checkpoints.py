@@ -197,3 +197,19 @@ def to_diffusers(path: Path, out: Path, *, config: Path | None = None, vae: Path
     finally:
         shutil.rmtree(configs, ignore_errors=True)
     return checkpoint
+
+
+def variant_to_diffusers(source: Path, variant: str, out: Path) -> None:
+    """A diffusers folder's `variant` weights (model.fp16.safetensors ...) saved at `out` as a
+    plain float32 folder; parts the export does not use (safety checker, feature extractor)
+    are left out."""
+    import torch
+    from diffusers import DiffusionPipeline
+
+    try:
+        pipe = DiffusionPipeline.from_pretrained(source, variant=variant, torch_dtype=torch.float32,
+                                                 safety_checker=None, feature_extractor=None,
+                                                 requires_safety_checker=False, local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelFolderError(f"{source}: cannot read its {variant} weights ({str(e).splitlines()[0][:200]})") from None
+    pipe.save_pretrained(out, safe_serialization=True)

@@ -67,6 +67,9 @@ class ExportConfig:
     config: Path | None = None
     vae: Path | None = None
     extract_ema: bool = False
+    # Diffusers folders: the weight variant to read ("fp16": model.fp16.safetensors ...); None
+    # takes the plain files, or the fp16 ones when a folder has only those.
+    variant: str | None = None
 
 
 @dataclass
@@ -91,7 +94,22 @@ def check_export_extra() -> None:
         )
 
 
-def check_source(source: Path) -> None:
+def weight_files(part: Path, variant: str | None = None) -> list[Path]:
+    """A diffusers part folder's weight files: plain (model.safetensors ...) or of a variant
+    (model.fp16.safetensors ... as hubs offer them)."""
+    names = [w.replace(".", f".{variant}.", 1) for w in WEIGHT_NAMES] if variant else WEIGHT_NAMES
+    return [part / name for name in names if (part / name).is_file()]
+
+
+def only_variant(source: Path) -> str | None:
+    """"fp16" when a diffusers folder holds only fp16-variant weights (nothing plain), else None."""
+    parts_ = [source / sub for sub in ("text_encoder", "unet", "vae") if (source / sub).is_dir()]
+    if parts_ and all(not weight_files(p) and weight_files(p, "fp16") for p in parts_):
+        return "fp16"
+    return None
+
+
+def check_source(source: Path, variant: str | None = None) -> None:
     """Fail naming what is missing before any heavy work starts."""
     if not source.exists():
         raise ModelFolderError(f"source not found: {source}")
@@ -102,8 +120,9 @@ def check_source(source: Path) -> None:
         )
     missing = [name for name in SOURCE_FILES if not (source / name).is_file()]
     for sub in ("text_encoder", "unet", "vae"):
-        if (source / sub).is_dir() and not any((source / sub / w).is_file() for w in WEIGHT_NAMES):
-            missing.append(f"{sub}/ weights ({' or '.join(WEIGHT_NAMES[:2])})")
+        if (source / sub).is_dir() and not weight_files(source / sub, variant):
+            named = [w.replace(".", f".{variant}.", 1) if variant else w for w in WEIGHT_NAMES[:2]]
+            missing.append(f"{sub}/ weights ({' or '.join(named)})")
     if missing:
         raise ModelFolderError(
             f"{source} is not a complete diffusers Stable Diffusion folder; missing: "
@@ -282,11 +301,15 @@ def export(config: ExportConfig, log: Callable[[str], None] = lambda msg: None) 
     Defaults.checked(config.defaults)  # refuse what the runtime would refuse, before any work
     check_export_extra()
     single_file = source.is_file() and source.suffix.lower() in SINGLE_FILE_SUFFIXES
+    variant = None
+    if single_file and config.variant:
+        raise InputError("--variant applies to diffusers folders; a single file holds one set of weights")
     if not single_file:
         if config.config or config.vae or config.extract_ema:
             raise InputError("--config, --vae and --extract-ema apply to single-file checkpoints "
                              "(.safetensors, .ckpt), not to a diffusers folder")
-        check_source(source)
+        variant = config.variant or (only_variant(source) if source.is_dir() else None)
+        check_source(source, variant)
     for name, given in (("--vae", config.vae), ("--config", config.config)):
         if given is not None and not given.exists():
             raise InputError(f"{name} {given} not found")
@@ -295,18 +318,24 @@ def export(config: ExportConfig, log: Callable[[str], None] = lambda msg: None) 
     quiet_libraries()
     start = time.perf_counter()
     with staged_folder(out) as tmp:
-        if not single_file:
+        if not single_file and variant is None:
             return _export_into(tmp, config, start, log)
         from sdonnx.export import checkpoints
 
+        # optimum reads plain diffusers folders: convert into one beside OUT first (float32).
         converted = tmp.with_name(tmp.name + "-diffusers")
         try:
-            log(f"reading {source}")
-            found = checkpoints.to_diffusers(source, converted, config=config.config, vae=config.vae,
-                                             extract_ema=config.extract_ema, log=log)
-            record = {"path": str(source.resolve()), "format": "single-file", "family": found.family,
-                      "description": found.description, "ema": config.extract_ema,
-                      **({"vae": str(config.vae.resolve())} if config.vae else {})}
+            if variant:
+                log(f"reading the {variant} weights of {source}")
+                checkpoints.variant_to_diffusers(source, variant, converted)
+                record = {"path": str(source.resolve()), "format": "diffusers", "variant": variant}
+            else:
+                log(f"reading {source}")
+                found = checkpoints.to_diffusers(source, converted, config=config.config, vae=config.vae,
+                                                 extract_ema=config.extract_ema, log=log)
+                record = {"path": str(source.resolve()), "format": "single-file", "family": found.family,
+                          "description": found.description, "ema": config.extract_ema,
+                          **({"vae": str(config.vae.resolve())} if config.vae else {})}
             return _export_into(tmp, replace(config, source=converted), start, log, record)
         finally:
             shutil.rmtree(converted, ignore_errors=True)

@@ -179,3 +179,49 @@ def test_a_truncated_single_file_is_refused_before_torch_reads_it(files, tmp_pat
     with pytest.raises(ModelFolderError, match="is truncated or damaged"):
         export(ExportConfig(broken, tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def variant_folders(tiny_source, tmp_path_factory):
+    """A hub-style folder: plain weights plus an fp16 variant whose UNet output is halved (so the
+    two draw different pictures), and a folder of the fp16 variant alone."""
+    import shutil
+
+    import diffusers
+
+    both = tmp_path_factory.mktemp("variants") / "both"
+    shutil.copytree(tiny_source, both)
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(tiny_source, safety_checker=None)
+    with torch.no_grad():
+        pipe.unet.conv_out.weight.mul_(0.5)
+        pipe.unet.conv_out.bias.mul_(0.5)
+    pipe.to(torch.float16).save_pretrained(both, variant="fp16")
+    only = both.with_name("fp16-only")
+    pipe.save_pretrained(only, variant="fp16")
+    return both, only
+
+
+def variant_reference(folder, variant=None):
+    import diffusers
+
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder, variant=variant, torch_dtype=torch.float32,
+                                                             safety_checker=None)
+    pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return reference_image(pipe)
+
+
+def test_fp16_variant_folders_export_the_weights_asked_for(variant_folders, tmp_path):
+    from sdonnx import Pipeline
+
+    both, only = variant_folders
+    export(ExportConfig(both, tmp_path / "plain"))
+    export(ExportConfig(both, tmp_path / "fp16", variant="fp16"))
+    export(ExportConfig(only, tmp_path / "only"))  # no plain weights: the fp16 ones, unasked
+    plain, fp16, alone = (Pipeline.load(tmp_path / name, provider="cpu") for name in ("plain", "fp16", "only"))
+    want_plain, want_fp16 = variant_reference(both), variant_reference(both, "fp16")
+    assert psnr(ours(plain), want_plain) >= PARITY_DB and psnr(ours(fp16), want_fp16) >= PARITY_DB
+    assert psnr(ours(alone), want_fp16) >= PARITY_DB
+    assert psnr(ours(plain), want_fp16) < PARITY_DB and psnr(ours(fp16), want_plain) < PARITY_DB
+    with pytest.raises(ModelFolderError, match=r"unet/ weights \(model.bf16.safetensors"):
+        export(ExportConfig(both, tmp_path / "refused", variant="bf16"))
