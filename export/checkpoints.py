@@ -213,3 +213,25 @@ def variant_to_diffusers(source: Path, variant: str, out: Path) -> None:
     except (OSError, ValueError, KeyError) as e:
         raise ModelFolderError(f"{source}: cannot read its {variant} weights ({str(e).splitlines()[0][:200]})") from None
     pipe.save_pretrained(out, safe_serialization=True)
+
+
+def link_folder(source: Path, out: Path) -> None:
+    """`out` mirrors the diffusers folder `source` with symbolic links (no weight is copied),
+    except its tokenizer/, which is copied so that files can be added to it."""
+    out.mkdir()
+    for entry in source.iterdir():
+        if entry.name == "tokenizer":
+            shutil.copytree(entry, out / entry.name)
+        else:
+            (out / entry.name).symlink_to(entry.resolve(), target_is_directory=entry.is_dir())
+
+
+def write_vocab_files(tokenizer: Path) -> None:
+    """vocab.json and merges.txt beside a tokenizer.json (the fast tokenizer's BPE model as the
+    slow CLIPTokenizer and sdonnx's runtime read it)."""
+    from tokenizers import Tokenizer
+
+    try:
+        Tokenizer.from_file(str(tokenizer / "tokenizer.json")).model.save(str(tokenizer))
+    except Exception as e:  # the tokenizers library raises its own exception type
+        raise ModelFolderError(f"{tokenizer / 'tokenizer.json'} cannot be read as a BPE tokenizer ({e})") from None

@@ -109,6 +109,13 @@ def only_variant(source: Path) -> str | None:
     return None
 
 
+def fast_tokenizer_only(source: Path) -> bool:
+    """Whether the folder's tokenizer is a tokenizer.json alone (no vocab.json / merges.txt)."""
+    tokenizer = source / "tokenizer"
+    return (tokenizer / "tokenizer.json").is_file() and not (
+        (tokenizer / "vocab.json").is_file() and (tokenizer / "merges.txt").is_file())
+
+
 def check_source(source: Path, variant: str | None = None) -> None:
     """Fail naming what is missing before any heavy work starts."""
     if not source.exists():
@@ -118,7 +125,8 @@ def check_source(source: Path, variant: str | None = None) -> None:
             f"{source} is neither a diffusers-format folder (model_index.json, unet/, vae/, text_encoder/, "
             f"tokenizer/, scheduler/) nor a single-file checkpoint ({', '.join(SINGLE_FILE_SUFFIXES)})"
         )
-    missing = [name for name in SOURCE_FILES if not (source / name).is_file()]
+    missing = [name for name in SOURCE_FILES if not (source / name).is_file()
+               and not (name.startswith("tokenizer/") and fast_tokenizer_only(source))]
     for sub in ("text_encoder", "unet", "vae"):
         if (source / sub).is_dir() and not weight_files(source / sub, variant):
             named = [w.replace(".", f".{variant}.", 1) if variant else w for w in WEIGHT_NAMES[:2]]
@@ -318,17 +326,23 @@ def export(config: ExportConfig, log: Callable[[str], None] = lambda msg: None) 
     quiet_libraries()
     start = time.perf_counter()
     with staged_folder(out) as tmp:
-        if not single_file and variant is None:
+        if not single_file and variant is None and not fast_tokenizer_only(source):
             return _export_into(tmp, config, start, log)
         from sdonnx.export import checkpoints
 
         # optimum reads plain diffusers folders: convert into one beside OUT first (float32).
         converted = tmp.with_name(tmp.name + "-diffusers")
         try:
-            if variant:
-                log(f"reading the {variant} weights of {source}")
-                checkpoints.variant_to_diffusers(source, variant, converted)
-                record = {"path": str(source.resolve()), "format": "diffusers", "variant": variant}
+            if not single_file:
+                record = {"path": str(source.resolve()), "format": "diffusers"}
+                if variant:
+                    log(f"reading the {variant} weights of {source}")
+                    checkpoints.variant_to_diffusers(source, variant, converted)
+                    record["variant"] = variant
+                else:
+                    checkpoints.link_folder(source, converted)
+                if fast_tokenizer_only(converted):
+                    checkpoints.write_vocab_files(converted / "tokenizer")
             else:
                 log(f"reading {source}")
                 found = checkpoints.to_diffusers(source, converted, config=config.config, vae=config.vae,

@@ -225,3 +225,22 @@ def test_fp16_variant_folders_export_the_weights_asked_for(variant_folders, tmp_
     assert psnr(ours(plain), want_fp16) < PARITY_DB and psnr(ours(fp16), want_plain) < PARITY_DB
     with pytest.raises(ModelFolderError, match=r"unet/ weights \(model.bf16.safetensors"):
         export(ExportConfig(both, tmp_path / "refused", variant="bf16"))
+
+
+def test_a_folder_whose_tokenizer_is_only_tokenizer_json_exports_the_same_model(tiny_source, tiny_onnx, tmp_path):
+    """As some hub folders come: tokenizer/tokenizer.json without vocab.json and merges.txt."""
+    import shutil
+
+    from transformers import CLIPTokenizerFast
+
+    from sdonnx import Pipeline
+
+    folder = tmp_path / "fast"
+    shutil.copytree(tiny_source, folder, ignore=shutil.ignore_patterns("tokenizer"))
+    CLIPTokenizerFast.from_pretrained(tiny_source / "tokenizer").save_pretrained(folder / "tokenizer",
+                                                                               legacy_format=False)
+    assert not (folder / "tokenizer" / "vocab.json").exists()
+    export(ExportConfig(folder, tmp_path / "out"))
+    assert not (folder / "tokenizer" / "vocab.json").exists(), "the source folder was written to"
+    got = Pipeline.load(tmp_path / "out", provider="cpu")
+    assert np.array_equal(ours(got), ours(Pipeline.load(tiny_onnx, provider="cpu")))
