@@ -170,6 +170,11 @@ def export(
         None, "--config", help="Single file: a diffusers folder of configs for an architecture sdonnx does not bundle."),
     vae: Optional[Path] = typer.Option(None, "--vae", help="Single file: a VAE file to use instead of the one inside."),
     extract_ema: bool = typer.Option(False, "--extract-ema", help="Single file: export the EMA copy of the UNet."),
+    prediction_type: Optional[str] = typer.Option(
+        None, "--prediction-type", help="SD 2.x single file: epsilon (2.x-base) or v_prediction (2.1, the default; "
+                                        "a .yaml of the same name beside the file also says)."),
+    image_size: Optional[int] = typer.Option(
+        None, "--image-size", min=64, max=4096, help="SD 2.x single file: its native size in pixels (512 or 768)."),
     variant: Optional[str] = typer.Option(
         None, "--variant", help="Diffusers folder: read these weights (fp16: model.fp16.safetensors ...); "
                                 "default: the plain ones, or fp16 when a folder has only those."),
@@ -179,8 +184,8 @@ def export(
 
     given = {"steps": default_steps, "guidance": default_guidance, "sampler": default_sampler}
     defaults = {name: value for name, value in given.items() if value is not None}
-    result = run_export(ExportConfig(source, out, force, opset, check, defaults, config, vae, extract_ema, variant),
-                        log=typer.echo)
+    result = run_export(ExportConfig(source, out, force, opset, check, defaults, config, vae, extract_ema, variant,
+                                     prediction_type, image_size), log=typer.echo)
     typer.echo(f"wrote {result.out} in {result.seconds:.1f} s")
 
 

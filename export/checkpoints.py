@@ -3,15 +3,16 @@
 The file's family is read from its tensors (the text context width, the UNet's input
 channels) and said before the heavy work; the configs the family needs ship beside this
 module (export/configs/sd1.json, SD 1.5's), so nothing is fetched. diffusers' own single-file loader
-(`from_single_file`, with those configs as a local folder) maps the original CompVis/LDM keys;
+(`from_single_file`, with those configs as a local folder) maps the original CompVis/LDM keys
+(OpenCLIP's for SD 2.x's text encoder);
 the folder it saves is then exported like any diffusers folder.
 
 A `.ckpt` is a pickle: it is read with torch's weights-only unpickler, and one that needs more
-(code) is refused, never run. Supported here: SD 1.x and SD 1.x inpainting (9-channel UNet),
-fp32 or fp16, pruned or with EMA (`extract_ema` takes the `model_ema.*` copy), with a VAE
-inside or a separate VAE file; other architectures with `config` (a diffusers-format folder of
-configs, as the tests' tiny checkpoints need). SD 2.x, SDXL and later families are named and
-refused.
+(code) is refused, never run. Supported here: SD 1.x and 2.x (epsilon or v-prediction) and
+their inpainting models (9-channel UNet), fp32 or fp16, pruned or with EMA (`extract_ema` takes
+the `model_ema.*` copy), with a VAE inside or a separate VAE file; other architectures with
+`config` (a diffusers-format folder of configs, as the tests' tiny checkpoints need). SDXL and
+later families are named and refused.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from sdonnx.export.ldm_layout import EMA_PREFIX, TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX
+from sdonnx.export.ldm_layout import EMA_PREFIX, OPEN_CLIP_PREFIX, TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX
 from sdonnx.runtime.errors import InputError, ModelFolderError
 from sdonnx.runtime.pipeline import default_model_path
 
@@ -38,13 +39,19 @@ OTHER_FAMILIES = (
 )
 
 
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
 @dataclass(frozen=True)
 class Checkpoint:
     """What a single file holds, read from its tensors before anything heavy runs."""
 
     path: Path
-    family: str  # "sd1", "sd1-inpainting", or "custom" (configs from `config`)
-    description: str  # for the log and sdonnx.json: "SD 1.x, 768-d CLIP text encoder, ..."
+    family: str  # "sd1", "sd2" (configs/<family>.json) or "custom" (configs from `config`)
+    inpainting: bool  # a 9-channel UNet
+    prediction_type: str | None  # None: the configs' own (custom)
+    image_size: int | None  # native size in pixels; None: the configs' own
+    description: str  # for the log and sdonnx.json: "SD 1.x, 768-d CLIP ViT-L text encoder, ..."
     has_vae: bool
     has_ema: bool
 
@@ -84,8 +91,29 @@ def read_tensors(path: Path) -> dict:
     return state
 
 
-def inspect(path: Path, tensors: dict, config: Path | None = None) -> Checkpoint:
-    """The family of a checkpoint's tensors, or a ModelFolderError saying what the file is."""
+def _yaml_parameterization(path: Path) -> str | None:
+    """The prediction type in the original config beside a checkpoint (`model.params.
+    parameterization: "v"` in X.yaml for X.safetensors), as AUTOMATIC1111 reads it; None if none."""
+    import yaml
+
+    beside = path.with_suffix(".yaml")
+    if not beside.is_file():
+        return None
+    try:
+        params = (yaml.safe_load(beside.read_text()) or {}).get("model", {}).get("params", {})
+    except (yaml.YAMLError, AttributeError) as e:
+        raise ModelFolderError(f"{beside} is not a readable original config ({e})") from None
+    return "v_prediction" if params.get("parameterization") == "v" else "epsilon"
+
+
+def inspect(path: Path, tensors: dict, config: Path | None = None, prediction_type: str | None = None,
+            image_size: int | None = None) -> Checkpoint:
+    """The family of a checkpoint's tensors, or a ModelFolderError saying what the file is.
+
+    SD 2.x's weights do not tell epsilon (2.x-base, 512 px) from v-prediction (768 px): as
+    AUTOMATIC1111, a .yaml of the same name beside the file decides, else `prediction_type`
+    and `image_size`, else SD 2.1's v-prediction at 768 px. SD 2.x inpainting is epsilon, 512.
+    """
     keys = list(tensors)
     if any("lora_" in k or ".lora." in k for k in keys):
         raise ModelFolderError(f"{path} is a LoRA ({len(keys)} tensors), not a model; LoRA files are applied "
@@ -94,50 +122,75 @@ def inspect(path: Path, tensors: dict, config: Path | None = None) -> Checkpoint
         raise ModelFolderError(f"{path} is a textual-inversion embedding, not a model")
     for prefix, what in OTHER_FAMILIES:
         if any(k.startswith(prefix) for k in keys):
-            raise ModelFolderError(f"{path} is {what}; sdonnx exports SD 1.x models from single files so far")
+            raise ModelFolderError(f"{path} is {what}; sdonnx exports SD 1.x and 2.x single files so far")
     if CONV_IN_KEY not in tensors:
         raise ModelFolderError(f"{path} is not a Stable Diffusion checkpoint: it has no {UNET_PREFIX}* UNet "
                                f"(a few of its {len(keys)} keys: {', '.join(keys[:3])})")
+    if prediction_type not in (None, *PREDICTION_TYPES):
+        raise InputError(f"--prediction-type must be one of {', '.join(PREDICTION_TYPES)}, got {prediction_type!r}")
+    if image_size is not None and (image_size < 64 or image_size % 64):
+        raise InputError(f"--image-size must be a multiple of 64 pixels (512, 768 ...), got {image_size}")
     channels = int(tensors[CONV_IN_KEY].shape[1])
     context = int(tensors[CONTEXT_KEY].shape[1]) if CONTEXT_KEY in tensors else None
     has_vae = any(k.startswith(VAE_PREFIX) for k in keys)
     has_ema = any(k.startswith(EMA_PREFIX) for k in keys)
+    inpainting = channels == 9
     extras = ("a VAE" if has_vae else "no VAE") + (", EMA weights too" if has_ema else "")
+    chosen = prediction_type or _yaml_parameterization(path)
     if config is not None:
-        return Checkpoint(path, "custom", f"UNet of {channels} input channels, {context}-d text context, "
-                                          f"configs from {config}, {extras}", has_vae, has_ema)
-    if context == 1024:
-        raise ModelFolderError(f"{path} is an SD 2.x checkpoint (1024-d OpenCLIP text encoder), which sdonnx "
-                               "does not export from a single file yet; export its diffusers folder instead")
-    if context != 768 or channels not in (4, 9):
+        said = f", {chosen}" if chosen else ""
+        return Checkpoint(path, "custom", inpainting, chosen, image_size,
+                          f"UNet of {channels} input channels, {context}-d text context{said}, configs from "
+                          f"{config}, {extras}", has_vae, has_ema)
+    if context not in (768, 1024) or channels not in (4, 9):
         raise ModelFolderError(
             f"{path}: a {context}-d text context and {channels} UNet input channels match no bundled family "
-            "(SD 1.x: 768 and 4, or 9 for inpainting); pass --config with a diffusers folder of its configs")
-    if not any(k.startswith(TEXT_PREFIX) for k in keys):
-        raise ModelFolderError(f"{path} has no {TEXT_PREFIX}* text encoder; it is not a whole SD 1.x checkpoint")
-    family = "sd1" if channels == 4 else "sd1-inpainting"
-    kind = "inpainting, " if channels == 9 else ""
-    return Checkpoint(path, family, f"SD 1.x, {kind}768-d CLIP ViT-L text encoder, epsilon, 512 px, {extras}",
+            "(SD 1.x: 768, SD 2.x: 1024; 4 channels, 9 for inpainting); pass --config with a diffusers folder "
+            "of its configs")
+    text_prefix = TEXT_PREFIX if context == 768 else OPEN_CLIP_PREFIX
+    if not any(k.startswith(text_prefix) for k in keys):
+        raise ModelFolderError(f"{path} has no {text_prefix}* text encoder; it is not a whole checkpoint")
+    kind = "inpainting, " if inpainting else ""
+    if context == 768:
+        return Checkpoint(path, "sd1", inpainting, chosen or "epsilon", image_size or 512,
+                          f"SD 1.x, {kind}768-d CLIP ViT-L text encoder, {chosen or 'epsilon'}, "
+                          f"{image_size or 512} px, {extras}", has_vae, has_ema)
+    if chosen is None:
+        chosen = "epsilon" if inpainting else "v_prediction"
+        how = "the default for SD 2.x" + ("" if inpainting else " (2.1; --prediction-type epsilon for 2.x-base)")
+    else:
+        how = "from --prediction-type" if prediction_type else f"from {path.with_suffix('.yaml').name}"
+    size = image_size or (768 if chosen == "v_prediction" else 512)
+    return Checkpoint(path, "sd2", inpainting, chosen, size,
+                      f"SD 2.x, {kind}1024-d OpenCLIP ViT-H text encoder, {chosen} ({how}), {size} px, {extras}",
                       has_vae, has_ema)
 
 
 def config_folder(checkpoint: Checkpoint, into: Path, config: Path | None = None) -> Path:
     """A diffusers folder of configs (no weights) for `checkpoint` at `into`: the bundled SD 1.5
-    configs with CLIP's tokenizer (the same files as the embedded model's), or `config`'s."""
+    or 2.1 configs with CLIP's tokenizer (the same files as the embedded model's), or `config`'s;
+    with the checkpoint's prediction type and size where it says them."""
     if config is not None:
         if not (config / "unet" / "config.json").is_file():
             raise InputError(f"--config {config} is not a diffusers folder (unet/config.json missing)")
         shutil.copytree(config, into, ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "*.onnx*"))
-        return into
-    files = json.loads((CONFIGS / "sd1.json").read_text())
-    files.pop("_comment")
-    if checkpoint.family == "sd1-inpainting":
-        files["unet/config.json"]["in_channels"] = 9
-        files["model_index.json"]["_class_name"] = "StableDiffusionInpaintPipeline"
-    for name, data in files.items():
-        (into / name).parent.mkdir(parents=True, exist_ok=True)
-        (into / name).write_text(json.dumps(data, indent=2))
-    shutil.copytree(default_model_path() / "tokenizer", into / "tokenizer")
+        files = {}
+    else:
+        shutil.copytree(default_model_path() / "tokenizer", into / "tokenizer")
+        files = json.loads((CONFIGS / f"{checkpoint.family}.json").read_text())
+        files.pop("_comment")
+    if checkpoint.inpainting:
+        files.setdefault("unet/config.json", {})["in_channels"] = 9
+        files.setdefault("model_index.json", {})["_class_name"] = "StableDiffusionInpaintPipeline"
+    if checkpoint.prediction_type:
+        files.setdefault("scheduler/scheduler_config.json", {})["prediction_type"] = checkpoint.prediction_type
+    if checkpoint.image_size:
+        files.setdefault("unet/config.json", {})["sample_size"] = checkpoint.image_size // 8
+    for name, values in files.items():
+        target = into / name
+        merged = json.loads(target.read_text()) if target.is_file() else {}
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps({**merged, **values}, indent=2))
     return into
 
 
@@ -154,7 +207,8 @@ def _ema_as_model(tensors: dict) -> dict:
 
 
 def to_diffusers(path: Path, out: Path, *, config: Path | None = None, vae: Path | None = None,
-                 extract_ema: bool = False, log=lambda msg: None) -> Checkpoint:
+                 extract_ema: bool = False, prediction_type: str | None = None, image_size: int | None = None,
+                 log=lambda msg: None) -> Checkpoint:
     """Convert the single file `path` into a diffusers folder at `out` (float32 weights).
 
     By default the weights AUTOMATIC1111 and the reference scripts load (`model.diffusion_model.*`);
@@ -165,7 +219,7 @@ def to_diffusers(path: Path, out: Path, *, config: Path | None = None, vae: Path
     from diffusers import AutoencoderKL, StableDiffusionInpaintPipeline, StableDiffusionPipeline, UNet2DConditionModel
 
     tensors = read_tensors(path)
-    checkpoint = inspect(path, tensors, config)
+    checkpoint = inspect(path, tensors, config, prediction_type, image_size)
     log(f"{path.name}: {checkpoint.description}")
     if extract_ema and not checkpoint.has_ema:
         raise InputError(f"--extract-ema: {path} holds no EMA weights (model_ema.*); leave the option out")
@@ -173,8 +227,7 @@ def to_diffusers(path: Path, out: Path, *, config: Path | None = None, vae: Path
         raise InputError(f"{path} holds no VAE (first_stage_model.*); pass one with --vae FILE")
     configs = config_folder(checkpoint, out.with_name(out.name + "-configs"), config)
     try:
-        inpainting = json.loads((configs / "unet" / "config.json").read_text()).get("in_channels") == 9
-        pipeline_class = StableDiffusionInpaintPipeline if inpainting else StableDiffusionPipeline
+        pipeline_class = StableDiffusionInpaintPipeline if checkpoint.inpainting else StableDiffusionPipeline
         components = {}
         if extract_ema:
             unet_tensors = {k: v for k, v in _ema_as_model(tensors).items() if k.startswith(UNET_PREFIX)}

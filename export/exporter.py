@@ -70,6 +70,9 @@ class ExportConfig:
     # Diffusers folders: the weight variant to read ("fp16": model.fp16.safetensors ...); None
     # takes the plain files, or the fp16 ones when a folder has only those.
     variant: str | None = None
+    # SD 2.x single files: what their weights cannot say (else a .yaml beside, else v at 768 px).
+    prediction_type: str | None = None
+    image_size: int | None = None
 
 
 @dataclass
@@ -313,9 +316,9 @@ def export(config: ExportConfig, log: Callable[[str], None] = lambda msg: None) 
     if single_file and config.variant:
         raise InputError("--variant applies to diffusers folders; a single file holds one set of weights")
     if not single_file:
-        if config.config or config.vae or config.extract_ema:
-            raise InputError("--config, --vae and --extract-ema apply to single-file checkpoints "
-                             "(.safetensors, .ckpt), not to a diffusers folder")
+        if config.config or config.vae or config.extract_ema or config.prediction_type or config.image_size:
+            raise InputError("--config, --vae, --extract-ema, --prediction-type and --image-size apply to "
+                             "single-file checkpoints (.safetensors, .ckpt), not to a diffusers folder")
         variant = config.variant or (only_variant(source) if source.is_dir() else None)
         check_source(source, variant)
     for name, given in (("--vae", config.vae), ("--config", config.config)):
@@ -346,9 +349,10 @@ def export(config: ExportConfig, log: Callable[[str], None] = lambda msg: None) 
             else:
                 log(f"reading {source}")
                 found = checkpoints.to_diffusers(source, converted, config=config.config, vae=config.vae,
-                                                 extract_ema=config.extract_ema, log=log)
+                                                 extract_ema=config.extract_ema, prediction_type=config.prediction_type,
+                                                 image_size=config.image_size, log=log)
                 record = {"path": str(source.resolve()), "format": "single-file", "family": found.family,
-                          "description": found.description, "ema": config.extract_ema,
+                          "inpainting": found.inpainting, "description": found.description, "ema": config.extract_ema,
                           **({"vae": str(config.vae.resolve())} if config.vae else {})}
             return _export_into(tmp, replace(config, source=converted), start, log, record)
         finally:

@@ -3,7 +3,8 @@
 The key layout of `v1-5-pruned-emaonly.safetensors` and the fine-tunes built on it:
 `model.diffusion_model.*` (the UNet, numbered `input_blocks` / `middle_block` /
 `output_blocks`), `first_stage_model.*` (the KL autoencoder, `encoder.down.N.block.M` ...),
-`cond_stage_model.transformer.*` (the transformers CLIP text model). Written for tests and
+`cond_stage_model.transformer.*` (the transformers CLIP text model; SD 2.x: OpenCLIP's
+`cond_stage_model.model.*`). Written for tests and
 benchmarks, which need such files and cannot download one: the mapping is the inverse of the
 one diffusers' `convert_ldm_*_checkpoint` apply when they read the original layout, and the
 tests check the round trip through them tensor for tensor.
@@ -94,15 +95,40 @@ def vae_to_ldm(state: dict, config: dict) -> dict:
     return out
 
 
+OPEN_CLIP_PREFIX = "cond_stage_model.model."
+_OPEN_CLIP_LAYER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+                    "self_attn.out_proj": "attn.out_proj"}
+
+
+def text_to_open_clip(state: dict) -> dict:
+    """transformers CLIPTextModel weights -> OpenCLIP's names (SD 2.x's `cond_stage_model.model.*`,
+    without the prefix): q, k and v projections concatenated into one in_proj per layer."""
+    import torch
+
+    out = {"token_embedding.weight": state["text_model.embeddings.token_embedding.weight"],
+           "positional_embedding": state["text_model.embeddings.position_embedding.weight"],
+           "ln_final.weight": state["text_model.final_layer_norm.weight"],
+           "ln_final.bias": state["text_model.final_layer_norm.bias"]}
+    layers = sorted({int(k.split(".")[3]) for k in state if k.startswith("text_model.encoder.layers.")})
+    for i in layers:
+        hf, oc = f"text_model.encoder.layers.{i}.", f"transformer.resblocks.{i}."
+        for kind in ("weight", "bias"):
+            out[oc + f"attn.in_proj_{kind}"] = torch.cat([state[hf + f"self_attn.{p}_proj.{kind}"] for p in "qkv"])
+            for old, new in _OPEN_CLIP_LAYER.items():
+                out[oc + f"{new}.{kind}"] = state[hf + f"{old}.{kind}"]
+    return out
+
+
 def write_single_file(folder: str | Path, path: str | Path, *, dtype: str = "fp32", ema: str = "none",
-                      include_vae: bool = True) -> Path:
+                      include_vae: bool = True, text_encoder: str = "clip") -> Path:
     """Write the diffusers SD 1.x pipeline in `folder` as one LDM-layout checkpoint at `path`.
 
     `path` ending in .safetensors or .ckpt (a torch pickle of {"state_dict": ...}, as the
     original training saved it); `dtype` fp32 or fp16; `ema` "none", "only" (the EMA weights
     stored as the model's, as in *-emaonly files) or "both" (`model_ema.*` holds a second copy,
     here the UNet's weights times 0.5 so that the two differ); `include_vae` False leaves the
-    autoencoder out (a separate VAE file then). Returns `path`.
+    autoencoder out (a separate VAE file then); `text_encoder` "open_clip" stores the text
+    encoder in OpenCLIP's layout, as SD 2.x checkpoints do. Returns `path`.
     """
     import json
 
@@ -120,8 +146,11 @@ def write_single_file(folder: str | Path, path: str | Path, *, dtype: str = "fp3
     if include_vae:
         vae = AutoencoderKL.from_pretrained(folder / "vae")
         state.update({VAE_PREFIX + k: v for k, v in vae_to_ldm(vae.state_dict(), dict(vae.config)).items()})
-    text = CLIPTextModel.from_pretrained(folder / "text_encoder")
-    state.update({TEXT_PREFIX + k: v for k, v in text.state_dict().items() if "position_ids" not in k})
+    text = CLIPTextModel.from_pretrained(folder / "text_encoder").state_dict()
+    if text_encoder == "open_clip":
+        state.update({OPEN_CLIP_PREFIX + k: v for k, v in text_to_open_clip(text).items()})
+    else:
+        state.update({TEXT_PREFIX + k: v for k, v in text.items() if "position_ids" not in k})
     torch_dtype = {"fp32": torch.float32, "fp16": torch.float16}[dtype]
     state = {k: v.detach().to(torch_dtype).contiguous() for k, v in state.items()}
     if path.suffix == ".safetensors":

@@ -148,16 +148,47 @@ def test_families_are_read_from_the_tensors(tmp_path):
     found = checkpoints.inspect(tmp_path / "m.safetensors", fake(SD1))
     assert found.family == "sd1" and found.description.startswith("SD 1.x, 768-d CLIP ViT-L text encoder, epsilon")
     inpainting = fake({**SD1, UNET_PREFIX + "input_blocks.0.0.weight": (320, 9, 3, 3)})
-    assert checkpoints.inspect(tmp_path / "m.safetensors", inpainting).family == "sd1-inpainting"
-    folder = checkpoints.config_folder(checkpoints.inspect(tmp_path / "m", inpainting), tmp_path / "configs")
+    found = checkpoints.inspect(tmp_path / "m.safetensors", inpainting)
+    assert found.family == "sd1" and found.inpainting
+    folder = checkpoints.config_folder(found, tmp_path / "configs")
     from diffusers import UNet2DConditionModel
 
     assert UNet2DConditionModel.load_config(folder / "unet")["in_channels"] == 9
     assert (folder / "tokenizer" / "vocab.json").is_file()
 
 
+SD2 = {**SD1, checkpoints.CONTEXT_KEY: (320, 1024), "cond_stage_model.model.token_embedding.weight": (49408, 1024)}
+del SD2["cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"]
+
+
+@pytest.mark.parametrize("yaml, flags, prediction, size", [
+    (None, {}, "v_prediction", 768),  # SD 2.1's, the default
+    ('model:\n  params:\n    parameterization: "v"\n', {}, "v_prediction", 768),
+    ("model:\n  params:\n    linear_start: 0.00085\n", {}, "epsilon", 512),  # 2.x-base's yaml
+    (None, {"prediction_type": "epsilon"}, "epsilon", 512),
+    ('model:\n  params:\n    parameterization: "v"\n', {"prediction_type": "epsilon", "image_size": 640},
+     "epsilon", 640),  # the options win over the yaml
+])
+def test_sd2_prediction_type_comes_from_the_yaml_beside_then_the_options(tmp_path, yaml, flags, prediction, size):
+    path = tmp_path / "v2-1_768-ema-pruned.safetensors"
+    if yaml:
+        path.with_suffix(".yaml").write_text(yaml)
+    found = checkpoints.inspect(path, fake(SD2), **flags)
+    assert (found.family, found.prediction_type, found.image_size) == ("sd2", prediction, size)
+    assert found.description.startswith(f"SD 2.x, 1024-d OpenCLIP ViT-H text encoder, {prediction}")
+    folder = checkpoints.config_folder(found, tmp_path / "configs")
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.load_config(folder / "unet")
+    assert (unet["cross_attention_dim"], unet["sample_size"]) == (1024, size // 8)
+    scheduler = __import__("json").loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["prediction_type"] == prediction
+    tokenizer = __import__("json").loads((folder / "tokenizer" / "tokenizer_config.json").read_text())
+    assert tokenizer["pad_token"] == "!" and tokenizer["model_max_length"] == 77
+
+
 @pytest.mark.parametrize("shapes, message", [
-    ({**SD1, checkpoints.CONTEXT_KEY: (320, 1024)}, "is an SD 2.x checkpoint"),
+    ({**SD1, checkpoints.CONTEXT_KEY: (320, 1024)}, "has no cond_stage_model.model.. text encoder"),
     ({**SD1, "conditioner.embedders.1.model.ln_final.weight": (1280,)}, "is an SDXL checkpoint"),
     ({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": (4, 320)}, r"is a LoRA \(1 tensors\)"),
     ({"string_to_param": (1, 768)}, "is a textual-inversion embedding"),
@@ -244,3 +275,20 @@ def test_a_folder_whose_tokenizer_is_only_tokenizer_json_exports_the_same_model(
     assert not (folder / "tokenizer" / "vocab.json").exists(), "the source folder was written to"
     got = Pipeline.load(tmp_path / "out", provider="cpu")
     assert np.array_equal(ours(got), ours(Pipeline.load(tiny_onnx, provider="cpu")))
+
+
+@pytest.fixture(scope="module")
+def open_clip_file(vpred_source, tmp_path_factory):
+    """SD 2.x style: a v-prediction model whose text encoder is stored in OpenCLIP's layout."""
+    return write_single_file(vpred_source, tmp_path_factory.mktemp("sd2-style") / "v.safetensors",
+                             text_encoder="open_clip")
+
+
+def test_an_open_clip_v_prediction_file_draws_what_diffusers_draws_and_a_wrong_type_does_not(
+        open_clip_file, vpred_source, tmp_path):
+    right = exported(open_clip_file, tmp_path / "right", vpred_source)
+    wrong = exported(open_clip_file, tmp_path / "wrong", vpred_source, prediction_type="epsilon")
+    want = reference_image(reference_pipe(open_clip_file, vpred_source))
+    assert want.std() > 10
+    assert psnr(ours(right), want) >= PARITY_DB
+    assert psnr(ours(wrong), want) < PARITY_DB  # the negative control the issue asks for
