@@ -194,6 +194,26 @@ def config_folder(checkpoint: Checkpoint, into: Path, config: Path | None = None
     return into
 
 
+def _vae_from_file(path: Path, configs: Path):
+    """An AutoencoderKL from a separate VAE file: LDM keys with or without `first_stage_model.`
+    (vae-ft-mse-840000-ema-pruned), or diffusers' own (a VAE folder's weights file)."""
+    from diffusers import AutoencoderKL
+
+    tensors = read_tensors(path)
+    if any(k.startswith("encoder.down_blocks.") for k in tensors):
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(configs / "vae"))
+        missing, unexpected = vae.load_state_dict(tensors, strict=False)
+        if missing or unexpected:
+            raise ModelFolderError(f"--vae {path} does not fit the VAE config (missing {', '.join(missing[:3])}; "
+                                   f"unexpected {', '.join(unexpected[:3])})")
+        return vae
+    if not any(k.startswith(VAE_PREFIX) for k in tensors):
+        tensors = {VAE_PREFIX + k: v for k, v in tensors.items()}
+    if VAE_PREFIX + "encoder.conv_in.weight" not in tensors:
+        raise ModelFolderError(f"--vae {path} is not a VAE (no encoder.conv_in weights)")
+    return AutoencoderKL.from_single_file(tensors, config=str(configs), subfolder="vae", local_files_only=True)
+
+
 def _ema_as_model(tensors: dict) -> dict:
     """The tensors with the `model_ema.*` copy of the UNet in place of `model.diffusion_model.*`
     (the original stores EMA names without their inner dots)."""
@@ -234,11 +254,7 @@ def to_diffusers(path: Path, out: Path, *, config: Path | None = None, vae: Path
             components["unet"] = UNet2DConditionModel.from_single_file(
                 unet_tensors, config=str(configs), subfolder="unet", local_files_only=True)
         if vae is not None:
-            vae_tensors = read_tensors(vae)
-            if not any(k.startswith(VAE_PREFIX) for k in vae_tensors):
-                vae_tensors = {VAE_PREFIX + k: v for k, v in vae_tensors.items()}
-            components["vae"] = AutoencoderKL.from_single_file(
-                vae_tensors, config=str(configs), subfolder="vae", local_files_only=True)
+            components["vae"] = _vae_from_file(vae, configs)
         try:
             pipe = pipeline_class.from_single_file(str(path), config=str(configs), local_files_only=True,
                                                    torch_dtype=torch.float32, **components)

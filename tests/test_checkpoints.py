@@ -94,8 +94,15 @@ def test_a_checkpoint_without_a_vae_takes_a_separate_vae_file(files, tiny_source
     with pytest.raises(InputError, match="holds no VAE .*--vae FILE"):
         export(ExportConfig(files["no-vae"], tmp_path / "refused", config=tiny_source))
     assert not (tmp_path / "refused").exists()
+    want = reference_image(reference_pipe(files["fp32"], tiny_source))
     pipe = exported(files["no-vae"], tmp_path / "out", tiny_source, vae=files["vae"])
-    assert psnr(ours(pipe), reference_image(reference_pipe(files["fp32"], tiny_source))) >= PARITY_DB
+    assert psnr(ours(pipe), want) >= PARITY_DB
+    # The same VAE in diffusers' own keys (a VAE folder's weights file).
+    diffusers_vae = tiny_source / "vae" / "diffusion_pytorch_model.safetensors"
+    pipe = exported(files["no-vae"], tmp_path / "out2", tiny_source, vae=diffusers_vae)
+    assert psnr(ours(pipe), want) >= PARITY_DB
+    with pytest.raises(ModelFolderError, match="is not a VAE"):
+        export(ExportConfig(files["no-vae"], tmp_path / "refused2", config=tiny_source, vae=files["no-vae"]))
 
 
 def test_an_inpainting_checkpoint_exports_its_nine_channel_unet(files, inpaint_source, tmp_path,
