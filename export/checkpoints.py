@@ -1,8 +1,11 @@
-"""Single-file checkpoints (`.safetensors`, `.ckpt`) as people download them -> a diffusers folder.
+"""Checkpoints as people download them -> the plain diffusers folder the export reads.
+
+Single files (`.safetensors`, `.ckpt`), and hub folders with fp16-variant weights or a
+tokenizer.json alone.
 
 The file's family is read from its tensors (the text context width, the UNet's input
 channels) and said before the heavy work; the configs the family needs ship beside this
-module (export/configs/sd1.json, SD 1.5's), so nothing is fetched. diffusers' own single-file loader
+module (export/configs/: SD 1.5's and SD 2.1's), so nothing is fetched. diffusers' own single-file loader
 (`from_single_file`, with those configs as a local folder) maps the original CompVis/LDM keys
 (OpenCLIP's for SD 2.x's text encoder);
 the folder it saves is then exported like any diffusers folder.
@@ -24,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sdonnx.export.ldm_layout import EMA_PREFIX, OPEN_CLIP_PREFIX, TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX
-from sdonnx.runtime.errors import InputError, ModelFolderError
+from sdonnx.runtime.errors import InputError, ModelFolderError, SdonnxError
 from sdonnx.runtime.pipeline import default_model_path
 
 CONFIGS = Path(__file__).parent / "configs"
@@ -32,7 +35,7 @@ CONTEXT_KEY = UNET_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.we
 CONV_IN_KEY = UNET_PREFIX + "input_blocks.0.0.weight"
 # Keys that name what a file is when it is not an SD 1.x/2.x checkpoint.
 OTHER_FAMILIES = (
-    ("conditioner.embedders.1.", "an SDXL checkpoint"),
+    ("conditioner.embedders.", "an SDXL checkpoint (base or refiner)"),
     ("model.diffusion_model.joint_blocks.", "an SD 3 checkpoint"),
     ("double_blocks.", "a Flux checkpoint"),
     ("model.diffusion_model.double_blocks.", "a Flux checkpoint"),
@@ -66,24 +69,36 @@ def read_tensors(path: Path) -> dict:
 
     import torch
 
-    if path.suffix == ".safetensors":
+    if path.suffix.lower() == ".safetensors":
+        if path.suffix != ".safetensors":  # diffusers reads files by their exact extension
+            raise InputError(f"{path}: rename it to end in .safetensors (lower case) and export again")
         from safetensors.torch import load_file
 
         from sdonnx.export.exporter import check_safetensors
 
         check_safetensors(path)
         return load_file(str(path))
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # torch's zip format, or a pickle
+        hint = (" (a Git LFS pointer: fetch the real file)" if head.startswith(b"version https://git-lfs")
+                else " (a web page or an error message saved in its place?)")
+        raise ModelFolderError(f"{path} is not a checkpoint: neither safetensors, a torch zip nor a pickle"
+                               f"{hint if head[:1].isascii() else ''}; download it again")
     try:
         # mmap reads tensors lazily, for files torch saved in its zip format (torch >= 1.6);
         # older pickles load whole.
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
+        lines = str(e).splitlines()
+        detail = next((line.strip() for line in lines if "Unsupported global" in line), lines[0][:120])
         raise ModelFolderError(
-            f"{path} is a pickle that needs more than tensors to load ({str(e).splitlines()[0][:160]}); "
-            "it could run code, so it was not loaded. Convert it to .safetensors where you trust it") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise ModelFolderError(f"{path} cannot be read as a torch checkpoint ({str(e).splitlines()[0][:160]}); "
-                               "is it truncated? download it again") from None
+            f"{path} is a pickle that needs more than tensors to load ({detail}); it could run code, so it was "
+            "not loaded. Convert it to .safetensors where you trust it") from None
+    except Exception as e:  # torch's readers raise many kinds for a damaged file
+        raise ModelFolderError(f"{path} cannot be read as a torch checkpoint ({type(e).__name__}: "
+                               f"{str(e).splitlines()[0][:160] if str(e) else ''}); is it truncated? "
+                               "download it again") from None
     while isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -110,12 +125,15 @@ def inspect(path: Path, tensors: dict, config: Path | None = None, prediction_ty
             image_size: int | None = None) -> Checkpoint:
     """The family of a checkpoint's tensors, or a ModelFolderError saying what the file is.
 
-    SD 2.x's weights do not tell epsilon (2.x-base, 512 px) from v-prediction (768 px): as
-    AUTOMATIC1111, a .yaml of the same name beside the file decides, else `prediction_type`
-    and `image_size`, else SD 2.1's v-prediction at 768 px. SD 2.x inpainting is epsilon, 512.
+    SD 2.x's weights do not tell epsilon (2.x-base, 512 px) from v-prediction (768 px):
+    `prediction_type` and `image_size` when given, else a .yaml of the same name beside the
+    file (as AUTOMATIC1111 reads it), else SD 2.1's v-prediction at 768 px. SD 2.x inpainting
+    is epsilon, 512.
     """
     keys = list(tensors)
-    if any("lora_" in k or ".lora." in k for k in keys):
+    if not keys:
+        raise ModelFolderError(f"{path} holds no tensors")
+    if any("lora_" in k or ".lora." in k or "_lora." in k for k in keys):
         raise ModelFolderError(f"{path} is a LoRA ({len(keys)} tensors), not a model; LoRA files are applied "
                                "to a model at generation, not exported")
     if {"string_to_param", "emb_params"} & set(keys) or set(keys) <= {"clip_l", "clip_g"}:
@@ -133,7 +151,7 @@ def inspect(path: Path, tensors: dict, config: Path | None = None, prediction_ty
     channels = int(tensors[CONV_IN_KEY].shape[1])
     context = int(tensors[CONTEXT_KEY].shape[1]) if CONTEXT_KEY in tensors else None
     has_vae = any(k.startswith(VAE_PREFIX) for k in keys)
-    has_ema = any(k.startswith(EMA_PREFIX) for k in keys)
+    has_ema = EMA_PREFIX + CONV_IN_KEY[len("model."):].replace(".", "") in tensors  # not just model_ema.decay
     inpainting = channels == 9
     extras = ("a VAE" if has_vae else "no VAE") + (", EMA weights too" if has_ema else "")
     chosen = prediction_type or _yaml_parameterization(path)
@@ -144,7 +162,7 @@ def inspect(path: Path, tensors: dict, config: Path | None = None, prediction_ty
                           f"{config}, {extras}", has_vae, has_ema)
     if context not in (768, 1024) or channels not in (4, 9):
         raise ModelFolderError(
-            f"{path}: a {context}-d text context and {channels} UNet input channels match no bundled family "
+            f"{path}: a {context or 'missing'}-d text context and {channels} UNet input channels match no bundled family "
             "(SD 1.x: 768, SD 2.x: 1024; 4 channels, 9 for inpainting); pass --config with a diffusers folder "
             "of its configs")
     text_prefix = TEXT_PREFIX if context == 768 else OPEN_CLIP_PREFIX
@@ -173,7 +191,10 @@ def config_folder(checkpoint: Checkpoint, into: Path, config: Path | None = None
     if config is not None:
         if not (config / "unet" / "config.json").is_file():
             raise InputError(f"--config {config} is not a diffusers folder (unet/config.json missing)")
-        shutil.copytree(config, into, ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "*.onnx*"))
+        def weights(folder, names):  # configs only: a hub snapshot also holds gigabytes of weights
+            return [n for n in names if not (Path(folder, n).is_dir() or n.endswith((".json", ".txt")))]
+
+        shutil.copytree(config, into, ignore=weights)
         files = {}
     else:
         shutil.copytree(default_model_path() / "tokenizer", into / "tokenizer")
@@ -184,6 +205,8 @@ def config_folder(checkpoint: Checkpoint, into: Path, config: Path | None = None
         files.setdefault("model_index.json", {})["_class_name"] = "StableDiffusionInpaintPipeline"
     if checkpoint.prediction_type:
         files.setdefault("scheduler/scheduler_config.json", {})["prediction_type"] = checkpoint.prediction_type
+        if checkpoint.family == "sd2" and checkpoint.prediction_type == "epsilon":
+            files["unet/config.json"]["upcast_attention"] = False  # as 2.x-base's and 2.x inpainting's configs
     if checkpoint.image_size:
         files.setdefault("unet/config.json", {})["sample_size"] = checkpoint.image_size // 8
     for name, values in files.items():
@@ -245,8 +268,9 @@ def to_diffusers(path: Path, out: Path, *, config: Path | None = None, vae: Path
         raise InputError(f"--extract-ema: {path} holds no EMA weights (model_ema.*); leave the option out")
     if not checkpoint.has_vae and vae is None:
         raise InputError(f"{path} holds no VAE (first_stage_model.*); pass one with --vae FILE")
-    configs = config_folder(checkpoint, out.with_name(out.name + "-configs"), config)
+    configs = out.with_name(out.name + "-configs")
     try:
+        config_folder(checkpoint, configs, config)
         pipeline_class = StableDiffusionInpaintPipeline if checkpoint.inpainting else StableDiffusionPipeline
         components = {}
         if extract_ema:
@@ -255,17 +279,42 @@ def to_diffusers(path: Path, out: Path, *, config: Path | None = None, vae: Path
                 unet_tensors, config=str(configs), subfolder="unet", local_files_only=True)
         if vae is not None:
             components["vae"] = _vae_from_file(vae, configs)
-        try:
-            pipe = pipeline_class.from_single_file(str(path), config=str(configs), local_files_only=True,
-                                                   torch_dtype=torch.float32, **components)
-        except (KeyError, RuntimeError, ValueError) as e:
-            raise ModelFolderError(f"{path} does not fit the {checkpoint.family} configs "
-                                   f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        pipe = pipeline_class.from_single_file(str(path), config=str(configs), local_files_only=True,
+                                               torch_dtype=torch.float32, **components)
         pipe.save_pretrained(out, safe_serialization=True)
         del pipe
+    except SdonnxError:
+        raise
+    except (KeyError, RuntimeError, ValueError, OSError) as e:  # what diffusers raises for a mismatch
+        raise ModelFolderError(f"{path} does not fit the {checkpoint.family} configs "
+                               f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
     finally:
         shutil.rmtree(configs, ignore_errors=True)
     return checkpoint
+
+
+def prepare(config, single_file: bool, variant: str | None, out: Path, log=lambda msg: None) -> dict:
+    """Write at `out` the plain diffusers folder optimum exports, from a single file, a folder's
+    weight variant or a folder whose tokenizer is tokenizer.json alone; returns sdonnx.json's
+    "source" record. `config` is the ExportConfig."""
+    source = config.source
+    if single_file:
+        log(f"reading {source}")
+        found = to_diffusers(source, out, config=config.config, vae=config.vae, extract_ema=config.extract_ema,
+                             prediction_type=config.prediction_type, image_size=config.image_size, log=log)
+        return {"path": str(source.resolve()), "format": "single-file", "family": found.family,
+                "inpainting": found.inpainting, "description": found.description, "ema": config.extract_ema,
+                **({"vae": str(config.vae.resolve())} if config.vae else {})}
+    record = {"path": str(source.resolve()), "format": "diffusers"}
+    if variant:
+        log(f"reading the {variant} weights of {source}")
+        variant_to_diffusers(source, variant, out)
+        record["variant"] = variant
+    else:
+        link_folder(source, out)
+    if not ((out / "tokenizer" / "vocab.json").is_file() and (out / "tokenizer" / "merges.txt").is_file()):
+        write_vocab_files(out / "tokenizer")
+    return record
 
 
 def variant_to_diffusers(source: Path, variant: str, out: Path) -> None:

@@ -8,9 +8,11 @@ temporary folder into place.
 
 from __future__ import annotations
 
+import glob
 import importlib.util
 import json
 import os
+import re
 import shutil
 import signal
 import struct
@@ -285,6 +287,24 @@ def _interruptible():
             signal.signal(sig, old)
 
 
+def _sweep_stale(out: Path) -> None:
+    """Remove what killed runs left beside OUT (.OUT.sdonnx-tmp-PID...): their process is gone."""
+    prefix = f".{out.name}.sdonnx-tmp-"
+    for left in out.parent.glob(glob.escape(prefix) + "*"):
+        pid = left.name[len(prefix):].split("-")[0]
+        if not pid.isdigit():
+            continue
+        if int(pid) != os.getpid():
+            try:
+                os.kill(int(pid), 0)
+                continue  # another export of the same OUT is running
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                continue
+        shutil.rmtree(left, ignore_errors=True)
+
+
 @contextmanager
 def staged_folder(out: Path) -> Iterator[Path]:
     """A temporary path beside OUT (not yet created) that becomes OUT when the block ends.
@@ -293,8 +313,7 @@ def staged_folder(out: Path) -> Iterator[Path]:
     replaced OUT is removed only after the new one is in place.
     """
     tmp = out.with_name(f".{out.name}.sdonnx-tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    _sweep_stale(out)
     with _interruptible() as interrupted:
         try:
             yield tmp
@@ -310,6 +329,16 @@ def export(config: ExportConfig, log: Callable[[str], None] = lambda msg: None) 
     """Export `config.source` to `config.out`; nothing appears at OUT unless all checks pass."""
     source, out = config.source, config.out
     Defaults.checked(config.defaults)  # refuse what the runtime would refuse, before any work
+    if config.prediction_type not in (None, "epsilon", "v_prediction"):
+        raise InputError(f"--prediction-type must be epsilon or v_prediction, got {config.prediction_type!r}")
+    if config.variant is not None and not re.fullmatch(r"\w+", config.variant):
+        raise InputError(f"--variant must name a weight variant such as fp16, got {config.variant!r}")
+    if config.vae is not None and not config.vae.is_file():
+        raise InputError(f"--vae {config.vae}: no such file")
+    if config.config is not None and not (config.config / "unet" / "config.json").is_file():
+        raise InputError(f"--config {config.config} is not a diffusers folder of configs (unet/config.json missing)")
+    if not source.exists():
+        raise ModelFolderError(f"source not found: {source}")
     check_export_extra()
     single_file = source.is_file() and source.suffix.lower() in SINGLE_FILE_SUFFIXES
     variant = None
@@ -321,9 +350,6 @@ def export(config: ExportConfig, log: Callable[[str], None] = lambda msg: None) 
                              "single-file checkpoints (.safetensors, .ckpt), not to a diffusers folder")
         variant = config.variant or (only_variant(source) if source.is_dir() else None)
         check_source(source, variant)
-    for name, given in (("--vae", config.vae), ("--config", config.config)):
-        if given is not None and not given.exists():
-            raise InputError(f"{name} {given} not found")
     check_out(out, config.force)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     quiet_libraries()
@@ -336,24 +362,7 @@ def export(config: ExportConfig, log: Callable[[str], None] = lambda msg: None) 
         # optimum reads plain diffusers folders: convert into one beside OUT first (float32).
         converted = tmp.with_name(tmp.name + "-diffusers")
         try:
-            if not single_file:
-                record = {"path": str(source.resolve()), "format": "diffusers"}
-                if variant:
-                    log(f"reading the {variant} weights of {source}")
-                    checkpoints.variant_to_diffusers(source, variant, converted)
-                    record["variant"] = variant
-                else:
-                    checkpoints.link_folder(source, converted)
-                if fast_tokenizer_only(converted):
-                    checkpoints.write_vocab_files(converted / "tokenizer")
-            else:
-                log(f"reading {source}")
-                found = checkpoints.to_diffusers(source, converted, config=config.config, vae=config.vae,
-                                                 extract_ema=config.extract_ema, prediction_type=config.prediction_type,
-                                                 image_size=config.image_size, log=log)
-                record = {"path": str(source.resolve()), "format": "single-file", "family": found.family,
-                          "inpainting": found.inpainting, "description": found.description, "ema": config.extract_ema,
-                          **({"vae": str(config.vae.resolve())} if config.vae else {})}
+            record = checkpoints.prepare(config, single_file, variant, converted, log)
             return _export_into(tmp, replace(config, source=converted), start, log, record)
         finally:
             shutil.rmtree(converted, ignore_errors=True)

@@ -16,8 +16,9 @@ BAD_VALUES = ("", "-5", "nan", "inf", "-inf", "1e400", "9" * 30, "abc", "1.5")
 FREE_TEXT = {"--negative", "--api-key"}
 # Values of BAD_VALUES that are fine for an option (they end in the missing model's error).
 VALID = {("--guidance", "1.5"), ("--default-guidance", "1.5"), ("--min-psnr", "1.5")}
-# Any non-empty text names a folder here (a new output folder, or the missing model itself).
-PATHS = {"--model", "--out"}
+# Any non-empty text names a folder here (a new output folder, or the missing model itself), or
+# something looked up in the missing source (a weight variant).
+PATHS = {"--model", "--out", "--variant"}
 # What a run ends in when every option was accepted: the missing model (or source) folder.
 FALLBACK = ("model folder not found", "source not found")
 

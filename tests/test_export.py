@@ -101,9 +101,13 @@ def test_missing_weights_and_non_folders(tiny_source, tmp_path):
     with pytest.raises(ModelFolderError, match="not found"):
         export(ExportConfig(tmp_path / "nope", tmp_path / "out"))
     single = tmp_path / "model.safetensors"
-    single.write_bytes(b"x")
-    with pytest.raises(ModelFolderError, match="diffusers-format folder"):
+    single.write_bytes(b"x")  # a single file now: read as one, and refused as one
+    with pytest.raises(ModelFolderError, match="is not a readable safetensors file"):
         export(ExportConfig(single, tmp_path / "out"))
+    other = tmp_path / "notes.txt"
+    other.write_text("x")
+    with pytest.raises(ModelFolderError, match="neither a diffusers-format folder .* nor a single-file checkpoint"):
+        export(ExportConfig(other, tmp_path / "out"))
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
