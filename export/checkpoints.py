@@ -299,6 +299,11 @@ def prepare(config, single_file: bool, variant: str | None, out: Path, log=lambd
     "source" record. `config` is the ExportConfig."""
     source = config.source
     if single_file:
+        twin = source.with_suffix(".safetensors")
+        if source.suffix.lower() != ".safetensors" and twin.is_file():
+            # The same checkpoint as safetensors beside the pickle: read it (no pickle to trust).
+            log(f"{twin.name} is beside {source.name}: reading it instead of the pickle")
+            source = twin
         log(f"reading {source}")
         found = to_diffusers(source, out, config=config.config, vae=config.vae, extract_ema=config.extract_ema,
                              prediction_type=config.prediction_type, image_size=config.image_size, log=log)

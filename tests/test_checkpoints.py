@@ -335,3 +335,14 @@ def test_a_file_that_is_not_a_checkpoint_says_so(tmp_path, content, message):
 def test_pruned_files_keeping_only_the_ema_decay_have_no_ema_weights(tmp_path):
     found = checkpoints.inspect(tmp_path / "m.safetensors", fake({**SD1, "model_ema.decay": (), "model_ema.num_updates": ()}))
     assert not found.has_ema and "EMA" not in found.description
+
+
+def test_a_safetensors_file_beside_the_ckpt_is_read_instead(files, tiny_source, tmp_path, monkeypatch):
+    """Two forms of the same checkpoint: the one that cannot run code is the one read."""
+    import shutil
+
+    shutil.copy(files["fp32"], tmp_path / "model.safetensors")
+    (tmp_path / "model.ckpt").write_bytes(b"\x80 a pickle that would not load")
+    export(ExportConfig(tmp_path / "model.ckpt", tmp_path / "out", config=tiny_source))
+    source = json.loads((tmp_path / "out" / "sdonnx.json").read_text())["source"]
+    assert source["path"].endswith("model.safetensors")
