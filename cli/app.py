@@ -184,8 +184,9 @@ def export(
 
     given = {"steps": default_steps, "guidance": default_guidance, "sampler": default_sampler}
     defaults = {name: value for name, value in given.items() if value is not None}
-    result = run_export(ExportConfig(source, out, force, opset, check, defaults, config, vae, extract_ema, variant,
-                                     prediction_type, image_size), log=typer.echo)
+    result = run_export(ExportConfig(source, out, force=force, opset=opset, check=check, defaults=defaults,
+                                     config=config, vae=vae, extract_ema=extract_ema, variant=variant,
+                                     prediction_type=prediction_type, image_size=image_size), log=typer.echo)
     typer.echo(f"wrote {result.out} in {result.seconds:.1f} s")
 
 

@@ -164,13 +164,19 @@ def _known_scheduler(name: str | None) -> str | None:
     return name
 
 
+def _sides(size: str) -> tuple[int, int]:
+    """(width, height) of OpenAI's "WIDTHxHEIGHT"; ValueError when it is not that."""
+    try:
+        width, height = (int(v) for v in size.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"expected WIDTHxHEIGHT such as 512x512, got {size!r}") from None
+    return width, height
+
+
 def _size(value: str | None) -> str | None:
     if value is None or value == "auto":
         return value
-    try:
-        width, height = (int(v) for v in value.lower().split("x"))
-    except ValueError:
-        raise ValueError(f"expected WIDTHxHEIGHT such as 512x512, got {value!r}") from None
+    width, height = _sides(value)
     if not (8 <= width <= MAX_SIDE and 8 <= height <= MAX_SIDE):
         raise ValueError(f"{value} is outside 8..{MAX_SIDE} per side")
     return value
@@ -545,7 +551,7 @@ def openai_settings(pipe: Pipeline, request: ImagesRequest) -> dict:
     if request.eta is not None:
         settings["eta"] = request.eta
     if request.size not in (None, "auto"):
-        settings["width"], settings["height"] = _checked_size(pipe, *(int(v) for v in request.size.lower().split("x")))
+        settings["width"], settings["height"] = _checked_size(pipe, *_sides(request.size))
     elif not isinstance(request, EditRequest):
         settings["width"] = settings["height"] = pipe.native_size
     return settings

@@ -29,6 +29,7 @@ from pathlib import Path
 from sdonnx.export.ldm_layout import EMA_PREFIX, OPEN_CLIP_PREFIX, TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX
 from sdonnx.runtime.errors import InputError, ModelFolderError, SdonnxError
 from sdonnx.runtime.pipeline import default_model_path
+from sdonnx.runtime.schedules import PREDICTION_TYPES
 
 CONFIGS = Path(__file__).parent / "configs"
 CONTEXT_KEY = UNET_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
@@ -40,9 +41,6 @@ OTHER_FAMILIES = (
     ("double_blocks.", "a Flux checkpoint"),
     ("model.diffusion_model.double_blocks.", "a Flux checkpoint"),
 )
-
-
-PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 @dataclass(frozen=True)
@@ -59,9 +57,21 @@ class Checkpoint:
     has_ema: bool
 
 
+def read_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """{name: shape} of a single file's tensors: from a safetensors header alone (nothing of a
+    2 GB file is read but the header), else from the tensors `read_tensors` loads."""
+    if path.suffix == ".safetensors":
+        from sdonnx.export.exporter import check_safetensors
+
+        header = check_safetensors(path)
+        return {k: tuple(t["shape"]) for k, t in header.items() if k != "__metadata__"}
+    return {k: tuple(getattr(v, "shape", ())) for k, v in read_tensors(path).items()}
+
+
 def read_tensors(path: Path) -> dict:
-    """{name: tensor} of a single file, lazily for safetensors (memory-mapped), through torch's
-    weights-only unpickler for pickles (`.ckpt`); a `state_dict` wrapper is unwrapped.
+    """{name: tensor} of a single file: safetensors loaded whole, pickles (`.ckpt`) through
+    torch's weights-only unpickler (memory-mapped for torch's zip format); a `state_dict`
+    wrapper is unwrapped.
 
     Raises ModelFolderError for a file that is not a checkpoint or would run code.
     """
@@ -121,16 +131,17 @@ def _yaml_parameterization(path: Path) -> str | None:
     return "v_prediction" if params.get("parameterization") == "v" else "epsilon"
 
 
-def inspect(path: Path, tensors: dict, config: Path | None = None, prediction_type: str | None = None,
-            image_size: int | None = None) -> Checkpoint:
-    """The family of a checkpoint's tensors, or a ModelFolderError saying what the file is.
+def inspect(path: Path, shapes: dict[str, tuple[int, ...]], config: Path | None = None,
+            prediction_type: str | None = None, image_size: int | None = None) -> Checkpoint:
+    """The family of a checkpoint from its tensors' names and shapes (read_shapes), or a
+    ModelFolderError saying what the file is.
 
     SD 2.x's weights do not tell epsilon (2.x-base, 512 px) from v-prediction (768 px):
     `prediction_type` and `image_size` when given, else a .yaml of the same name beside the
     file (as AUTOMATIC1111 reads it), else SD 2.1's v-prediction at 768 px. SD 2.x inpainting
     is epsilon, 512.
     """
-    keys = list(tensors)
+    keys = list(shapes)
     if not keys:
         raise ModelFolderError(f"{path} holds no tensors")
     if any("lora_" in k or ".lora." in k or "_lora." in k for k in keys):
@@ -141,17 +152,17 @@ def inspect(path: Path, tensors: dict, config: Path | None = None, prediction_ty
     for prefix, what in OTHER_FAMILIES:
         if any(k.startswith(prefix) for k in keys):
             raise ModelFolderError(f"{path} is {what}; sdonnx exports SD 1.x and 2.x single files so far")
-    if CONV_IN_KEY not in tensors:
+    if CONV_IN_KEY not in shapes:
         raise ModelFolderError(f"{path} is not a Stable Diffusion checkpoint: it has no {UNET_PREFIX}* UNet "
                                f"(a few of its {len(keys)} keys: {', '.join(keys[:3])})")
     if prediction_type not in (None, *PREDICTION_TYPES):
         raise InputError(f"--prediction-type must be one of {', '.join(PREDICTION_TYPES)}, got {prediction_type!r}")
     if image_size is not None and (image_size < 64 or image_size % 64):
         raise InputError(f"--image-size must be a multiple of 64 pixels (512, 768 ...), got {image_size}")
-    channels = int(tensors[CONV_IN_KEY].shape[1])
-    context = int(tensors[CONTEXT_KEY].shape[1]) if CONTEXT_KEY in tensors else None
+    channels = int(shapes[CONV_IN_KEY][1])
+    context = int(shapes[CONTEXT_KEY][1]) if CONTEXT_KEY in shapes else None
     has_vae = any(k.startswith(VAE_PREFIX) for k in keys)
-    has_ema = EMA_PREFIX + CONV_IN_KEY[len("model."):].replace(".", "") in tensors  # not just model_ema.decay
+    has_ema = EMA_PREFIX + CONV_IN_KEY[len("model."):].replace(".", "") in shapes  # not just model_ema.decay
     inpainting = channels == 9
     extras = ("a VAE" if has_vae else "no VAE") + (", EMA weights too" if has_ema else "")
     chosen = prediction_type or _yaml_parameterization(path)
@@ -261,8 +272,7 @@ def to_diffusers(path: Path, out: Path, *, config: Path | None = None, vae: Path
     import torch
     from diffusers import AutoencoderKL, StableDiffusionInpaintPipeline, StableDiffusionPipeline, UNet2DConditionModel
 
-    tensors = read_tensors(path)
-    checkpoint = inspect(path, tensors, config, prediction_type, image_size)
+    checkpoint = inspect(path, read_shapes(path), config, prediction_type, image_size)
     log(f"{path.name}: {checkpoint.description}")
     if extract_ema and not checkpoint.has_ema:
         raise InputError(f"--extract-ema: {path} holds no EMA weights (model_ema.*); leave the option out")
@@ -274,7 +284,7 @@ def to_diffusers(path: Path, out: Path, *, config: Path | None = None, vae: Path
         pipeline_class = StableDiffusionInpaintPipeline if checkpoint.inpainting else StableDiffusionPipeline
         components = {}
         if extract_ema:
-            unet_tensors = {k: v for k, v in _ema_as_model(tensors).items() if k.startswith(UNET_PREFIX)}
+            unet_tensors = {k: v for k, v in _ema_as_model(read_tensors(path)).items() if k.startswith(UNET_PREFIX)}
             components["unet"] = UNet2DConditionModel.from_single_file(
                 unet_tensors, config=str(configs), subfolder="unet", local_files_only=True)
         if vae is not None:
@@ -317,7 +327,9 @@ def prepare(config, single_file: bool, variant: str | None, out: Path, log=lambd
         record["variant"] = variant
     else:
         link_folder(source, out)
-    if not ((out / "tokenizer" / "vocab.json").is_file() and (out / "tokenizer" / "merges.txt").is_file()):
+    from sdonnx.export.exporter import fast_tokenizer_only
+
+    if fast_tokenizer_only(out):
         write_vocab_files(out / "tokenizer")
     return record
 

@@ -29,6 +29,7 @@ from typing import Callable, Iterator
 from sdonnx.export.parity import PartParity, check_parts
 from sdonnx.runtime import parts
 from sdonnx.runtime.pipeline import Defaults
+from sdonnx.runtime.schedules import PREDICTION_TYPES
 from sdonnx.runtime.info import folder_bytes
 from sdonnx.runtime.errors import InputError, ModelFolderError, SdonnxError, install_hint
 
@@ -99,17 +100,21 @@ def check_export_extra() -> None:
         )
 
 
+def weight_names(variant: str | None = None) -> list[str]:
+    """The weight file names of a diffusers part folder: plain (model.safetensors ...) or of a
+    variant (model.fp16.safetensors ... as hubs offer them)."""
+    return [w.replace(".", f".{variant}.", 1) for w in WEIGHT_NAMES] if variant else list(WEIGHT_NAMES)
+
+
 def weight_files(part: Path, variant: str | None = None) -> list[Path]:
-    """A diffusers part folder's weight files: plain (model.safetensors ...) or of a variant
-    (model.fp16.safetensors ... as hubs offer them)."""
-    names = [w.replace(".", f".{variant}.", 1) for w in WEIGHT_NAMES] if variant else WEIGHT_NAMES
-    return [part / name for name in names if (part / name).is_file()]
+    """The weight files a diffusers part folder holds (see weight_names)."""
+    return [part / name for name in weight_names(variant) if (part / name).is_file()]
 
 
 def only_variant(source: Path) -> str | None:
     """"fp16" when a diffusers folder holds only fp16-variant weights (nothing plain), else None."""
-    parts_ = [source / sub for sub in ("text_encoder", "unet", "vae") if (source / sub).is_dir()]
-    if parts_ and all(not weight_files(p) and weight_files(p, "fp16") for p in parts_):
+    folders = [source / sub for sub in ("text_encoder", "unet", "vae") if (source / sub).is_dir()]
+    if folders and all(not weight_files(f) and weight_files(f, "fp16") for f in folders):
         return "fp16"
     return None
 
@@ -134,8 +139,7 @@ def check_source(source: Path, variant: str | None = None) -> None:
                and not (name.startswith("tokenizer/") and fast_tokenizer_only(source))]
     for sub in ("text_encoder", "unet", "vae"):
         if (source / sub).is_dir() and not weight_files(source / sub, variant):
-            named = [w.replace(".", f".{variant}.", 1) if variant else w for w in WEIGHT_NAMES[:2]]
-            missing.append(f"{sub}/ weights ({' or '.join(named)})")
+            missing.append(f"{sub}/ weights ({' or '.join(weight_names(variant)[:2])})")
     if missing:
         raise ModelFolderError(
             f"{source} is not a complete diffusers Stable Diffusion folder; missing: "
@@ -148,10 +152,11 @@ def check_source(source: Path, variant: str | None = None) -> None:
         check_safetensors(weights)
 
 
-def check_safetensors(path: Path) -> None:
-    """A ModelFolderError unless `path` is a whole safetensors file: an 8-byte little-endian
-    header length, a JSON header, then exactly the bytes its tensors' offsets cover (a
-    download cut short fails here, before torch reads it)."""
+def check_safetensors(path: Path) -> dict:
+    """The JSON header of `path` ({name: {"dtype", "shape", "data_offsets"}, ...}), or a
+    ModelFolderError unless it is a whole safetensors file: an 8-byte little-endian header
+    length, a JSON header, then exactly the bytes its tensors' offsets cover (a download cut
+    short fails here, before torch reads it)."""
     size = path.stat().st_size
     try:
         with open(path, "rb") as f:
@@ -170,6 +175,7 @@ def check_safetensors(path: Path) -> None:
     if size != 8 + length + end:
         raise ModelFolderError(f"{path} is truncated or damaged: its header describes {8 + length + end:,} bytes, "
                                f"the file has {size:,}; download it again")
+    return header
 
 
 def check_out(out: Path, force: bool) -> None:
@@ -329,8 +335,9 @@ def export(config: ExportConfig, log: Callable[[str], None] = lambda msg: None) 
     """Export `config.source` to `config.out`; nothing appears at OUT unless all checks pass."""
     source, out = config.source, config.out
     Defaults.checked(config.defaults)  # refuse what the runtime would refuse, before any work
-    if config.prediction_type not in (None, "epsilon", "v_prediction"):
-        raise InputError(f"--prediction-type must be epsilon or v_prediction, got {config.prediction_type!r}")
+    if config.prediction_type not in (None, *PREDICTION_TYPES):
+        raise InputError(f"--prediction-type must be one of {', '.join(PREDICTION_TYPES)}, "
+                         f"got {config.prediction_type!r}")
     if config.variant is not None and not re.fullmatch(r"\w+", config.variant):
         raise InputError(f"--variant must name a weight variant such as fp16, got {config.variant!r}")
     if config.vae is not None and not config.vae.is_file():

@@ -32,9 +32,9 @@ def load_image(image: Image.Image | str | Path | bytes, what: str = "init image"
     if isinstance(image, Image.Image):
         return as_seen(image, background)
     if isinstance(image, (bytes, bytearray)):
-        source = io.BytesIO(image)
+        source, name = io.BytesIO(image), "data"
     elif isinstance(image, (str, Path)):
-        source = image
+        source, name = image, str(image)
     else:
         raise InputError(f"{what} must be a PIL image or a path to an image file, got {type(image).__name__}")
     try:
@@ -51,25 +51,22 @@ def load_image(image: Image.Image | str | Path | bytes, what: str = "init image"
     except IsADirectoryError:
         raise InputError(f"{what} {image} is a folder, not an image file") from None
     except UnidentifiedImageError:
-        name = "data" if isinstance(image, (bytes, bytearray)) else str(image)
         raise InputError(f"{what} {name} cannot be read as an image (not a format PIL reads: PNG, JPEG, "
                          "WebP ...)") from None
     except (OSError, ValueError, Image.DecompressionBombError) as e:
-        name = "data" if isinstance(image, (bytes, bytearray)) else str(image)
         raise InputError(f"{what} {name} cannot be read as an image ({e})") from None
 
 
 def as_seen(image: Image.Image, background: tuple[int, int, int] = INIT_BACKGROUND) -> Image.Image:
     """`image` upright, in 8-bit RGB, transparency flattened onto `background` (see load_image)."""
     image = ImageOps.exif_transpose(image)
-    if image.mode in _SIXTEEN_BIT or image.mode == "I":
+    if image.mode in (*_SIXTEEN_BIT, "I", "F"):
         values = np.asarray(image, dtype=np.float64)
-        # Mode I holds 16-bit data as PIL reads 16-bit PNGs and TIFFs; 8-bit data stays as it is.
-        scale = 1 / 257 if image.mode in _SIXTEEN_BIT or values.max(initial=0) > 255 else 1.0
-        image = Image.fromarray(np.clip(values * scale, 0, 255).round().astype(np.uint8), "L")
-    elif image.mode == "F":
-        values = np.asarray(image, dtype=np.float64)
-        scale = 255.0 if values.max(initial=0) <= 1.0 else 1.0  # 0..1 floats, else 0..255
+        top = values.max(initial=0)
+        if image.mode == "F":
+            scale = 255.0 if top <= 1.0 else 1.0  # 0..1 floats, else 0..255
+        else:  # mode I holds 16-bit data as PIL reads 16-bit PNGs and TIFFs; 8-bit data stays as it is
+            scale = 1 / 257 if image.mode in _SIXTEEN_BIT or top > 255 else 1.0
         image = Image.fromarray(np.clip(values * scale, 0, 255).round().astype(np.uint8), "L")
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info) \
             or (image.mode in ("RGB", "L") and "transparency" in image.info):

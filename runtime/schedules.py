@@ -9,7 +9,6 @@ that the same config gives the same picture.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
@@ -32,7 +31,7 @@ def _valid_field(name: str, value, default) -> bool:
     if isinstance(default, bool):
         return isinstance(value, bool)
     if isinstance(default, int):
-        return isinstance(value, int) and not isinstance(value, bool)
+        return is_int(value)
     return is_number(value)
 
 

@@ -144,7 +144,8 @@ def test_a_pickle_that_would_run_code_is_refused_and_nothing_runs(tmp_path, monk
 
 
 def fake(shapes: dict) -> dict:
-    return {key: torch.empty(shape) for key, shape in shapes.items()}
+    """Names and shapes as read_shapes gives them, without a file."""
+    return {key: tuple(shape) for key, shape in shapes.items()}
 
 
 SD1 = {UNET_PREFIX + "input_blocks.0.0.weight": (320, 4, 3, 3),
