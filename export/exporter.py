@@ -26,6 +26,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable, Iterator
 
+from sdonnx.export.attention import fuse_attention
 from sdonnx.export.parity import PartParity, check_parts
 from sdonnx.runtime import parts
 from sdonnx.runtime.pipeline import Defaults
@@ -235,7 +236,7 @@ def _run_optimum(source: Path, tmp: Path, opset: int | None) -> None:
 
 
 def _write_record(tmp: Path, config: ExportConfig, seconds: float, parity: list[PartParity],
-                  source_record: dict | None = None) -> None:
+                  source_record: dict | None = None, fused: dict[str, int] | None = None) -> None:
     by_part = {p.part: p for p in parity}
     record = {
         "format": 1,
@@ -250,6 +251,7 @@ def _write_record(tmp: Path, config: ExportConfig, seconds: float, parity: list[
                 "precision": "fp32",
                 "bytes": folder_bytes(tmp / part.name),
                 "external_data": (tmp / part.name / parts.EXTERNAL_DATA_FILE).is_file(),
+                "fused_attention": (fused or {}).get(part.name, 0),
                 **({"parity": by_part[part.name].as_dict()} if part.name in by_part else {}),
             }
             for part in parts.PARTS
@@ -384,6 +386,8 @@ def _export_into(tmp: Path, config: ExportConfig, start: float, log: Callable[[s
     missing = [p.onnx_path for p in parts.PARTS if not (tmp / p.onnx_path).is_file()]
     if missing:
         raise ExportFailed(f"the exporter did not write {', '.join(missing)}")
+    fused = {part.name: fuse_attention(tmp / part.onnx_path) for part in parts.PARTS if (tmp / part.onnx_path).is_file()}
+    log("fused attention: " + ", ".join(f"{name} {count}" for name, count in fused.items() if count))
     parity = []
     if config.check:
         log("checking each part against torch on the same inputs")
@@ -398,5 +402,5 @@ def _export_into(tmp: Path, config: ExportConfig, start: float, log: Callable[[s
                 + ". The export was not written."
             )
     seconds = time.perf_counter() - start
-    _write_record(tmp, config, seconds, parity, source_record)
+    _write_record(tmp, config, seconds, parity, source_record, fused)
     return ExportResult(out, seconds, parity)

@@ -111,6 +111,7 @@ class OnnxModel(PartModel):
         self._check_contract()
         self.bind_device = providers.PROVIDERS[provider].bind_device
         self._resident: dict[str, tuple[np.ndarray, ort.OrtValue, np.ndarray]] = {}
+        self.run_options = providers.run_options() if provider == "cpu" else None
 
     def _open(self, path: Path, options: ort.SessionOptions) -> ort.InferenceSession:
         providers.preload_libraries(self.provider)
@@ -152,7 +153,7 @@ class OnnxModel(PartModel):
         try:
             if self.bind_device:
                 return self._run_bound(inputs)
-            return dict(zip(self.output_names, self.session.run(None, inputs)))
+            return dict(zip(self.output_names, self.session.run(None, inputs, self.run_options)))
         except Exception as e:  # onnxruntime's own error types
             raise_if_out_of_memory(e, self.part.name, inputs)
             raise
@@ -175,5 +176,5 @@ class OnnxModel(PartModel):
             binding.bind_ortvalue_input(name, kept[1])
         for name in self.output_names:
             binding.bind_output(name, self.bind_device)
-        self.session.run_with_iobinding(binding)
+        self.session.run_with_iobinding(binding, self.run_options)
         return dict(zip(self.output_names, binding.copy_outputs_to_cpu()))

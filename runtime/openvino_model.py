@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from sdonnx.runtime.errors import ModelFolderError, raise_if_out_of_memory
+from sdonnx.runtime.memory import model_files, release_file_pages
 from sdonnx.runtime.onnx_model import PartModel
 from sdonnx.runtime.parts import Part
 
@@ -71,6 +72,8 @@ class OpenVinoModel(PartModel):
             model.reshape({name: list(value.shape) for name, value in inputs.items()})
         config = {**self.config, "INFERENCE_PRECISION_HINT": PRECISION_HINTS[precision]}
         self._compiled[key] = self.core.compile_model(model, "CPU", config)
+        # The compiled model holds its own copy of the weights (memory.py).
+        release_file_pages(model_files(self.path))
         # Per precision: a bf16 run that moves some evaluations to fp32 (precision.py) holds
         # both for the same shapes, and must not push out the sizes in use.
         same = [k for k in self._compiled if k[0] == precision]

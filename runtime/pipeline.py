@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import inspect
 import json
 import os
 import random
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 from PIL import Image
@@ -20,6 +22,7 @@ from sdonnx.runtime.checks import MAX_GUIDANCE, MAX_THREADS, check_number, check
 from sdonnx.runtime.errors import InputError, ModelFolderError, ProviderError
 from sdonnx.runtime.images import MASK_BACKGROUND, default_size, fit, load_image, to_mask, to_pixels
 from sdonnx.runtime.infotext import infotext
+from sdonnx.runtime.memory import model_files
 from sdonnx.runtime.onnx_model import OnnxModel, PartModel
 from sdonnx.runtime.precision import precise_sigmas
 from sdonnx.runtime import samplers
@@ -63,6 +66,9 @@ SAMPLERS = {
     "lcm": Sampler("LCM", samplers.sample_lcm, lcm_schedule, "LCMScheduler"),
 }
 SCHEDULES = ("default", "karras")
+# A part run once per generation (text encoder, VAE encoder) stays loaded below this size
+# (model file and weights): reloading a small one costs more than it holds.
+KEEP_BYTES = 64 * 2**20
 
 
 def random_seed() -> int:
@@ -80,6 +86,9 @@ class LoadConfig:
     precision: str = "fp32"  # resolved: fp32 or bf16
     cache_root: Path | None = None  # compiled models and optimized graphs (runtime/cache.py); None: no cache
     static_shapes: bool = True  # OpenVINO: compile once per set of input shapes
+    # Load each part only while it runs (text encoder -> UNet -> VAE), so the peak is the
+    # largest part's, not their sum; every generation loads them again.
+    low_memory: bool = False
 
 
 @dataclass(frozen=True)
@@ -222,6 +231,19 @@ def image_sizes(path: Path) -> tuple[int, int]:
     return sample_size * parts.VAE_SCALE, parts.VAE_SCALE * 2 ** max(levels - 1, 0)
 
 
+def _part_property(part: parts.Part) -> property:
+    """pipe.unet and the like: the part's model, loaded on first access; assigning one puts
+    it in place (it then stays until replaced)."""
+
+    def get(self: "Pipeline") -> PartModel | None:
+        return self._model(part)
+
+    def put(self: "Pipeline", model: PartModel) -> None:
+        self._models[part.name] = model
+
+    return property(get, put, doc=f"The {part.name} model (loaded on first access).")
+
+
 class Pipeline:
     """A loaded model folder. `generate` turns a prompt into PIL images (info: "parameters", "seed")."""
 
@@ -246,32 +268,75 @@ class Pipeline:
                 f"the {config.provider} provider cannot run; use --provider openvino"
             )
 
-        def load(part: parts.Part) -> PartModel:
-            if openvino:
-                from sdonnx.runtime.openvino_model import OpenVinoModel
+        self._openvino = openvino
+        self._models: dict[str, PartModel] = {}
+        self._unet_channels = parts.config_field(
+            parts.read_json(path / parts.UNET.name / "config.json"), "in_channels", None,
+            lambda v: is_int(v) and v > 0, path / parts.UNET.name / "config.json", "a whole number")
+        for part in parts.PARTS:
+            if self._keeps(part) and part.file(path):
+                self._load(part)
 
-                # The text encoder runs once per generation, so bf16 saves next to nothing there,
-                # while its rounding reaches every UNet call through the context and is
-                # amplified like the UNet's own at high sigmas (precision.py): it stays fp32.
-                part_precision = "fp32" if part is parts.TEXT_ENCODER else config.precision
-                return OpenVinoModel(part.file(path), part, part_precision, config.threads,
-                                     config.cache_root, config.static_shapes)
-            return OnnxModel(path / part.onnx_path, part, config.provider, config.threads, config.cache_root)
+    def _keeps(self, part: parts.Part) -> bool:
+        """Whether a part stays loaded between uses. With low_memory none does. Otherwise the
+        UNet and the VAE decoder do; the text encoder and the VAE encoder, which run once per
+        generation, are released after use when over KEEP_BYTES (SD 1.5's text encoder holds
+        0.46 GB through a whole generation for one call at its start)."""
+        if self.config.low_memory:
+            return False
+        if part in (parts.UNET, parts.VAE_DECODER):
+            return True
+        file = part.file(self.config.path)
+        return file is not None and sum(f.stat().st_size for f in model_files(file)) < KEEP_BYTES
 
-        self.text_encoder = load(parts.TEXT_ENCODER)
-        self.unet = load(parts.UNET)
-        self.vae_decoder = load(parts.VAE_DECODER)
-        self.vae_encoder = load(parts.VAE_ENCODER) if parts.VAE_ENCODER.file(path) else None
+    def _load(self, part: parts.Part) -> PartModel:
+        path, config = self.config.path, self.config
+        if self._openvino:
+            from sdonnx.runtime.openvino_model import OpenVinoModel
+
+            # The text encoder runs once per generation, so bf16 saves next to nothing there,
+            # while its rounding reaches every UNet call through the context and is
+            # amplified like the UNet's own at high sigmas (precision.py): it stays fp32.
+            part_precision = "fp32" if part is parts.TEXT_ENCODER else config.precision
+            model = OpenVinoModel(part.file(path), part, part_precision, config.threads,
+                                  config.cache_root, config.static_shapes)
+        else:
+            model = OnnxModel(path / part.onnx_path, part, config.provider, config.threads, config.cache_root)
+        self._models[part.name] = model
+        return model
+
+    def _model(self, part: parts.Part) -> PartModel | None:
+        """The loaded part (loading it now if it is not); None for an absent optional part."""
+        if part.name not in self._models and not part.required and part.file(self.config.path) is None:
+            return None
+        return self._models.get(part.name) or self._load(part)
+
+    @contextmanager
+    def using(self, part: parts.Part) -> Iterator[PartModel | None]:
+        """The part, loaded for the block and released after it unless it stays (_keeps)."""
+        loaded = part.name in self._models
+        try:
+            yield self._model(part)
+        finally:
+            if not loaded and not self._keeps(part) and self._models.pop(part.name, None) is not None:
+                gc.collect()
+
+    text_encoder = _part_property(parts.TEXT_ENCODER)
+    unet = _part_property(parts.UNET)
+    vae_decoder = _part_property(parts.VAE_DECODER)
+    vae_encoder = _part_property(parts.VAE_ENCODER)
 
     @classmethod
     def load(cls, path: str | Path | None = None, provider: str = "auto",
              threads: int | None = None, precision: str = "auto", cache_dir: str | Path | bool | None = None,
-             static_shapes: bool = True) -> "Pipeline":
+             static_shapes: bool = True, low_memory: bool = False) -> "Pipeline":
         """Load a model folder (default: the embedded model, or $SDONNX_MODEL).
 
         `precision` fp32, bf16 or auto (bf16 where the provider and the CPU both do it).
         `cache_dir`: where compiled models and optimized graphs are kept for the next start
         (default $SDONNX_CACHE_DIR or ~/.cache/sdonnx; False: no cache).
+        `low_memory`: load each part only while it runs and release it after (the peak is the
+        largest part's instead of their sum, at the cost of loading them for every generation).
         """
         if path is None:
             path = default_model_path()
@@ -285,7 +350,7 @@ class Pipeline:
         provider = providers.resolve(provider)
         threads = None if threads is None else int(threads)
         return cls(LoadConfig(Path(path), provider, threads, providers.resolve_precision(provider, precision),
-                              cache.resolve_root(cache_dir), static_shapes))
+                              cache.resolve_root(cache_dir), static_shapes, bool(low_memory)))
 
     @property
     def name(self) -> str:
@@ -294,8 +359,7 @@ class Pipeline:
     @property
     def cache_use(self) -> dict[str, str]:
         """Per onnxruntime part loaded through the optimized-graph cache: "hit" or "written"."""
-        models = (self.text_encoder, self.unet, self.vae_decoder, self.vae_encoder)
-        return {m.part.name: m.cache for m in models if getattr(m, "cache", None)}
+        return {m.part.name: m.cache for m in self._models.values() if getattr(m, "cache", None)}
 
     def encode_prompt(self, prompt: str, windows: int = 1) -> np.ndarray:
         """(1, 77 k, d) embeddings: each of the prompt's k >= `windows` 75-token windows
@@ -306,6 +370,10 @@ class Pipeline:
 
     def encode_context(self, config: GenerationConfig) -> np.ndarray:
         """The UNet's text context for n images: negative rows first when guidance is on."""
+        with self.using(parts.TEXT_ENCODER):
+            return self._encode_context(config)
+
+    def _encode_context(self, config: GenerationConfig) -> np.ndarray:
         texts = [config.prompt, config.negative_prompt] if config.guidance > 1.0 else [config.prompt]
         # Both halves of a guided batch must have the same length: pad with empty windows.
         windows = max(len(self.tokenizer.window_ids(text)) for text in texts)
@@ -336,12 +404,13 @@ class Pipeline:
     def decode(self, latents: np.ndarray) -> list[Image.Image]:
         """VAE-decode one latent at a time (bounded memory) into 8-bit RGB images."""
         images = []
-        dtype = self.vae_decoder.dtype("latent_sample")
-        for latent in latents:
-            scaled = (latent[None] / self.vae_scaling_factor).astype(dtype)
-            pixels = self.vae_decoder(latent_sample=scaled)[parts.VAE_DECODER.output][0]
-            pixels = np.clip(pixels.astype(np.float32) / 2 + 0.5, 0, 1)
-            images.append(Image.fromarray((pixels.transpose(1, 2, 0) * 255).round().astype(np.uint8)))
+        with self.using(parts.VAE_DECODER) as vae_decoder:
+            dtype = vae_decoder.dtype("latent_sample")
+            for latent in latents:
+                scaled = (latent[None] / self.vae_scaling_factor).astype(dtype)
+                pixels = vae_decoder(latent_sample=scaled)[parts.VAE_DECODER.output][0]
+                pixels = np.clip(pixels.astype(np.float32) / 2 + 0.5, 0, 1)
+                images.append(Image.fromarray((pixels.transpose(1, 2, 0) * 255).round().astype(np.uint8)))
         return images
 
     def initial_noise(self, config: GenerationConfig) -> np.ndarray:
@@ -355,17 +424,23 @@ class Pipeline:
     @property
     def is_inpainting(self) -> bool:
         """Inpainting UNets take 9 channels: latents, mask, masked-image latents."""
-        return self.unet.shape("sample")[1] == parts.LATENT_CHANNELS * 2 + 1
+        return self.unet_channels == parts.LATENT_CHANNELS * 2 + 1
+
+    @property
+    def unet_channels(self) -> int:
+        """The UNet's input channels: from its config.json, else from the model."""
+        return self._unet_channels or self.unet.shape("sample")[1]
 
     def encode_image(self, pixels: np.ndarray) -> np.ndarray:
         """VAE-encode (1, 3, H, W) pixels in [-1, 1] to scaled latents: the posterior mean."""
-        if self.vae_encoder is None:
-            raise ModelFolderError(
-                f"img2img and inpainting need {parts.VAE_ENCODER.onnx_path} (or its OpenVINO IR), which "
-                f"{self.config.path} lacks; export the model again with `sdonnx export`"
-            )
-        dtype = self.vae_encoder.dtype("sample")
-        moments = self.vae_encoder(sample=pixels.astype(dtype))[parts.VAE_ENCODER.output]
+        with self.using(parts.VAE_ENCODER) as vae_encoder:
+            if vae_encoder is None:
+                raise ModelFolderError(
+                    f"img2img and inpainting need {parts.VAE_ENCODER.onnx_path} (or its OpenVINO IR), which "
+                    f"{self.config.path} lacks; export the model again with `sdonnx export`"
+                )
+            dtype = vae_encoder.dtype("sample")
+            moments = vae_encoder(sample=pixels.astype(dtype))[parts.VAE_ENCODER.output]
         return moments[:, : parts.LATENT_CHANNELS].astype(np.float32) * self.vae_scaling_factor
 
     def sampler_noise(self, config: GenerationConfig, shape: tuple[int, ...]) -> Callable[[], np.ndarray]:
@@ -407,7 +482,7 @@ class Pipeline:
         if mask_image is not None and not self.is_inpainting:
             raise InputError(
                 "mask_image needs an inpainting model (a UNet taking 9 channels); "
-                f"{self.name}'s UNet takes {self.unet.shape('sample')[1]}"
+                f"{self.name}'s UNet takes {self.unet_channels}"
             )
         if self.is_inpainting and (init_image is None or mask_image is None):
             raise InputError(f"{self.name} is an inpainting model: it needs an init image and a mask "
@@ -458,7 +533,8 @@ class Pipeline:
             if on_step:
                 on_step(i + 1, schedule_.steps, denoised)
 
-        x = chosen.sample(denoise, x, schedule_.sigmas, callback=step, **options)
+        with self.using(parts.UNET):
+            x = chosen.sample(denoise, x, schedule_.sigmas, callback=step, **options)
         images = self.decode(schedule_.to_latents(x))
         for i, image in enumerate(images):
             image.info["seed"] = config.seed + i

@@ -123,10 +123,25 @@ def check_session(session: ort.InferenceSession, name: str, path: Path) -> None:
 
 
 def session_options(threads: int | None = None, optimize: bool = True) -> ort.SessionOptions:
-    """`optimize` False for a graph onnxruntime already optimized and saved (runtime/cache.py)."""
+    """`optimize` False for a graph onnxruntime already optimized and saved (runtime/cache.py).
+
+    No memory pattern: with it onnxruntime plans one block per set of input shapes on top of
+    the arena, and an SD 1.5 UNet call at 512x512 grew from 5.5 to 7.7 GB resident on its second
+    call (before fused attention, tests/benchmarks/README.md "Memory"), at no measurable speed.
+    """
     options = ort.SessionOptions()
+    options.enable_mem_pattern = False
     options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                         else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     if threads:
         options.intra_op_num_threads = threads
+    return options
+
+
+def run_options() -> ort.RunOptions:
+    """Per call: the CPU arena gives back what the call allocated when it ends, so a part's
+    activations (0.8 GB for an SD 1.5 VAE decode at 512x512) are not held while the next part
+    runs."""
+    options = ort.RunOptions()
+    options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
     return options

@@ -1,0 +1,64 @@
+"""Giving memory back: the pages of model files that a compiled model no longer reads.
+
+OpenVINO maps a model's weight file into memory (read_model with mmap) and the CPU plugin
+copies every weight into its own blocked layout when it compiles. The mapped pages it read stay
+in the process's resident set although nothing reads them again: for an SD 1.5 UNet (fp32,
+this project's 2-core Zen 4) 3.3 GB of the 6.6 GB resident after compiling were the mapped
+file, and a UNet call afterwards read none of it back. Telling the kernel so
+(madvise MADV_DONTNEED on the read-only mappings of those files) drops them from the resident
+set at once instead of whenever memory runs short. Pages of a read-only file mapping are read
+from the file again if anything touches them later, so this never changes a result.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import sys
+from pathlib import Path
+
+MADV_DONTNEED = 4
+
+
+@functools.cache
+def _madvise():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    except OSError:
+        return None
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    libc.madvise.restype = ctypes.c_int
+    return libc.madvise
+
+
+def release_file_pages(files: list[Path], maps: Path = Path("/proc/self/maps")) -> int:
+    """Drop this process's resident pages of the read-only mappings of `files`; returns the
+    bytes of mappings released (0 where the platform has no /proc or madvise). Writable
+    mappings are left alone: their pages may hold changes the file does not have."""
+    madvise = _madvise()
+    if madvise is None or not files:
+        return 0
+    wanted = {str(f.resolve()) for f in files}
+    released = 0
+    try:
+        lines = maps.read_text().splitlines()
+    except OSError:
+        return 0
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        if len(fields) < 6 or fields[5] not in wanted or "w" in fields[1]:
+            continue
+        start, end = (int(x, 16) for x in fields[0].split("-"))
+        if madvise(start, end - start, MADV_DONTNEED) == 0:
+            released += end - start
+    return released
+
+
+def model_files(path: Path) -> list[Path]:
+    """A model file and the weight files beside it: ONNX external data (model.onnx_data...)
+    or OpenVINO IR's .bin."""
+    siblings = [p for p in path.parent.iterdir() if p != path and p.name.startswith(path.name)]
+    return [path, *siblings, *([path.with_suffix(".bin")] if path.suffix == ".xml" else [])]
