@@ -16,7 +16,10 @@ import ctypes
 import ctypes.util
 import functools
 import sys
+import threading
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 MADV_DONTNEED = 4
 
@@ -62,3 +65,28 @@ def model_files(path: Path) -> list[Path]:
     or OpenVINO IR's .bin."""
     siblings = [p for p in path.parent.iterdir() if p != path and p.name.startswith(path.name)]
     return [path, *siblings, *([path.with_suffix(".bin")] if path.suffix == ".xml" else [])]
+
+
+@contextmanager
+def releasing_file_pages(files: list[Path], every_s: float = 0.2) -> Iterator[None]:
+    """Release the pages of `files` every `every_s` seconds while the block runs (OpenVINO
+    compiling a model it reads from them), and once more at its end: the resident set then
+    holds at most what was read since the last release, not the whole file beside its copy.
+    The kernel does the same under memory pressure; this only does it before the pressure."""
+    if _madvise() is None:
+        yield
+        return
+    done = threading.Event()
+
+    def loop() -> None:
+        while not done.wait(every_s):
+            release_file_pages(files)
+
+    thread = threading.Thread(target=loop, name="sdonnx-release-pages", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+        release_file_pages(files)

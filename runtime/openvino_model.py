@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from sdonnx.runtime.errors import ModelFolderError, raise_if_out_of_memory
-from sdonnx.runtime.memory import model_files, release_file_pages
+from sdonnx.runtime.memory import model_files, releasing_file_pages
 from sdonnx.runtime.onnx_model import PartModel
 from sdonnx.runtime.parts import Part
 
@@ -71,9 +71,10 @@ class OpenVinoModel(PartModel):
             model = self.model.clone()
             model.reshape({name: list(value.shape) for name, value in inputs.items()})
         config = {**self.config, "INFERENCE_PRECISION_HINT": PRECISION_HINTS[precision]}
-        self._compiled[key] = self.core.compile_model(model, "CPU", config)
-        # The compiled model holds its own copy of the weights (memory.py).
-        release_file_pages(model_files(self.path))
+        # The compiled model holds its own copy of the weights: the file's pages are dropped
+        # as compiling reads them (memory.py).
+        with releasing_file_pages(model_files(self.path)):
+            self._compiled[key] = self.core.compile_model(model, "CPU", config)
         # Per precision: a bf16 run that moves some evaluations to fp32 (precision.py) holds
         # both for the same shapes, and must not push out the sizes in use.
         same = [k for k in self._compiled if k[0] == precision]
@@ -83,6 +84,12 @@ class OpenVinoModel(PartModel):
 
     def __call__(self, **inputs: np.ndarray) -> dict[str, np.ndarray]:
         return self.run(inputs)
+
+    def release_memory(self) -> None:
+        """Free the intermediate buffers the compiled models keep between calls (0.96 GB after
+        an SD 1.5 VAE decode at 512x512); the next call allocates them again."""
+        for compiled in self._compiled.values():
+            compiled.release_memory()
 
     def run(self, inputs: dict[str, np.ndarray], precision: str | None = None) -> dict[str, np.ndarray]:
         """Outputs by name; `precision` "fp32" or "bf16" overrides the loaded one for this call."""

@@ -25,7 +25,7 @@ from sdonnx.runtime.infotext import infotext
 from sdonnx.runtime.memory import model_files
 from sdonnx.runtime.onnx_model import OnnxModel, PartModel
 from sdonnx.runtime.precision import precise_sigmas
-from sdonnx.runtime import samplers
+from sdonnx.runtime import samplers, vae
 from sdonnx.runtime.schedules import (
     Schedule,
     SchedulerConfig,
@@ -66,6 +66,10 @@ SAMPLERS = {
     "lcm": Sampler("LCM", samplers.sample_lcm, lcm_schedule, "LCMScheduler"),
 }
 SCHEDULES = ("default", "karras")
+# vae_tiles="auto": one piece up to this side (pixels), or the VAE's own training size when
+# larger (SD 2's 768); tiles of that side above it. Tiles change the picture a little (each
+# tile's group norms see the tile alone), so sizes a model was made for stay in one piece.
+AUTO_TILE = 512
 # A part run once per generation (text encoder, VAE encoder) stays loaded below this size
 # (model file and weights): reloading a small one costs more than it holds.
 KEEP_BYTES = 64 * 2**20
@@ -107,6 +111,7 @@ class GenerationConfig:
     schedule: str = "default"
     eta: float | None = None  # ddim, euler_a, dpmpp_2m_sde: the share of fresh noise per step
     strength: float | None = None  # img2img and inpainting only
+    vae_tiles: int | str = "auto"  # "auto", "off" or a tile side in pixels (runtime/vae.py)
 
     def validate(self) -> "GenerationConfig":
         if not isinstance(self.prompt, str) or not isinstance(self.negative_prompt, str):
@@ -127,6 +132,7 @@ class GenerationConfig:
             check_number("eta", self.eta, 0, 1)
         if self.strength is not None:
             check_number("strength", self.strength, 0, 1)
+        vae.check_tiles(self.vae_tiles)
         if not is_int(self.n) or self.n < 1:
             raise InputError(f"n (images per call) must be at least 1, got {shown(self.n)}")
         if self.seed is not None and (not is_int(self.seed) or not -1 <= self.seed < 2**63):
@@ -258,6 +264,10 @@ class Pipeline:
             parts.read_json(vae_file), "scaling_factor", parts.DEFAULT_VAE_SCALING_FACTOR,
             lambda v: is_number(v) and v > 0, vae_file, "a positive number"))
         self.native_size, self.size_multiple = image_sizes(path)
+        vae_size = parts.config_field(parts.read_json(vae_file), "sample_size", 0,
+                                      lambda v: is_int(v) and 0 <= v <= 8192, vae_file, "a whole number of pixels")
+        # Pixels per side decoded in one piece by vae_tiles="auto" (above: tiles of this side).
+        self.vae_tile_size = max(AUTO_TILE, vae_size)
         self.defaults = Defaults.from_record(parts.read_json(path / parts.RECORD), path / parts.RECORD)
 
         openvino = providers.PROVIDERS[config.provider].backend == "openvino"
@@ -320,6 +330,8 @@ class Pipeline:
         finally:
             if not loaded and not self._keeps(part) and self._models.pop(part.name, None) is not None:
                 gc.collect()
+            elif hasattr(model := self._models.get(part.name), "release_memory"):
+                model.release_memory()
 
     text_encoder = _part_property(parts.TEXT_ENCODER)
     unet = _part_property(parts.UNET)
@@ -401,14 +413,26 @@ class Pipeline:
     def _precise_unet(self, sample: np.ndarray, t: float, context: np.ndarray) -> np.ndarray:
         return self._unet(sample, t, context, precise=True)
 
-    def decode(self, latents: np.ndarray) -> list[Image.Image]:
-        """VAE-decode one latent at a time (bounded memory) into 8-bit RGB images."""
+    def vae_tile(self, tiles: int | str, height: int, width: int) -> int | None:
+        """The VAE tile side in latent pixels for a (height, width) latent, None for one piece.
+        "auto" decodes in one piece up to vae_tile_size pixels a side and in tiles of that
+        size above it."""
+        return vae.tile_latent(vae.check_tiles(tiles), self.vae_tile_size // parts.VAE_SCALE, height, width)
+
+    def decode(self, latents: np.ndarray, tiles: int | str = "auto") -> list[Image.Image]:
+        """VAE-decode latents (n, 4, H/8, W/8), one at a time, into n 8-bit RGB images;
+        `tiles` "auto", "off" or a tile side in pixels (vae_tile, runtime/vae.py)."""
         images = []
         with self.using(parts.VAE_DECODER) as vae_decoder:
             dtype = vae_decoder.dtype("latent_sample")
+
+            def run(z: np.ndarray) -> np.ndarray:
+                return vae_decoder(latent_sample=z.astype(dtype))[parts.VAE_DECODER.output]
+
             for latent in latents:
-                scaled = (latent[None] / self.vae_scaling_factor).astype(dtype)
-                pixels = vae_decoder(latent_sample=scaled)[parts.VAE_DECODER.output][0]
+                scaled = latent[None] / self.vae_scaling_factor
+                tile = self.vae_tile(tiles, *scaled.shape[2:])
+                pixels = (run(scaled) if tile is None else vae.tiled(run, scaled, tile, parts.VAE_SCALE))[0]
                 pixels = np.clip(pixels.astype(np.float32) / 2 + 0.5, 0, 1)
                 images.append(Image.fromarray((pixels.transpose(1, 2, 0) * 255).round().astype(np.uint8)))
         return images
@@ -431,8 +455,9 @@ class Pipeline:
         """The UNet's input channels: from its config.json, else from the model."""
         return self._unet_channels or self.unet.shape("sample")[1]
 
-    def encode_image(self, pixels: np.ndarray) -> np.ndarray:
-        """VAE-encode (1, 3, H, W) pixels in [-1, 1] to scaled latents: the posterior mean."""
+    def encode_image(self, pixels: np.ndarray, tiles: int | str = "auto") -> np.ndarray:
+        """VAE-encode (1, 3, H, W) pixels in [-1, 1] to scaled latents (1, 4, H/8, W/8): the
+        posterior mean; `tiles` as for decode."""
         with self.using(parts.VAE_ENCODER) as vae_encoder:
             if vae_encoder is None:
                 raise ModelFolderError(
@@ -440,7 +465,13 @@ class Pipeline:
                     f"{self.config.path} lacks; export the model again with `sdonnx export`"
                 )
             dtype = vae_encoder.dtype("sample")
-            moments = vae_encoder(sample=pixels.astype(dtype))[parts.VAE_ENCODER.output]
+
+            def run(x: np.ndarray) -> np.ndarray:
+                return vae_encoder(sample=x.astype(dtype))[parts.VAE_ENCODER.output]
+
+            tile = self.vae_tile(tiles, pixels.shape[2] // parts.VAE_SCALE, pixels.shape[3] // parts.VAE_SCALE)
+            moments = run(pixels) if tile is None else vae.tiled(run, pixels, tile * parts.VAE_SCALE,
+                                                                 1 / parts.VAE_SCALE)
         return moments[:, : parts.LATENT_CHANNELS].astype(np.float32) * self.vae_scaling_factor
 
     def sampler_noise(self, config: GenerationConfig, shape: tuple[int, ...]) -> Callable[[], np.ndarray]:
@@ -456,7 +487,8 @@ class Pipeline:
                  schedule: str = "default", eta: float | None = None,
                  init_image: Image.Image | str | Path | None = None, strength: float = 0.75,
                  mask_image: Image.Image | str | Path | None = None,
-                 on_step: Callable[[int, int, np.ndarray], None] | None = None) -> list[Image.Image]:
+                 on_step: Callable[[int, int, np.ndarray], None] | None = None,
+                 vae_tiles: int | str = "auto") -> list[Image.Image]:
         """Generate `n` images; `latents` (n, 4, H/8, W/8) of unit noise replaces the seeded noise.
 
         Steps, guidance and sampler default to the model's `defaults` (20, 7.5, euler unless
@@ -475,7 +507,10 @@ class Pipeline:
         `callback(step, total_steps)` is called after every sampler step; `on_step(step,
         total_steps, denoised)` too, with the current estimate of the clean latents (n, 4, H/8,
         W/8) for previews (`decode` turns them into images). An exception raised by either
-        stops the generation there.
+        stops the generation there. `vae_tiles` "auto" (default) VAE-decodes and encodes in one
+        piece up to `vae_tile_size` pixels a side (512 for SD 1.x) and in
+        overlapping blended tiles of that side above it (diffusers' enable_tiling), "off" never
+        tiles, a number of pixels sets the tile side.
         """
         if mask_image is not None and init_image is None:
             raise InputError("mask_image needs an init_image to repaint")
@@ -498,7 +533,7 @@ class Pipeline:
         sampler = sampler or self.defaults.sampler
         config = GenerationConfig(
             prompt, negative_prompt, steps, guidance, seed, width, height, sampler, n, schedule, eta,
-            None if init_image is None else strength,
+            None if init_image is None else strength, vae_tiles,
         ).validate()
         if width % self.size_multiple or height % self.size_multiple:
             raise InputError(
@@ -535,7 +570,7 @@ class Pipeline:
 
         with self.using(parts.UNET):
             x = chosen.sample(denoise, x, schedule_.sigmas, callback=step, **options)
-        images = self.decode(schedule_.to_latents(x))
+        images = self.decode(schedule_.to_latents(x), config.vae_tiles)
         for i, image in enumerate(images):
             image.info["seed"] = config.seed + i
             image.info["parameters"] = infotext(
@@ -556,7 +591,7 @@ class Pipeline:
             return schedule, noise * schedule.noise_scale, None
         pixels = to_pixels(fit(init_image, config.width, config.height))
         if mask_image is None:
-            return schedule, self.encode_image(pixels) + noise * schedule.sigmas[0], None
+            return schedule, self.encode_image(pixels, config.vae_tiles) + noise * schedule.sigmas[0], None
         mask_image = load_image(mask_image, "mask image", MASK_BACKGROUND)
         if mask_image.size != init_image.size:
             raise InputError(
@@ -564,9 +599,9 @@ class Pipeline:
                 f"{init_image.width}x{init_image.height}; they must be the same size"
             )
         mask = to_mask(fit(mask_image, config.width, config.height))
-        masked = self.encode_image(pixels * (mask < 0.5))
+        masked = self.encode_image(pixels * (mask < 0.5), config.vae_tiles)
         latent_mask = mask[:, :, :: parts.VAE_SCALE, :: parts.VAE_SCALE]
         conditioning = np.repeat(np.concatenate([latent_mask, masked], axis=1), config.n, axis=0)
         if config.strength == 1.0:
             return schedule, noise * schedule.noise_scale, conditioning
-        return schedule, self.encode_image(pixels) + noise * schedule.sigmas[0], conditioning
+        return schedule, self.encode_image(pixels, config.vae_tiles) + noise * schedule.sigmas[0], conditioning
