@@ -78,6 +78,10 @@ def generate(
                                   help="fp32, bf16 (openvino) or auto: bf16 where the provider and CPU do it."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, max=MAX_THREADS,
                                           help="CPU threads (default: all physical cores)."),
+    low_memory: bool = typer.Option(
+        False, "--low-memory", help="Load each part only while it runs (peak: the largest part's, not the sum)."),
+    vae_tiles: str = typer.Option(
+        "auto", "--vae-tiles", help="VAE in overlapping tiles: auto (above 512 pixels a side), off, or a tile side in pixels."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Print load and per-step times."),
 ) -> None:
     """Generate images from a prompt and write them as PNGs with their parameters."""
@@ -97,7 +101,7 @@ def generate(
     seed = GenerationConfig(prompt, negative, fallback.steps if steps is None else steps,
                             fallback.guidance if guidance is None else guidance, seed, width, height,
                             fallback.sampler if sampler is None else sampler, n, schedule=schedule,
-                            eta=eta if sampler else None, strength=strength).validate().seed
+                            eta=eta if sampler else None, strength=strength, vae_tiles=vae_tiles).validate().seed
     if eta is not None:  # its sampler may be the model's default, known after loading; its range is known now
         check_number("eta", eta, 0, 1)
     if init_image is None and (strength is not None or mask is not None):
@@ -114,7 +118,7 @@ def generate(
         image_options["mask_image"] = load_image(mask, "mask image", MASK_BACKGROUND)
     folder = output.prepare_folder(out)
     start = time.perf_counter()
-    pipe = Pipeline.load(model, provider=provider, threads=threads, precision=precision)
+    pipe = Pipeline.load(model, provider=provider, threads=threads, precision=precision, low_memory=low_memory)
     if verbose:
         cached = ", ".join(f"{part} {use}" for part, use in pipe.cache_use.items())
         typer.echo(f"loaded {pipe.config.path} on {pipe.config.provider} ({pipe.config.precision}) "
@@ -137,7 +141,8 @@ def generate(
 
             images = pipe.generate(prompt, negative_prompt=negative, steps=steps, guidance=guidance,
                                    seed=seed + batch * n, width=width, height=height, sampler=sampler,
-                                   n=n, callback=on_step, schedule=schedule, eta=eta, **image_options)
+                                   n=n, callback=on_step, schedule=schedule, eta=eta, vae_tiles=vae_tiles,
+                                   **image_options)
         for i, image in enumerate(images):
             image_seed = image.info["seed"]
             written = output.save_image(image, paths[batch * n + i] if paths else None, folder, image_seed)
@@ -254,6 +259,8 @@ def serve(
         help="Require this key on every endpoint (Authorization: Bearer KEY; the page asks for it as a password)."),
     queue: int = typer.Option(4, "--queue", min=1, max=10_000,
                               help="Requests that may wait behind the running one; more get 503."),
+    low_memory: bool = typer.Option(
+        False, "--low-memory", help="Load each part only while a request runs it (slower requests, lower peak)."),
 ) -> None:
     """Serve one model: OpenAI's images API, AUTOMATIC1111's /sdapi/v1, and a web page at /."""
     import importlib.util
@@ -271,7 +278,7 @@ def serve(
         raise InputError("--host is empty; give an address such as 127.0.0.1 (this machine) or 0.0.0.0 (the network)")
     sock = server.bind(host, port)
     try:
-        pipe = Pipeline.load(model, provider=provider, threads=threads, precision=precision)
+        pipe = Pipeline.load(model, provider=provider, threads=threads, precision=precision, low_memory=low_memory)
     except BaseException:
         sock.close()
         raise
