@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from sdonnx.export.attention import fuse_attention
+from sdonnx.export.weights import store_externally
 from sdonnx.export.parity import PartParity, check_parts
 from sdonnx.runtime import parts
 from sdonnx.runtime.pipeline import Defaults
@@ -388,6 +389,9 @@ def _export_into(tmp: Path, config: ExportConfig, start: float, log: Callable[[s
         raise ExportFailed(f"the exporter did not write {', '.join(missing)}")
     fused = {part.name: fuse_attention(tmp / part.onnx_path) for part in parts.PARTS if (tmp / part.onnx_path).is_file()}
     log("fused attention: " + ", ".join(f"{name} {count}" for name, count in fused.items() if count))
+    for part in parts.PARTS:
+        if (tmp / part.onnx_path).is_file():
+            store_externally(tmp / part.onnx_path)
     parity = []
     if config.check:
         log("checking each part against torch on the same inputs")

@@ -160,16 +160,10 @@ def _load_onnx(path: Path):
 
 
 def _save_onnx(model, path: Path) -> None:
-    """Save a part; weights go to an external data file when the protobuf would pass 2 GB."""
-    import onnx
+    """Save a part, its weights in model.onnx_data beside it (weights.save_part)."""
+    from sdonnx.export.weights import save_part
 
-    for stale in path.parent.iterdir():
-        if stale.name.startswith("model.onnx"):
-            stale.unlink()
-    stored = sum(len(t.raw_data) for t in model.graph.initializer)
-    large = stored > 1_800_000_000
-    onnx.save(model, str(path), save_as_external_data=large, all_tensors_to_one_file=True,
-              location=parts.EXTERNAL_DATA_FILE, size_threshold=1024)
+    save_part(model, path)
 
 
 def _settings(pipe: Pipeline, config: QuantizeConfig) -> dict:

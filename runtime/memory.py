@@ -90,3 +90,23 @@ def releasing_file_pages(files: list[Path], every_s: float = 0.2) -> Iterator[No
         done.set()
         thread.join()
         release_file_pages(files)
+
+
+@functools.cache
+def _malloc_trim():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
+
+
+def trim_heap() -> None:
+    """Hand the heap's free memory back to the system (glibc's malloc_trim): the buffers a part
+    freed after its call otherwise stay in the process, counted in its resident set."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)

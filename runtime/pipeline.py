@@ -22,7 +22,7 @@ from sdonnx.runtime.checks import MAX_GUIDANCE, MAX_THREADS, check_number, check
 from sdonnx.runtime.errors import InputError, ModelFolderError, ProviderError
 from sdonnx.runtime.images import MASK_BACKGROUND, default_size, fit, load_image, to_mask, to_pixels
 from sdonnx.runtime.infotext import infotext
-from sdonnx.runtime.memory import model_files
+from sdonnx.runtime.memory import model_files, trim_heap
 from sdonnx.runtime.onnx_model import OnnxModel, PartModel
 from sdonnx.runtime.precision import precise_sigmas
 from sdonnx.runtime import samplers, vae
@@ -332,6 +332,7 @@ class Pipeline:
                 gc.collect()
             elif hasattr(model := self._models.get(part.name), "release_memory"):
                 model.release_memory()
+            trim_heap()
 
     text_encoder = _part_property(parts.TEXT_ENCODER)
     unet = _part_property(parts.UNET)
