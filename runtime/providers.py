@@ -122,8 +122,9 @@ def check_session(session: ort.InferenceSession, name: str, path: Path) -> None:
         )
 
 
-def session_options(threads: int | None = None, optimize: bool = True) -> ort.SessionOptions:
+def session_options(threads: int | None = None, optimize: bool = True, arena: bool = True) -> ort.SessionOptions:
     """`optimize` False for a graph onnxruntime already optimized and saved (runtime/cache.py).
+    `arena` False: buffers come from malloc and go back after each call (see OnnxModel).
 
     No memory pattern: with it onnxruntime plans one block per set of input shapes on top of
     the arena, and an SD 1.5 UNet call at 512x512 grew from 5.5 to 7.7 GB resident on its second
@@ -131,6 +132,7 @@ def session_options(threads: int | None = None, optimize: bool = True) -> ort.Se
     """
     options = ort.SessionOptions()
     options.enable_mem_pattern = False
+    options.enable_cpu_mem_arena = arena
     options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                         else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     if threads:
