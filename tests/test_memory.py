@@ -1,0 +1,103 @@
+"""The memory policy: fused attention in the export, parts loaded on use and released, file pages
+given back. Peak figures at SD 1.5 size are measured by tests/benchmarks/memory.py."""
+
+from __future__ import annotations
+
+import mmap
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sdonnx.runtime import parts
+from sdonnx.runtime import pipeline as pipeline_module
+from sdonnx.runtime.memory import release_file_pages, trim_heap
+
+linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and madvise are Linux's")
+
+
+def test_export_fuses_every_attention(tiny_onnx):
+    """No Softmax left in the UNet or the VAE (the text encoder's causal attention stays as
+    exported); the record counts the fused nodes. Parity with diffusers of the fused graphs is
+    what test_parity.py checks."""
+    import json
+
+    import onnx
+
+    record = json.loads((tiny_onnx / parts.RECORD).read_text())
+    for part in ("unet", "vae_decoder", "vae_encoder"):
+        ops = [n.op_type for n in onnx.load(str(tiny_onnx / part / "model.onnx"), load_external_data=False).graph.node]
+        assert "Softmax" not in ops, part
+        assert ops.count("MultiHeadAttention") == record["parts"][part]["fused_attention"] > 0, part
+        assert (tiny_onnx / part / parts.EXTERNAL_DATA_FILE).is_file(), part
+
+
+def test_a_graph_without_the_pattern_is_left_alone(tiny_onnx, tmp_path):
+    """The negative control of the fusion: the text encoder's masked attention does not match."""
+    import shutil
+
+    from sdonnx.export.attention import fuse_attention
+
+    for name in ("model.onnx", parts.EXTERNAL_DATA_FILE):
+        shutil.copy(tiny_onnx / "text_encoder" / name, tmp_path / name)
+    before = (tmp_path / "model.onnx").read_bytes()
+    assert fuse_attention(tmp_path / "model.onnx") == 0
+    assert (tmp_path / "model.onnx").read_bytes() == before
+
+
+def rss_file_kb() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssFile:"):
+            return int(line.split()[1])
+    raise AssertionError("no RssFile in /proc/self/status")
+
+
+@linux
+def test_release_file_pages_drops_a_mapped_file_and_keeps_its_contents(tmp_path):
+    path = tmp_path / "weights.bin"
+    data = np.arange(16 * 2**20 // 4, dtype=np.float32)  # 16 MB
+    data.tofile(path)
+    with open(path, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        view = np.frombuffer(mapped, dtype=np.float32)
+        assert float(view.sum()) == float(data.sum())  # touches every page
+        touched = rss_file_kb()
+        released = release_file_pages([path])
+        assert released >= data.nbytes
+        assert rss_file_kb() <= touched - 12 * 1024
+        assert np.array_equal(view, data)  # read back from the file
+        assert release_file_pages([tmp_path / "other.bin"]) == 0
+        del view
+        mapped.close()
+    trim_heap()  # callable anywhere; nothing to assert beyond not failing
+
+
+def test_low_memory_draws_the_same_picture_and_holds_no_part(tiny_onnx, tiny_pipeline):
+    from sdonnx import Pipeline
+
+    small = Pipeline.load(tiny_onnx, provider="cpu", low_memory=True)
+    assert small._models == {}
+    settings = dict(steps=3, seed=5, width=64, height=64)
+    want = np.asarray(tiny_pipeline.generate("a red circle", **settings)[0])
+    assert np.array_equal(np.asarray(small.generate("a red circle", **settings)[0]), want)
+    assert small._models == {}
+    init = small.generate("a red circle", **settings)[0]
+    assert np.array_equal(np.asarray(small.generate("a red circle", init_image=init, strength=0.5, **settings)[0]),
+                          np.asarray(tiny_pipeline.generate("a red circle", init_image=init, strength=0.5, **settings)[0]))
+    assert small._models == {}
+
+
+def test_large_once_per_generation_parts_are_released_by_default(tiny_onnx, tiny_pipeline, monkeypatch):
+    """Over KEEP_BYTES the text encoder and VAE encoder are loaded for their one call; the UNet
+    and the VAE decoder stay. Under it (the tiny model) they stay loaded."""
+    from sdonnx import Pipeline
+
+    assert set(tiny_pipeline._models) >= {"text_encoder", "unet", "vae_decoder"}
+    monkeypatch.setattr(pipeline_module, "KEEP_BYTES", 0)
+    pipe = Pipeline.load(tiny_onnx, provider="cpu")
+    assert set(pipe._models) == {"unet", "vae_decoder"}
+    settings = dict(steps=2, seed=1, width=64, height=64)
+    image = pipe.generate("a red circle", **settings)[0]
+    assert np.array_equal(np.asarray(image), np.asarray(tiny_pipeline.generate("a red circle", **settings)[0]))
+    assert set(pipe._models) == {"unet", "vae_decoder"}
