@@ -81,7 +81,7 @@ def generate(
     low_memory: bool = typer.Option(
         False, "--low-memory", help="Load each part only while it runs (peak: the largest part's, not the sum)."),
     vae_tiles: str = typer.Option(
-        "auto", "--vae-tiles", help="VAE in overlapping tiles: auto (above 512 pixels a side), off, or a tile side in pixels."),
+        "auto", "--vae-tiles", help="VAE in overlapping tiles: auto (above the VAE's size, 512 pixels for SD 1.x), off, or a tile side (multiple of 32 pixels)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Print load and per-step times."),
 ) -> None:
     """Generate images from a prompt and write them as PNGs with their parameters."""

@@ -421,7 +421,8 @@ class Worker:
         if self.interrupt.is_set():
             raise Interrupted(step, total)
         preview = None
-        if self.preview_wanted.is_set() and step < total:
+        # A preview decode would load the VAE beside the UNet, which --low-memory avoids.
+        if self.preview_wanted.is_set() and step < total and not self.pipe.config.low_memory:
             self.preview_wanted.clear()
             preview = _b64_png(self.pipe.decode(denoised[:1])[0])
         with self.lock:

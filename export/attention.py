@@ -30,6 +30,7 @@ class _Match:
     value: str
     output: str
     heads: int
+    scale: float | None  # None: 1/sqrt(head_dim), the fused op's default
     nodes: tuple  # the nodes the fused node replaces (the dead ones are pruned after)
 
 
@@ -58,22 +59,43 @@ def _heads_input(producers: dict, scaled: str, perm: list[int]):
     reshape = producers.get(transpose.input[0])
     if reshape is None or reshape.op_type != "Reshape":
         return None
-    shape = producers.get(reshape.input[1])
-    heads = None
-    if shape is not None and shape.op_type == "Concat" and len(shape.input) == 4:
-        value = _constant(producers, shape.input[2])
-        heads = int(value.reshape(-1)[0]) if value is not None and value.size == 1 else None
+    heads = _heads(producers, reshape)
     if not heads or heads < 1:
         return None
     return reshape.input[0], heads, (mul, transpose, reshape)
 
 
+def _heads(producers: dict, reshape) -> int | None:
+    """The head count of a Reshape to [B, S, heads, head_dim] built by a Concat, or None."""
+    shape = producers.get(reshape.input[1])
+    if shape is None or shape.op_type != "Concat" or len(shape.input) != 4:
+        return None
+    value = _constant(producers, shape.input[2])
+    return int(value.reshape(-1)[0]) if value is not None and value.size == 1 else None
+
+
+def _scale(producers: dict, query_mul, key_mul) -> tuple[bool, float | None]:
+    """(recognized, scale): torch scales query and key each by sqrt(scale). The default scale
+    (1/sqrt(head_dim)) is computed in the graph, each factor ending in a Sqrt of the same
+    value; an explicit scale is a constant. Anything else is not recognized and stays unfused."""
+    sources = [producers.get(mul.input[1]) for mul in (query_mul, key_mul)]
+    if all(n is not None and n.op_type == "Sqrt" for n in sources) and sources[0].input[0] == sources[1].input[0]:
+        return True, None
+    values = [_constant(producers, mul.input[1]) for mul in (query_mul, key_mul)]
+    if all(v is not None and v.size == 1 for v in values) and float(values[0].reshape(-1)[0]) == float(values[1].reshape(-1)[0]):
+        return True, float(values[0].reshape(-1)[0]) ** 2
+    return False, None
+
+
 def _match(softmax, producers: dict, consumers: dict) -> _Match | None:
-    """The attention around one Softmax, as torch exports diffusers' scaled dot-product
-    attention (query and key each scaled by head_dim^-1/4, the default scale of the fused op)."""
+    """The attention around one Softmax (over the last axis), as torch exports diffusers' scaled
+    dot-product attention: query and key each scaled by sqrt(scale), scores used by the Softmax
+    alone, probabilities by the value product alone."""
     scores = producers.get(softmax.input[0])
     users = consumers[softmax.output[0]]
-    if scores is None or scores.op_type != "MatMul" or len(users) != 1 or users[0].op_type != "MatMul":
+    axis = [a.i for a in softmax.attribute if a.name == "axis"]
+    if scores is None or scores.op_type != "MatMul" or len(users) != 1 or users[0].op_type != "MatMul" \
+            or axis not in ([-1], [3]) or len(consumers[scores.output[0]]) != 1:
         return None
     weighted = users[0]
     if weighted.input[0] != softmax.output[0]:
@@ -84,15 +106,18 @@ def _match(softmax, producers: dict, consumers: dict) -> _Match | None:
     if query is None or key is None or query[1] != key[1] or value_transpose is None \
             or value_transpose.op_type != "Transpose" or _perm(value_transpose) != [0, 2, 1, 3]:
         return None
+    recognized, scale = _scale(producers, query[2][0], key[2][0])
+    if not recognized:
+        return None
     value_reshape = producers.get(value_transpose.input[0])
     after = consumers[weighted.output[0]]
     if value_reshape is None or value_reshape.op_type != "Reshape" or len(after) != 1 \
             or after[0].op_type != "Transpose" or _perm(after[0]) != [0, 2, 1, 3]:
         return None
     merge = consumers[after[0].output[0]]
-    if len(merge) != 1 or merge[0].op_type != "Reshape":
+    if len(merge) != 1 or merge[0].op_type != "Reshape" or _heads(producers, value_reshape) not in (None, query[1]):
         return None
-    return _Match(query[0], key[0], value_reshape.input[0], merge[0].output[0], query[1],
+    return _Match(query[0], key[0], value_reshape.input[0], merge[0].output[0], query[1], scale,
                   (scores, softmax, weighted, after[0], merge[0]))
 
 
@@ -107,6 +132,7 @@ def fuse_graph(model) -> int:
         for name in node.input:
             consumers[name].append(node)
     fused, replaced = {}, set()
+    graph_outputs = {o.name for o in graph.output}
     for node in graph.node:
         if node.op_type != "Softmax":
             continue
@@ -114,10 +140,12 @@ def fuse_graph(model) -> int:
         if match is None:
             continue
         merge = match.nodes[-1]
+        if any(out in graph_outputs for n in match.nodes[:-1] for out in n.output):
+            continue
         fused[id(merge)] = helper.make_node(
             "MultiHeadAttention", [match.query, match.key, match.value], [match.output],
             name=f"{node.name.rsplit('/', 1)[0]}/MultiHeadAttention", domain=CONTRIB_DOMAIN,
-            num_heads=match.heads)
+            num_heads=match.heads, **({} if match.scale is None else {"scale": match.scale}))
         replaced |= {id(n) for n in match.nodes}
     if not fused:
         return 0

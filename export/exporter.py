@@ -388,7 +388,8 @@ def _export_into(tmp: Path, config: ExportConfig, start: float, log: Callable[[s
     if missing:
         raise ExportFailed(f"the exporter did not write {', '.join(missing)}")
     fused = {part.name: fuse_attention(tmp / part.onnx_path) for part in parts.PARTS if (tmp / part.onnx_path).is_file()}
-    log("fused attention: " + ", ".join(f"{name} {count}" for name, count in fused.items() if count))
+    if any(fused.values()):
+        log("fused attention: " + ", ".join(f"{name} {count}" for name, count in fused.items() if count))
     for part in parts.PARTS:
         if (tmp / part.onnx_path).is_file():
             store_externally(tmp / part.onnx_path)

@@ -25,7 +25,8 @@ def save_part(model: onnx.ModelProto, path) -> None:
     OpenVINO maps an external data file into memory and sdonnx gives the pages back once the
     compiled model holds its copy (runtime/memory.py), while weights inside the protobuf are
     parsed into memory whole: an SD 1.5 text encoder (0.46 GB) took 1.1 GB more to compile
-    from its inline ONNX. Written to temporary names and renamed, data file first."""
+    from its inline ONNX. Written under a temporary folder beside the part, then moved in (data
+file first); an interruption between the moves leaves the part to export again."""
     from pathlib import Path
 
     path = Path(path)

@@ -267,7 +267,8 @@ class Pipeline:
         vae_size = parts.config_field(parts.read_json(vae_file), "sample_size", 0,
                                       lambda v: is_int(v) and 0 <= v <= 8192, vae_file, "a whole number of pixels")
         # Pixels per side decoded in one piece by vae_tiles="auto" (above: tiles of this side).
-        self.vae_tile_size = max(AUTO_TILE, vae_size)
+        step = vae.TILE_STEP * parts.VAE_SCALE
+        self.vae_tile_size = max(AUTO_TILE, vae_size // step * step)
         self.defaults = Defaults.from_record(parts.read_json(path / parts.RECORD), path / parts.RECORD)
 
         openvino = providers.PROVIDERS[config.provider].backend == "openvino"
@@ -593,6 +594,11 @@ class Pipeline:
         schedule = config.schedule_for(self.scheduler)
         if init_image is None:
             return schedule, noise * schedule.noise_scale, None
+        with self.using(parts.VAE_ENCODER):  # loaded once for both encodes of inpainting
+            return self._start_from_image(config, schedule, noise, init_image, mask_image)
+
+    def _start_from_image(self, config: GenerationConfig, schedule: Schedule, noise: np.ndarray,
+                          init_image: Image.Image, mask_image) -> tuple[Schedule, np.ndarray, np.ndarray | None]:
         pixels = to_pixels(fit(init_image, config.width, config.height))
         if mask_image is None:
             return schedule, self.encode_image(pixels, config.vae_tiles) + noise * schedule.sigmas[0], None

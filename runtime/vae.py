@@ -22,8 +22,10 @@ from sdonnx.runtime.checks import is_int, shown
 from sdonnx.runtime.errors import InputError
 
 OVERLAP = 0.25  # diffusers' tile_overlap_factor
-# The smallest tile side (latent pixels) sdonnx accepts: below it the seams show (32 px).
-MIN_TILE = 4
+# Tile sides are whole multiples of this many latent pixels (32 image pixels): then a tile's
+# stride (3/4 of it) and its blend (1/4) are whole latent pixels and the tiles add up to the
+# image exactly; it is also the smallest tile.
+TILE_STEP = 4
 
 
 def _blend_rows(above: np.ndarray, tile: np.ndarray, extent: int) -> None:
@@ -70,15 +72,16 @@ def tiled(fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray, tile: int, scal
 
 
 def check_tiles(value) -> int | str:
-    """`vae_tiles` as given: "auto", "off", or a tile side in pixels (a multiple of 8, at least
-    MIN_TILE x 8); an InputError names what is wrong."""
+    """`vae_tiles` as given: "auto", "off", or a tile side in pixels (a multiple of
+    TILE_STEP x 8 = 32); an InputError names what is wrong."""
     if value in ("auto", "off"):
         return value
-    if isinstance(value, str) and value.isdigit():
+    if isinstance(value, str) and value.isascii() and value.isdecimal():
         value = int(value)
-    if not is_int(value) or value % parts.VAE_SCALE or value < MIN_TILE * parts.VAE_SCALE:
-        raise InputError(f"vae tiles must be auto, off, or a tile side in pixels (a multiple of "
-                         f"{parts.VAE_SCALE}, at least {MIN_TILE * parts.VAE_SCALE}); got {shown(value)}")
+    step = TILE_STEP * parts.VAE_SCALE
+    if not is_int(value) or value % step or value < step:
+        raise InputError(f"vae tiles must be auto, off, or a tile side in pixels (a multiple of {step}); "
+                         f"got {shown(value)}")
     return int(value)
 
 
