@@ -254,11 +254,11 @@ def _quantize_static(source: Path, target: Path, calls: list[dict], keep: list[s
         calibrate_method=CalibrationMethod.MinMax,
         use_external_data_format=external,
         extra_options={
-            # Ranges are reduced every 2 calls: memory stays bounded however long the trajectory
-            # (min and max reduce to the same ranges whatever the count). Every tensor of a call
-            # is held until then: with 16 calls an SD 1.5 UNet at 512x512 took the process to
-            # 21.3 GB (2026-11-30, with fused attention).
-            "CalibMaxIntermediateOutputs": 2,
+            # No CalibMaxIntermediateOutputs: onnxruntime 1.32's calibrator, on reaching that
+            # count, clears what it collected instead of reducing it to ranges, so with 16 only
+            # the last (calls mod 16) calls calibrated and a multiple of 16 failed ("No data is
+            # collected"). What it keeps per call is one min and one max per tensor (its
+            # augmented model reduces them in the graph), a few kB.
             "WeightSymmetric": True,
             "ActivationSymmetric": False,
         },
