@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from sdonnx.export.attention import fuse_attention
-from sdonnx.export.weights import store_externally
 from sdonnx.export.parity import PartParity, check_parts
 from sdonnx.runtime import parts
 from sdonnx.runtime.pipeline import Defaults
@@ -390,6 +389,8 @@ def _export_into(tmp: Path, config: ExportConfig, start: float, log: Callable[[s
     fused = {part.name: fuse_attention(tmp / part.onnx_path) for part in parts.PARTS if (tmp / part.onnx_path).is_file()}
     if any(fused.values()):
         log("fused attention: " + ", ".join(f"{name} {count}" for name, count in fused.items() if count))
+    from sdonnx.export.weights import store_externally  # onnx: the export extra, checked before
+
     for part in parts.PARTS:
         if (tmp / part.onnx_path).is_file():
             store_externally(tmp / part.onnx_path)
