@@ -268,3 +268,36 @@ def test_openvino_int8_writes_ir_that_only_the_openvino_provider_runs(openvino_i
     with pytest.raises(providers.ProviderError, match="use --provider openvino"):
         Pipeline.load(out, provider="cpu")
     assert "unet: int8 weights and activations (OpenVINO IR)" in describe(out)
+
+
+def test_calibration_sees_every_call(tiny_onnx, tmp_path, monkeypatch):
+    """The activation ranges come from all calibration calls, the first included (onnxruntime
+    1.32 dropped the calls it had collected whenever CalibMaxIntermediateOutputs was reached:
+    with 16, only the last calls mod 16 calibrated). Call 0 holds the largest sample by far;
+    the range of the UNet's `sample` input must reach it."""
+    from onnxruntime.quantization import calibrate
+
+    unet = Pipeline.load(tiny_onnx, provider="cpu").unet
+    rng = np.random.default_rng(0)
+    calls = []
+    for i in range(20):
+        scale = 50.0 if i == 0 else 1.0
+        calls.append({
+            "sample": (scale * rng.standard_normal((2, 4, 8, 8))).astype(unet.dtype("sample")),
+            "timestep": np.full([2] * len(unet.shape("timestep")), 500, dtype=unet.dtype("timestep")),
+            "encoder_hidden_states": rng.standard_normal(
+                (2, 77, unet.shape("encoder_hidden_states")[2])).astype(np.float32),
+        })
+    seen = []
+    compute = calibrate.MinMaxCalibrater.compute_data
+
+    def recording(self):
+        ranges = compute(self)
+        seen.append({name: tuple(float(np.asarray(v).reshape(-1)[0]) for v in ranges[name].range_value)
+                     for name in ranges.data})
+        return ranges
+
+    monkeypatch.setattr(calibrate.MinMaxCalibrater, "compute_data", recording)
+    q.quantize_unet_int8(tiny_onnx / parts.UNET.onnx_path, tmp_path / "unet.onnx", calls)
+    low, high = seen[-1]["sample"]
+    assert high >= float(calls[0]["sample"].max()) * 0.999 and low <= float(calls[0]["sample"].min()) * 0.999
