@@ -44,7 +44,7 @@ def _constant(producers: dict, name: str):
 
 
 def _perm(node) -> list[int]:
-    return [list(a.ints) for a in node.attribute if a.name == "perm"][0] if node.attribute else []
+    return next((list(a.ints) for a in node.attribute if a.name == "perm"), [])
 
 
 def _heads_input(producers: dict, scaled: str, perm: list[int]):
@@ -82,9 +82,10 @@ def _scale(producers: dict, query_mul, key_mul) -> tuple[bool, float | None]:
     if all(n is not None and n.op_type == "Sqrt" for n in sources) and sources[0].input[0] == sources[1].input[0]:
         return True, None
     values = [_constant(producers, mul.input[1]) for mul in (query_mul, key_mul)]
-    if all(v is not None and v.size == 1 for v in values) and float(values[0].reshape(-1)[0]) == float(values[1].reshape(-1)[0]):
-        return True, float(values[0].reshape(-1)[0]) ** 2
-    return False, None
+    if any(v is None or v.size != 1 for v in values):
+        return False, None
+    query_factor, key_factor = (float(v.reshape(-1)[0]) for v in values)
+    return query_factor == key_factor, query_factor**2
 
 
 def _match(softmax, producers: dict, consumers: dict) -> _Match | None:

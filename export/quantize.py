@@ -159,13 +159,6 @@ def _load_onnx(path: Path):
     return onnx.load(str(path))
 
 
-def _save_onnx(model, path: Path) -> None:
-    """Save a part, its weights in model.onnx_data beside it (weights.save_part)."""
-    from sdonnx.export.weights import save_part
-
-    save_part(model, path)
-
-
 def _settings(pipe: Pipeline, config: QuantizeConfig) -> dict:
     size = config.size or min(pipe.native_size, 256)
     size = max(pipe.size_multiple, size // pipe.size_multiple * pipe.size_multiple)
@@ -311,7 +304,7 @@ def _quantize_part(part: parts.Part, source: Path, tmp: Path, config: QuantizeCo
     if config.mode == "fp16":
         model = _load_onnx(src)
         weights.to_fp16(model)
-        _save_onnx(model, dst)
+        weights.save_part(model, dst)
         return PartReport(part.name, "fp16 weights")
     if config.mode == "int8-openvino":
         keep = quantize_openvino(part, src, tmp / part.ir_path, calls)
@@ -323,11 +316,11 @@ def _quantize_part(part: parts.Part, source: Path, tmp: Path, config: QuantizeCo
         with tempfile.TemporaryDirectory(dir=tmp) as scratch:
             staged = Path(scratch) / parts.ONNX_FILE
             keep = quantize_unet_int8(src, staged, calls)
-            _save_onnx(_load_onnx(staged), dst)
+            weights.save_part(_load_onnx(staged), dst)
         return PartReport(part.name, "int8 weights and activations", float_nodes=keep)
     model = _load_onnx(src)
     done = weights.to_int8_weights(model)
-    _save_onnx(model, dst)
+    weights.save_part(model, dst)
     log(f"  {part.name}: int8 weights for {len(done)} nodes")
     return PartReport(part.name, "int8 weights")
 

@@ -10,50 +10,46 @@ DequantizeLinear.
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from sdonnx.runtime import parts
+
 # Tensors smaller than this stay float32 (scalars, shape constants): nothing to gain.
 MIN_ELEMENTS = 16
-EXTERNAL_DATA_FILE = "model.onnx_data"  # parts.EXTERNAL_DATA_FILE (kept import-light)
 
 
-def save_part(model: onnx.ModelProto, path) -> None:
+def save_part(model: onnx.ModelProto, path: Path) -> None:
     """Write a part with its weights in model.onnx_data beside the graph, whatever its size.
 
     OpenVINO maps an external data file into memory and sdonnx gives the pages back once the
     compiled model holds its copy (runtime/memory.py), while weights inside the protobuf are
     parsed into memory whole: an SD 1.5 text encoder (0.46 GB) took 1.1 GB more to compile
     from its inline ONNX. Written under a temporary folder beside the part, then moved in (data
-file first); an interruption between the moves leaves the part to export again."""
-    from pathlib import Path
-
-    path = Path(path)
+    file first); an interruption between the moves leaves the part to export again."""
     staged = path.with_name(f".{path.name}.staged")
     staged.mkdir(exist_ok=True)
     try:
         onnx.save(model, str(staged / path.name), save_as_external_data=True, all_tensors_to_one_file=True,
-                  location=EXTERNAL_DATA_FILE, size_threshold=1024)
+                  location=parts.EXTERNAL_DATA_FILE, size_threshold=1024)
         for stale in path.parent.iterdir():
             if stale.name.startswith(path.name) and stale.name != path.name:
                 stale.unlink()
-        if (staged / EXTERNAL_DATA_FILE).is_file():
-            (staged / EXTERNAL_DATA_FILE).replace(path.parent / EXTERNAL_DATA_FILE)
+        if (staged / parts.EXTERNAL_DATA_FILE).is_file():
+            (staged / parts.EXTERNAL_DATA_FILE).replace(path.parent / parts.EXTERNAL_DATA_FILE)
         (staged / path.name).replace(path)
     finally:
-        import shutil
-
         shutil.rmtree(staged, ignore_errors=True)
 
 
-def store_externally(path) -> bool:
+def store_externally(path: Path) -> bool:
     """Move the weights of an ONNX file that holds them inline to model.onnx_data beside it
     (save_part); False when they already are."""
-    from pathlib import Path
-
-    path = Path(path)
-    if (path.parent / EXTERNAL_DATA_FILE).is_file():
+    if (path.parent / parts.EXTERNAL_DATA_FILE).is_file():
         return False
     save_part(onnx.load(str(path)), path)
     return True

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import onnxruntime as ort
 
+from sdonnx.runtime.parts import model_files
+
 # Below this size (model + external data) optimizing takes well under a second: no cache.
 MIN_BYTES = 64 * 2**20
 OPTIMIZED_FILE = "model.onnx"
@@ -52,11 +54,6 @@ def _cpu_fingerprint(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     return hashlib.sha1("\n".join(wanted).encode()).hexdigest()[:12]
 
 
-def _source_files(path: Path) -> list[Path]:
-    """The model file and the external data files beside it (the exporter's layout)."""
-    return [path] + sorted(p for p in path.parent.iterdir() if p != path and p.name.startswith(path.name))
-
-
 class OptimizedGraphs:
     """Where the optimized graph of an ONNX file lives, and whether it is current."""
 
@@ -65,7 +62,7 @@ class OptimizedGraphs:
         self.provider = provider
 
     def wanted(self, path: Path) -> bool:
-        return sum(p.stat().st_size for p in _source_files(path)) >= MIN_BYTES
+        return sum(p.stat().st_size for p in model_files(path)) >= MIN_BYTES
 
     def _entry(self, path: Path) -> Path:
         key = hashlib.sha1(f"{path.resolve()}|{self.provider}".encode()).hexdigest()[:16]
@@ -74,7 +71,7 @@ class OptimizedGraphs:
     def stamp(self, path: Path) -> dict:
         return {
             "source": str(path.resolve()),
-            "files": {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in _source_files(path)},
+            "files": {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in model_files(path)},
             "onnxruntime": ort.__version__,
             "provider": self.provider,
             "cpu": _cpu_fingerprint(),

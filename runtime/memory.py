@@ -26,12 +26,20 @@ MADV_PAGEOUT = 21
 
 
 @functools.cache
-def _madvise():
+def _libc():
+    """glibc through ctypes on Linux, else None."""
     if not sys.platform.startswith("linux"):
         return None
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     except OSError:
+        return None
+
+
+@functools.cache
+def _madvise():
+    libc = _libc()
+    if libc is None:
         return None
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     libc.madvise.restype = ctypes.c_int
@@ -61,13 +69,6 @@ def release_file_pages(files: list[Path], maps: Path = Path("/proc/self/maps")) 
     return released
 
 
-def model_files(path: Path) -> list[Path]:
-    """A model file and the weight files beside it: ONNX external data (model.onnx_data...)
-    or OpenVINO IR's .bin."""
-    siblings = [p for p in path.parent.iterdir() if p != path and p.name.startswith(path.name)]
-    return [path, *siblings, *([path.with_suffix(".bin")] if path.suffix == ".xml" else [])]
-
-
 @contextmanager
 def releasing_file_pages(files: list[Path], every_s: float = 0.2) -> Iterator[None]:
     """Release the pages of `files` every `every_s` seconds while the block runs (OpenVINO
@@ -95,11 +96,8 @@ def releasing_file_pages(files: list[Path], every_s: float = 0.2) -> Iterator[No
 
 @functools.cache
 def _malloc_trim():
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc
+    trim = getattr(_libc(), "malloc_trim", None)  # None off glibc
+    if trim is None:
         return None
     trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
     return trim

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from sdonnx.runtime.errors import ModelFolderError, raise_if_out_of_memory
-from sdonnx.runtime.memory import model_files, releasing_file_pages
+from sdonnx.runtime.memory import releasing_file_pages
 from sdonnx.runtime.onnx_model import PartModel
-from sdonnx.runtime.parts import Part
+from sdonnx.runtime.parts import Part, model_files
 
 PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16"}
 MAX_COMPILED = 4

@@ -59,6 +59,13 @@ VAE_ENCODER = Part("vae_encoder", ("sample",), "latent_parameters", required=Fal
 PARTS = (TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER)
 
 
+def model_files(path: Path) -> list[Path]:
+    """A part's model file and the weight files beside it: ONNX external data (model.onnx_data,
+    as the exporter writes it) or OpenVINO IR's .bin."""
+    siblings = sorted(p for p in path.parent.iterdir() if p != path and p.name.startswith(path.name))
+    return [path, *siblings, *([path.with_suffix(".bin")] if path.suffix == ".xml" else [])]
+
+
 def ir_parts(folder: Path) -> list[str]:
     """The parts of `folder` stored as OpenVINO IR (only the openvino provider runs them)."""
     return [p.name for p in PARTS if (f := p.file(folder)) is not None and f.name == IR_FILE]

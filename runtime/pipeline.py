@@ -22,7 +22,7 @@ from sdonnx.runtime.checks import MAX_GUIDANCE, MAX_THREADS, check_number, check
 from sdonnx.runtime.errors import InputError, ModelFolderError, ProviderError
 from sdonnx.runtime.images import MASK_BACKGROUND, default_size, fit, load_image, to_mask, to_pixels
 from sdonnx.runtime.infotext import infotext
-from sdonnx.runtime.memory import model_files, trim_heap
+from sdonnx.runtime.memory import trim_heap
 from sdonnx.runtime.onnx_model import OnnxModel, PartModel
 from sdonnx.runtime.precision import precise_sigmas
 from sdonnx.runtime import samplers, vae
@@ -260,11 +260,12 @@ class Pipeline:
         self.tokenizer = CLIPTokenizer.from_dir(path / parts.TOKENIZER_DIR)
         self.scheduler = SchedulerConfig.from_file(path / parts.SCHEDULER_CONFIG)
         vae_file = path / parts.VAE_DECODER.name / "config.json"
+        vae_config = parts.read_json(vae_file)
         self.vae_scaling_factor = float(parts.config_field(
-            parts.read_json(vae_file), "scaling_factor", parts.DEFAULT_VAE_SCALING_FACTOR,
+            vae_config, "scaling_factor", parts.DEFAULT_VAE_SCALING_FACTOR,
             lambda v: is_number(v) and v > 0, vae_file, "a positive number"))
         self.native_size, self.size_multiple = image_sizes(path)
-        vae_size = parts.config_field(parts.read_json(vae_file), "sample_size", 0,
+        vae_size = parts.config_field(vae_config, "sample_size", 0,
                                       lambda v: is_int(v) and 0 <= v <= 8192, vae_file, "a whole number of pixels")
         # Pixels per side decoded in one piece by vae_tiles="auto" (above: tiles of this side).
         step = vae.TILE_STEP * parts.VAE_SCALE
@@ -298,7 +299,7 @@ class Pipeline:
         if part in (parts.UNET, parts.VAE_DECODER):
             return True
         file = part.file(self.config.path)
-        return file is not None and sum(f.stat().st_size for f in model_files(file)) < KEEP_BYTES
+        return file is not None and sum(f.stat().st_size for f in parts.model_files(file)) < KEEP_BYTES
 
     def _load(self, part: parts.Part) -> PartModel:
         path, config = self.config.path, self.config
