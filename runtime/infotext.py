@@ -20,7 +20,9 @@ def _quote(value: str) -> str:
     return f'"{value}"' if any(c in value for c in ',:\n"') else value
 
 
-def infotext(config: "GenerationConfig", *, seed: int, sampler_label: str, model: str) -> str:
+def infotext(config: "GenerationConfig", *, seed: int, sampler_label: str, model: str,
+             extra: dict[str, str] | None = None) -> str:
+    """The `parameters` text; `extra` fields ("Lora hashes", "TI hashes") go after the model."""
     fields = {
         "Steps": config.steps,
         "Sampler": sampler_label,
@@ -31,6 +33,7 @@ def infotext(config: "GenerationConfig", *, seed: int, sampler_label: str, model
         **({"Eta DDIM" if config.sampler == "ddim" else "Eta": f"{config.eta:g}"} if config.eta is not None else {}),
         **({"Denoising strength": f"{config.strength:g}"} if config.strength is not None else {}),
         "Model": _quote(model),
+        **{k: _quote(v) for k, v in (extra or {}).items()},
         "Version": "sdonnx 0.1.0",
     }
     lines = [config.prompt]

@@ -90,17 +90,33 @@ class OnnxModel(PartModel):
     buffers from malloc instead of onnxruntime's arena (the VAE: its 512x512 decode at SD 1.5
     size peaked 0.25 GB lower, about 4 s slower); with the arena, what a call took is given
     back when it ends (providers.run_options).
+
+    `overrides` {initializer name: array} replace weights of the file for this session
+    (LoRAs, a token table with embeddings: runtime/adapters.py); onnxruntime uses the arrays'
+    memory without copying, so they are kept here. Such a session is built from the file,
+    never from the cache of optimized graphs, which holds the file's own weights.
     """
 
     def __init__(self, path: Path, part: Part, provider: str = "cpu", threads: int | None = None,
-                 cache_root: Path | None = None, arena: bool = True):
+                 cache_root: Path | None = None, arena: bool = True,
+                 overrides: dict[str, np.ndarray] | None = None):
         if not path.is_file():
             raise ModelFolderError(f"{part.name}: model file missing: {path}")
         self.provider, self.threads, self.cache, self.arena = provider, threads, None, arena
-        graphs = OptimizedGraphs(cache_root, provider) if cache_root and provider == "cpu" else None
+        self.overrides = overrides or {}
+        cache_wanted = cache_root and provider == "cpu" and not self.overrides
+        graphs = OptimizedGraphs(cache_root, provider) if cache_wanted else None
         try:
             self.session = self._cached_session(path, graphs) if graphs and graphs.wanted(path) else None
-            self.session = self.session or self._open(path, providers.session_options(threads, arena=arena))
+            if self.session is None:
+                options = providers.session_options(threads, arena=arena)
+                # The session points into these OrtValues (and they into the arrays): kept with it.
+                # add_external_initializers, not add_initializer: with the latter, onnxruntime
+                # 1.32's NCHWc layout transform (ORT_ENABLE_ALL) reorders the file's Conv
+                # weights, not the replacements (tests/test_adapters.py covers conv layers).
+                self._initializers = [ort.OrtValue.ortvalue_from_numpy(v) for v in self.overrides.values()]
+                options.add_external_initializers(list(self.overrides), self._initializers)
+                self.session = self._open(path, options)
         except ProviderError:
             raise
         except Exception as e:  # onnxruntime raises its own untyped errors

@@ -26,16 +26,20 @@ MAX_COMPILED = 4
 
 class OpenVinoModel(PartModel):
     def __init__(self, path: Path, part: Part, precision: str = "fp32", threads: int | None = None,
-                 cache_root: Path | None = None, static_shapes: bool = True):
+                 cache_root: Path | None = None, static_shapes: bool = True,
+                 overrides: dict[str, np.ndarray] | None = None):
         import openvino as ov
 
         if not path.is_file():
             raise ModelFolderError(f"{part.name}: model file missing: {path}")
         self.core = ov.Core()
         self.part, self.path, self.precision = part, path, precision
+        self.overrides = overrides or {}
         model = self.read()
         self.config = {"PERFORMANCE_HINT": "LATENCY"}
-        if cache_root:
+        # The size-optimized cache reads the weights back from the model file, not the
+        # replaced constants: no cache for a patched model.
+        if cache_root and not self.overrides:
             # OPTIMIZE_SIZE: the cache holds the compiled graph without the weights, which are
             # read from the model file. For an SD 1.5 UNet (fp32, this CPU) a full blob meant
             # writing 3.3 GB on the first start (compile 11-19 s instead of 6) and importing it
@@ -60,9 +64,30 @@ class OpenVinoModel(PartModel):
         beside the compiled copy doubled those parts (0.65 GB at SD 1.5 size); reading it again
         for a new image size takes well under the compilation's time."""
         try:
-            return self.core.read_model(str(self.path))
+            model = self.core.read_model(str(self.path))
         except Exception as e:  # OpenVINO raises its own untyped errors
             raise ModelFolderError(f"{self.part.name}: OpenVINO cannot read {self.path}: {e}") from e
+        if self.overrides:
+            self._replace_constants(model)
+        return model
+
+    def _replace_constants(self, model) -> None:
+        """The `overrides` (initializer name -> array) as new Constant nodes in place of the
+        ones the ONNX reader made from those initializers (it names them after them)."""
+        import openvino as ov
+
+        constants = {op.get_friendly_name(): op for op in model.get_ops() if op.get_type_name() == "Constant"}
+        missing = [name for name in self.overrides if name not in constants]
+        if missing:
+            raise ModelFolderError(f"{self.part.name}: OpenVINO's reading of {self.path} has no constant "
+                                   f"{missing[0]} to patch; use --provider cpu for LoRAs on this folder")
+        for name, value in self.overrides.items():
+            new = ov.op.Constant(value)
+            new.set_friendly_name(name)
+            old = constants[name]
+            for target in list(old.output(0).get_target_inputs()):
+                target.replace_source_output(new.output(0))
+        model.validate_nodes_and_infer_types()
 
     def compiled(self, inputs: dict[str, np.ndarray], precision: str | None = None):
         """The compiled model for these input shapes (one for all when shapes are dynamic) and

@@ -11,12 +11,12 @@ import random
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
 
-from sdonnx.runtime import cache, parts, providers
+from sdonnx.runtime import adapters, cache, parts, prompts, providers
 from sdonnx.runtime.denoiser import Denoiser
 from sdonnx.runtime.checks import MAX_GUIDANCE, MAX_THREADS, check_number, check_size, is_int, is_number, shown
 from sdonnx.runtime.errors import InputError, ModelFolderError, ProviderError
@@ -93,6 +93,9 @@ class LoadConfig:
     # Load each part only while it runs (text encoder -> UNet -> VAE), so the peak is the
     # largest part's, not their sum; every generation loads them again.
     low_memory: bool = False
+    # Where <lora:NAME:...> in a prompt and embedding names are looked up (adapters.default_dir).
+    lora_dir: Path | None = None
+    embeddings_dir: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -282,6 +285,15 @@ class Pipeline:
 
         self._openvino = openvino
         self._models: dict[str, PartModel] = {}
+        # LoRAs and embeddings: what each part should carry, what its loaded model carries.
+        self._patchers: dict[str, adapters.Patcher] = {}
+        self._wanted: dict[str, tuple] = {}
+        self._carried: dict[str, tuple] = {}
+        self._adapter_args: dict[str, tuple] = {}
+        self._files: dict[Path, tuple[tuple, object]] = {}
+        self._embedding_ids: dict[tuple[int, ...], list[int]] = {}
+        self.active_loras: tuple[adapters.LoraUse, ...] = ()
+        self.active_embeddings: tuple[adapters.Embedding, ...] = ()
         self._unet_channels = parts.config_field(
             parts.read_json(path / parts.UNET.name / "config.json"), "in_channels", None,
             lambda v: is_int(v) and v > 0, path / parts.UNET.name / "config.json", "a whole number")
@@ -311,20 +323,73 @@ class Pipeline:
             # amplified like the UNet's own at high sigmas (precision.py): it stays fp32.
             part_precision = "fp32" if part is parts.TEXT_ENCODER else config.precision
             model = OpenVinoModel(part.file(path), part, part_precision, config.threads,
-                                  config.cache_root, config.static_shapes)
+                                  config.cache_root, config.static_shapes, overrides=self._overrides(part))
         else:
             # The VAE runs once per image on the largest activations (0.75-1 GB at 512x512 for
             # SD 1.5): without the arena's rounding-up they peak 0.25 GB lower.
             model = OnnxModel(path / part.onnx_path, part, config.provider, config.threads, config.cache_root,
-                              arena=part not in (parts.VAE_DECODER, parts.VAE_ENCODER))
+                              arena=part not in (parts.VAE_DECODER, parts.VAE_ENCODER),
+                              overrides=self._overrides(part))
         self._models[part.name] = model
+        self._carried[part.name] = self._wanted.get(part.name, ())
         return model
 
     def _model(self, part: parts.Part) -> PartModel | None:
-        """The loaded part (loading it now if it is not); None for an absent optional part."""
+        """The loaded part (loading it now if it is not, or again when the LoRAs and embeddings
+        it should carry changed); None for an absent optional part."""
         if part.name not in self._models and not part.required and part.file(self.config.path) is None:
             return None
+        if part.name in self._models and self._carried.get(part.name, ()) != self._wanted.get(part.name, ()):
+            del self._models[part.name]
+            gc.collect()
         return self._models.get(part.name) or self._load(part)
+
+    def _overrides(self, part: parts.Part) -> dict[str, np.ndarray]:
+        """The replaced weights the part should be loaded with (runtime/adapters.py)."""
+        uses, extra = self._adapter_args.get(part.name, ((), ()))
+        if not uses and not extra:
+            return {}
+        return self._patcher(part).overrides(uses, extra)
+
+    def _patcher(self, part: parts.Part) -> adapters.Patcher:
+        """The part's weight map and patch cache; InputError for a part without float weights."""
+        patcher = self._patchers.get(part.name)
+        if patcher is None:
+            file = part.file(self.config.path)
+            record = parts.read_json(self.config.path / parts.RECORD).get("parts", {}).get(part.name, {})
+            if file is None or file.name == parts.IR_FILE or "int8" in str(record.get("precision", "")):
+                raise InputError(
+                    f"LoRAs and embeddings need float weights, and {self.name}'s {part.name} is int8; "
+                    "use the fp32 or fp16 folder it was quantized from"
+                )
+            patcher = self._patchers[part.name] = adapters.Patcher(part.name, adapters.WeightMap.load(file))
+        return patcher
+
+    def set_adapters(self, loras: Sequence[adapters.LoraUse] = (),
+                     embeddings: Sequence[adapters.Embedding] = ()) -> None:
+        """Have the UNet and text encoder carry these LoRAs (and the text encoder these
+        embeddings' vectors) from their next use. A part whose set is unchanged is kept; of
+        one whose set changed, only the tensors whose LoRAs or scales changed are computed
+        again. Every layer is checked against the model first: an InputError (a LoRA for
+        another base model, an embedding of another width) leaves the pipeline as it was."""
+        loras, embeddings = tuple(loras), tuple(embeddings)
+        plan = {}
+        for part in (parts.UNET, parts.TEXT_ENCODER):
+            uses = tuple(u for u in loras if u.scale(part.name) != 0.0)
+            extra = embeddings if part is parts.TEXT_ENCODER else ()
+            key = tuple((id(u.lora), u.scale(part.name)) for u in uses) + tuple(("embedding", id(e)) for e in extra)
+            if key and key != self._wanted.get(part.name, ()):
+                self._patcher(part).check(uses, extra)
+            plan[part.name] = ((uses, extra), key)
+        for name, (args, key) in plan.items():
+            self._adapter_args[name], self._wanted[name] = args, key
+        self.active_loras, self.active_embeddings = loras, embeddings
+        ids: dict[tuple[int, ...], list[int]] = {}
+        offset = self._patcher(parts.TEXT_ENCODER).table_rows if embeddings else 0
+        for e in embeddings:
+            ids[tuple(self.tokenizer.encode(e.name))] = list(range(offset, offset + len(e.vectors)))
+            offset += len(e.vectors)
+        self._embedding_ids = ids
 
     @contextmanager
     def using(self, part: parts.Part) -> Iterator[PartModel | None]:
@@ -347,7 +412,8 @@ class Pipeline:
     @classmethod
     def load(cls, path: str | Path | None = None, provider: str = "auto",
              threads: int | None = None, precision: str = "auto", cache_dir: str | Path | bool | None = None,
-             static_shapes: bool = True, low_memory: bool = False) -> "Pipeline":
+             static_shapes: bool = True, low_memory: bool = False, lora_dir: str | Path | None = None,
+             embeddings_dir: str | Path | None = None) -> "Pipeline":
         """Load a model folder (default: the embedded model, or $SDONNX_MODEL).
 
         `precision` fp32, bf16 or auto (bf16 where the provider and the CPU both do it).
@@ -355,6 +421,9 @@ class Pipeline:
         (default $SDONNX_CACHE_DIR or ~/.cache/sdonnx; False: no cache).
         `low_memory`: load each part only while it runs and release it after (the peak is the
         largest part's instead of their sum, at the cost of loading them for every generation).
+        `lora_dir`, `embeddings_dir`: where `<lora:NAME>` and embedding names in prompts are
+        looked up (default $SDONNX_LORA_DIR / $SDONNX_EMBEDDINGS_DIR, else
+        ~/.local/share/sdonnx/loras and .../embeddings; adapters.default_dir).
         """
         if path is None:
             path = default_model_path()
@@ -368,7 +437,9 @@ class Pipeline:
         provider = providers.resolve(provider)
         threads = None if threads is None else int(threads)
         return cls(LoadConfig(Path(path), provider, threads, providers.resolve_precision(provider, precision),
-                              cache.resolve_root(cache_dir), static_shapes, bool(low_memory)))
+                              cache.resolve_root(cache_dir), static_shapes, bool(low_memory),
+                              adapters.default_dir("loras", lora_dir),
+                              adapters.default_dir("embeddings", embeddings_dir)))
 
     @property
     def name(self) -> str:
@@ -379,11 +450,100 @@ class Pipeline:
         """Per onnxruntime part loaded through the optimized-graph cache: "hit" or "written"."""
         return {m.part.name: m.cache for m in self._models.values() if getattr(m, "cache", None)}
 
+    def _read(self, path: Path, reader):
+        """A LoRA or embedding file read once (again when it changes on disk)."""
+        path = path.resolve()
+        stat = path.stat()
+        stamp = (stat.st_size, stat.st_mtime_ns)
+        kept = self._files.get(path)
+        if kept is None or kept[0] != stamp:
+            kept = self._files[path] = (stamp, reader(path))
+        return kept[1]
+
+    def lora_use(self, spec, scale: float | None = None) -> adapters.LoraUse:
+        """A LoRA at a scale from a path, a name in `lora_dir`, a (path or name, scale) pair or
+        a LoraUse; InputError when the file is missing or not a LoRA."""
+        if isinstance(spec, adapters.LoraUse):
+            return spec
+        if isinstance(spec, (tuple, list)):
+            if len(spec) != 2:
+                raise InputError(f"a LoRA is a path or a (path, scale) pair, got {spec!r}")
+            spec, scale = spec
+        name = str(spec)
+        path = Path(name).expanduser()
+        if not path.is_file():
+            found = adapters.find_files(self.config.lora_dir).get(name)
+            if found is None:
+                where = self.config.lora_dir or "no LoRA folder"
+                known = ", ".join(sorted(adapters.find_files(self.config.lora_dir))[:10]) or "none"
+                raise InputError(f"LoRA {name!r} not found: not a file, nor a name in {where} (it has: {known}); "
+                                 "pass a path or put the file in --lora-dir")
+            path = found
+        scale = adapters.check_scale(name, 1.0 if scale is None else scale)
+        lora = self._read(path, adapters.read_lora)
+        return adapters.LoraUse(lora, scale, scale)
+
+    def tag_uses(self, tags: Sequence[prompts.NetworkTag]) -> list[adapters.LoraUse]:
+        """The LoRAs of a prompt's `<lora:NAME:SCALE>` tags (`<lora:NAME:TE:UNET>` sets the text
+        encoder's and the UNet's apart; AUTOMATIC1111's Lora extension)."""
+        uses = []
+        for tag in tags:
+            if tag.kind != "lora":
+                raise InputError(f"{tag.text}: sdonnx applies only <lora:...> networks, not {tag.kind}")
+            positional = [a for a in tag.args if "=" not in a]
+            named = dict(a.split("=", 1) for a in tag.args if "=" in a)
+            try:
+                te = float(named.get("te", positional[0] if positional else 1.0))
+                unet = float(named.get("unet", positional[1] if len(positional) > 1 else te))
+            except ValueError:
+                raise InputError(f"{tag.text}: the scale must be a number, as in <lora:{tag.name}:0.8>") from None
+            use = self.lora_use(tag.name, adapters.check_scale(tag.name, te))
+            uses.append(adapters.LoraUse(use.lora, adapters.check_scale(tag.name, unet), use.text_encoder_scale))
+        return uses
+
+    def used_embeddings(self, texts: Sequence[str]) -> list[adapters.Embedding]:
+        """The embeddings in `embeddings_dir` whose names the texts mention (AUTOMATIC1111's rule:
+        the name's tokens appear in the prompt's), in name order."""
+        files = adapters.find_files(self.config.embeddings_dir, (".pt", ".safetensors", ".bin"))
+        if not files:
+            return []
+        tokens = [self.tokenizer.encode(text) for t in texts for text, _ in prompts.parse_attention(
+            prompts.extract_networks(t)[0])]
+        used = []
+        for name, path in sorted(files.items()):
+            wanted = self.tokenizer.encode(name)
+            n = len(wanted)
+            if n and any(seq[i:i + n] == wanted for seq in tokens for i in range(len(seq) - n + 1)):
+                used.append(self._read(path, adapters.read_embedding))
+        return used
+
+    def prepare_adapters(self, prompt: str, negative_prompt: str = "", loras: Sequence = ()) -> list[adapters.LoraUse]:
+        """Set the LoRAs of `loras` and of the prompts' tags, and the embeddings the prompts
+        name, for the next generation (set_adapters); returns the LoRAs."""
+        uses = [self.lora_use(spec) for spec in loras]
+        for text in (prompt, negative_prompt):
+            uses += self.tag_uses(prompts.extract_networks(text)[1])
+        self.set_adapters(uses, self.used_embeddings([prompt, negative_prompt]))
+        return uses
+
+    def prompt_windows(self, prompt: str, windows: int = 1) -> prompts.Windows:
+        """The prompt's token windows and per-token weights in AUTOMATIC1111's syntax
+        (runtime/prompts.py), `<lora:...>` tags cut out, the active embeddings' names replaced
+        by their vectors' ids; at least `windows` windows."""
+        text, _ = prompts.extract_networks(prompt)
+        t = self.tokenizer
+        return prompts.tokenize_windows(text, t.encode, bos=t.bos_id, eos=t.eos_id, pad=t.pad_id,
+                                        window=t.max_length, embeddings=self._embedding_ids, windows=windows)
+
     def encode_prompt(self, prompt: str, windows: int = 1) -> np.ndarray:
         """(1, 77 k, d) embeddings: each of the prompt's k >= `windows` 75-token windows
-        encoded alone, then concatenated along the sequence (AUTOMATIC1111's long prompts)."""
-        ids = self.tokenizer.window_ids(prompt, windows).astype(self.text_encoder.dtype("input_ids"))
-        hidden = self.text_encoder(input_ids=ids)[parts.TEXT_ENCODER.output]
+        encoded alone, then concatenated along the sequence (AUTOMATIC1111's long prompts);
+        weighted tokens scaled and each window's mean restored (prompts.apply_weights)."""
+        chunks = self.prompt_windows(prompt, windows)
+        hidden = self.text_encoder(input_ids=chunks.ids.astype(self.text_encoder.dtype("input_ids")))
+        hidden = hidden[parts.TEXT_ENCODER.output]
+        if chunks.weighted:
+            hidden = prompts.apply_weights(hidden, chunks.weights)
         return hidden.reshape(1, -1, hidden.shape[-1])
 
     def encode_context(self, config: GenerationConfig) -> np.ndarray:
@@ -394,7 +554,7 @@ class Pipeline:
     def _encode_context(self, config: GenerationConfig) -> np.ndarray:
         texts = [config.prompt, config.negative_prompt] if config.guidance > 1.0 else [config.prompt]
         # Both halves of a guided batch must have the same length: pad with empty windows.
-        windows = max(len(self.tokenizer.window_ids(text)) for text in texts)
+        windows = max(len(self.prompt_windows(text).ids) for text in texts)
         context = np.repeat(self.encode_prompt(config.prompt, windows), config.n, axis=0)
         if config.guidance <= 1.0:
             return context
@@ -494,7 +654,7 @@ class Pipeline:
                  init_image: Image.Image | str | Path | None = None, strength: float = 0.75,
                  mask_image: Image.Image | str | Path | None = None,
                  on_step: Callable[[int, int, np.ndarray], None] | None = None,
-                 vae_tiles: int | str = "auto") -> list[Image.Image]:
+                 vae_tiles: int | str = "auto", loras: Sequence = ()) -> list[Image.Image]:
         """Generate `n` images; `latents` (n, 4, H/8, W/8) of unit noise replaces the seeded noise.
 
         Steps, guidance and sampler default to the model's `defaults` (20, 7.5, euler unless
@@ -517,6 +677,12 @@ class Pipeline:
         piece up to `vae_tile_size` pixels a side (512 for SD 1.x) and in
         overlapping blended tiles of that side above it (diffusers' enable_tiling), "off" never
         tiles, a number of pixels sets the tile side.
+
+        Prompts take AUTOMATIC1111's syntax (runtime/prompts.py): `(word:1.3)`, `((word))`,
+        `[word]`, `BREAK`, `<lora:NAME:SCALE>` (NAME looked up in the load's `lora_dir`), and
+        the names of the embeddings in its `embeddings_dir`. `loras` adds LoRAs by path or name,
+        each alone or as a (path, scale) pair; they are applied to the loaded model's weights
+        (runtime/adapters.py) and recorded in the PNG parameters as the web UI records them.
         """
         if mask_image is not None and init_image is None:
             raise InputError("mask_image needs an init_image to repaint")
@@ -553,6 +719,7 @@ class Pipeline:
                 f"latents must have shape {config.latent_shape} for n={n}, {width}x{height}; "
                 f"got {np.shape(latents)}"
             )
+        uses = self.prepare_adapters(prompt, negative_prompt, loras)
         chosen = SAMPLERS[config.sampler]
         schedule_, x, conditioning = self._start(config, np.asarray(latents, dtype=np.float32),
                                                  init_image, mask_image)
@@ -577,10 +744,16 @@ class Pipeline:
         with self.using(parts.UNET):
             x = chosen.sample(denoise, x, schedule_.sigmas, callback=step, **options)
         images = self.decode(schedule_.to_latents(x), config.vae_tiles)
+        recorded = replace(config, prompt=" ".join([config.prompt, *(u.tag for u in uses[:len(loras)])]))
+        extra = {}
+        if uses:
+            extra["Lora hashes"] = ", ".join(f"{u.lora.name}: {u.lora.short_hash}" for u in uses)
+        if self.active_embeddings:
+            extra["TI hashes"] = ", ".join(f"{e.name}: {e.short_hash}" for e in self.active_embeddings)
         for i, image in enumerate(images):
             image.info["seed"] = config.seed + i
             image.info["parameters"] = infotext(
-                config, seed=config.seed + i, sampler_label=chosen.label, model=self.name
+                recorded, seed=config.seed + i, sampler_label=chosen.label, model=self.name, extra=extra
             )
         return images
 
