@@ -82,13 +82,23 @@ def generate(
         False, "--low-memory", help="Load each part only while it runs (peak: the largest part's, not the sum)."),
     vae_tiles: str = typer.Option(
         "auto", "--vae-tiles", help="VAE in overlapping tiles: auto (above the VAE's size, 512 pixels for SD 1.x), off, or a tile side (multiple of 32 pixels)."),
+    lora: Optional[list[str]] = typer.Option(
+        None, "--lora", help="A LoRA to apply: FILE[:SCALE], or a name in --lora-dir (repeatable; SCALE default 1)."),
+    lora_dir: Optional[Path] = typer.Option(
+        None, "--lora-dir", help="Where <lora:NAME:SCALE> in a prompt is looked up "
+                                 "(default $SDONNX_LORA_DIR, else ~/.local/share/sdonnx/loras)."),
+    embeddings_dir: Optional[Path] = typer.Option(
+        None, "--embeddings-dir", help="Textual-inversion embeddings, used where the prompt names them "
+                                       "(default $SDONNX_EMBEDDINGS_DIR, else ~/.local/share/sdonnx/embeddings)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Print load and per-step times."),
 ) -> None:
-    """Generate images from a prompt and write them as PNGs with their parameters."""
+    """Generate images from a prompt and write them as PNGs with their parameters.
+
+    Prompts take AUTOMATIC1111's syntax: (word:1.3), ((word)), [word], BREAK, <lora:NAME:SCALE>."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from sdonnx.runtime import GenerationConfig, Pipeline
+    from sdonnx.runtime import GenerationConfig, Pipeline, adapters
     from sdonnx.runtime.pipeline import Defaults
     from sdonnx.runtime.grid import image_grid
     from sdonnx.runtime.images import MASK_BACKGROUND, load_image
@@ -116,9 +126,14 @@ def generate(
         image_options["strength"] = strength
     if mask is not None:
         image_options["mask_image"] = load_image(mask, "mask image", MASK_BACKGROUND)
+    # LoRA files are found (or refused) before the model loads.
+    loras = [adapters.parse_lora_option(spec) for spec in lora or []]
+    lora_dir = adapters.default_dir("loras", lora_dir)
+    loras = [(adapters.locate_lora(name, lora_dir), scale) for name, scale in loras]
     folder = output.prepare_folder(out)
     start = time.perf_counter()
-    pipe = Pipeline.load(model, provider=provider, threads=threads, precision=precision, low_memory=low_memory)
+    pipe = Pipeline.load(model, provider=provider, threads=threads, precision=precision, low_memory=low_memory,
+                         lora_dir=lora_dir, embeddings_dir=embeddings_dir)
     if verbose:
         cached = ", ".join(f"{part} {use}" for part, use in pipe.cache_use.items())
         typer.echo(f"loaded {pipe.config.path} on {pipe.config.provider} ({pipe.config.precision}) "
@@ -142,7 +157,7 @@ def generate(
             images = pipe.generate(prompt, negative_prompt=negative, steps=steps, guidance=guidance,
                                    seed=seed + batch * n, width=width, height=height, sampler=sampler,
                                    n=n, callback=on_step, schedule=schedule, eta=eta, vae_tiles=vae_tiles,
-                                   **image_options)
+                                   loras=loras, **image_options)
         for i, image in enumerate(images):
             image_seed = image.info["seed"]
             written = output.save_image(image, paths[batch * n + i] if paths else None, folder, image_seed)
@@ -261,6 +276,12 @@ def serve(
                               help="Requests that may wait behind the running one; more get 503."),
     low_memory: bool = typer.Option(
         False, "--low-memory", help="Load each part only while a request runs it (slower requests, lower peak)."),
+    lora_dir: Optional[Path] = typer.Option(
+        None, "--lora-dir", help="Where <lora:NAME:SCALE> in a request's prompt is looked up "
+                                 "(default $SDONNX_LORA_DIR, else ~/.local/share/sdonnx/loras)."),
+    embeddings_dir: Optional[Path] = typer.Option(
+        None, "--embeddings-dir", help="Textual-inversion embeddings, used where a prompt names them "
+                                       "(default $SDONNX_EMBEDDINGS_DIR, else ~/.local/share/sdonnx/embeddings)."),
 ) -> None:
     """Serve one model: OpenAI's images API, AUTOMATIC1111's /sdapi/v1, and a web page at /."""
     import importlib.util
@@ -278,7 +299,8 @@ def serve(
         raise InputError("--host is empty; give an address such as 127.0.0.1 (this machine) or 0.0.0.0 (the network)")
     sock = server.bind(host, port)
     try:
-        pipe = Pipeline.load(model, provider=provider, threads=threads, precision=precision, low_memory=low_memory)
+        pipe = Pipeline.load(model, provider=provider, threads=threads, precision=precision, low_memory=low_memory,
+                             lora_dir=lora_dir, embeddings_dir=embeddings_dir)
     except BaseException:
         sock.close()
         raise

@@ -35,6 +35,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from sdonnx.runtime import adapters
 from sdonnx.runtime.errors import InputError, SdonnxError, install_hint
 from sdonnx.runtime.images import INIT_BACKGROUND, MASK_BACKGROUND, default_size, load_image
 from sdonnx.runtime.checks import MAX_GUIDANCE
@@ -782,6 +783,29 @@ def create_app(pipe: Pipeline, api_key: str | None = None, max_queue: int = MAX_
                  "need_inner_model": False},
                 {"name": "karras", "label": "Karras", "aliases": None, "default_rho": 7.0,
                  "need_inner_model": False}]
+
+    @app.get("/sdapi/v1/loras")
+    async def loras():
+        # AUTOMATIC1111's list of the LoRA folder; file names only, no paths leave the server.
+        return [{"name": name, "alias": name, "path": path.name, "metadata": {}}
+                for name, path in sorted(adapters.find_files(pipe.config.lora_dir).items())]
+
+    @app.post("/sdapi/v1/refresh-loras")
+    async def refresh_loras():
+        return None  # the folder is read at every request
+
+    @app.get("/sdapi/v1/embeddings")
+    async def embeddings():
+        loaded, skipped = {}, {}
+        for name, path in sorted(adapters.find_files(pipe.config.embeddings_dir, adapters.EMBEDDING_SUFFIXES).items()):
+            try:
+                e = adapters.read_embedding(path)
+            except SdonnxError as error:
+                skipped[name] = {"error": str(error)}
+                continue
+            loaded[name] = {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
+                            "shape": int(e.vectors.shape[1]), "vectors": int(e.vectors.shape[0])}
+        return {"loaded": loaded, "skipped": skipped}
 
     @app.get("/sdapi/v1/sd-models")
     async def sd_models():

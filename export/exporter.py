@@ -236,7 +236,8 @@ def _run_optimum(source: Path, tmp: Path, opset: int | None) -> None:
 
 
 def _write_record(tmp: Path, config: ExportConfig, seconds: float, parity: list[PartParity],
-                  source_record: dict | None = None, fused: dict[str, int] | None = None) -> None:
+                  source_record: dict | None = None, fused: dict[str, int] | None = None,
+                  mapped: dict[str, int] | None = None) -> None:
     by_part = {p.part: p for p in parity}
     record = {
         "format": 1,
@@ -252,6 +253,7 @@ def _write_record(tmp: Path, config: ExportConfig, seconds: float, parity: list[
                 "bytes": folder_bytes(tmp / part.name),
                 "external_data": (tmp / part.name / parts.EXTERNAL_DATA_FILE).is_file(),
                 "fused_attention": (fused or {}).get(part.name, 0),
+                **({"weight_map": mapped[part.name]} if part.name in (mapped or {}) else {}),
                 **({"parity": by_part[part.name].as_dict()} if part.name in by_part else {}),
             }
             for part in parts.PARTS
@@ -377,6 +379,14 @@ def export(config: ExportConfig, log: Callable[[str], None] = lambda msg: None) 
             shutil.rmtree(converted, ignore_errors=True)
 
 
+def _torch_weights(folder: Path) -> Path | None:
+    """A source part's fp32 weights file (the one a weight map is checked against), if it has one."""
+    for name in ("diffusion_pytorch_model.safetensors", "model.safetensors"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
 def _export_into(tmp: Path, config: ExportConfig, start: float, log: Callable[[str], None],
                  source_record: dict | None = None) -> ExportResult:
     """Export, check and record into `tmp` (renamed to OUT by `staged_folder`)."""
@@ -389,11 +399,15 @@ def _export_into(tmp: Path, config: ExportConfig, start: float, log: Callable[[s
     fused = {part.name: fuse_attention(tmp / part.onnx_path) for part in parts.PARTS if (tmp / part.onnx_path).is_file()}
     if any(fused.values()):
         log("fused attention: " + ", ".join(f"{name} {count}" for name, count in fused.items() if count))
-    from sdonnx.export.weights import store_externally  # onnx: the export extra, checked before
+    from sdonnx.export.weights import store_externally, write_weight_map  # onnx: the export extra
 
+    mapped = {}
     for part in parts.PARTS:
         if (tmp / part.onnx_path).is_file():
             store_externally(tmp / part.onnx_path)
+    for part in (parts.UNET, parts.TEXT_ENCODER):
+        if (tmp / part.onnx_path).is_file():
+            mapped[part.name] = write_weight_map(tmp / part.onnx_path, _torch_weights(source / part.name))
     parity = []
     if config.check:
         log("checking each part against torch on the same inputs")
@@ -408,5 +422,5 @@ def _export_into(tmp: Path, config: ExportConfig, start: float, log: Callable[[s
                 + ". The export was not written."
             )
     seconds = time.perf_counter() - start
-    _write_record(tmp, config, seconds, parity, source_record, fused)
+    _write_record(tmp, config, seconds, parity, source_record, fused, mapped)
     return ExportResult(out, seconds, parity)

@@ -35,6 +35,7 @@ from sdonnx.export import weights
 from sdonnx.export.exporter import check_out, staged_folder
 from sdonnx.export.quality import compare
 from sdonnx.runtime import parts
+from sdonnx.runtime.adapters import WEIGHT_MAP_FILE
 from sdonnx.runtime.errors import InputError, SdonnxError, install_hint
 from sdonnx.runtime.info import folder_bytes
 from sdonnx.runtime.onnx_model import OnnxModel
@@ -305,6 +306,7 @@ def _quantize_part(part: parts.Part, source: Path, tmp: Path, config: QuantizeCo
         model = _load_onnx(src)
         weights.to_fp16(model)
         weights.save_part(model, dst)
+        weights.write_weight_map(dst)
         return PartReport(part.name, "fp16 weights")
     if config.mode == "int8-openvino":
         keep = quantize_openvino(part, src, tmp / part.ir_path, calls)
@@ -423,6 +425,8 @@ def _quantize_into(tmp: Path, config: QuantizeConfig, start: float, log) -> Quan
             report.kept_float, report.precision = True, "fp32"
         else:
             log(f"  {part.name}: PSNR {report.psnr:.1f} dB, SSIM {report.ssim:.3f}")
+        if config.mode != "fp16" and not report.kept_float:  # int8 weights: no LoRAs (runtime/adapters.py)
+            (tmp / part.name / WEIGHT_MAP_FILE).unlink(missing_ok=True)
         report.bytes = folder_bytes(tmp / part.name)
         reports.append(report)
     if all(r.kept_float for r in reports):

@@ -55,6 +55,36 @@ def store_externally(path: Path) -> bool:
     return True
 
 
+def write_weight_map(path: Path, source_weights: Path | None = None) -> int:
+    """Write the module -> initializer map of a part (runtime/adapters.py) beside its file, so
+    the runtime applies LoRAs and embeddings without the onnx package; returns how many
+    modules it names (0: none, and no map is left). With `source_weights` (the torch
+    part's .safetensors) every mapped weight is checked against the module's own: a
+    ModelFolderError names the first that differs."""
+    from sdonnx.runtime.adapters import WEIGHT_MAP_FILE, derive_weight_map
+    from sdonnx.runtime.errors import ModelFolderError
+
+    target = path.parent / WEIGHT_MAP_FILE
+    target.unlink(missing_ok=True)
+    try:
+        weight_map = derive_weight_map(path)
+    except ModelFolderError:
+        return 0
+    if source_weights is not None and source_weights.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(source_weights), framework="np") as torch_weights:
+            names = set(torch_weights.keys())
+            for module in weight_map.modules:
+                if f"{module}.weight" in names:
+                    want = torch_weights.get_tensor(f"{module}.weight").astype(np.float32)
+                    if not np.array_equal(weight_map.read(module), want):
+                        raise ModelFolderError(f"{path}: the weight mapped to {module} differs from the torch "
+                                               "module's; LoRAs could not be applied to this export")
+    weight_map.save()
+    return len(weight_map.modules)
+
+
 def _consumers(graph: onnx.GraphProto) -> dict[str, list[tuple[onnx.NodeProto, int]]]:
     uses: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
     for node in graph.node:

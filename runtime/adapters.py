@@ -39,6 +39,7 @@ from sdonnx.runtime.tensorfiles import read_tensor_file
 WEIGHT_MAP_FILE = "sdonnx_weights.json"
 TOKEN_EMBEDDING = "text_model.embeddings.token_embedding"
 LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin")
+EMBEDDING_SUFFIXES = (".safetensors", ".pt", ".bin")
 MAX_SCALE = 100.0  # |scale| above this is a typo, not a style strength (A1111's slider: -2..2)
 
 # Layouts of a weight in the graph: "linear_t" a MatMul's [in, out] (torch's weight
@@ -409,6 +410,11 @@ class Patcher:
             self._check_embeddings(embeddings)
 
     @property
+    def resized(self) -> frozenset[str]:
+        """The initializers the last `overrides` gave another shape (a token table grown by embeddings)."""
+        return frozenset({self.weights.modules[TOKEN_EMBEDDING].initializer} if TOKEN_EMBEDDING in self._done else ())
+
+    @property
     def table_rows(self) -> int:
         """Rows of the text encoder's token table as exported (new embeddings' ids start here)."""
         return self._table_weight().shape[0]
@@ -474,6 +480,31 @@ def default_dir(kind: str, given: str | Path | None = None) -> Path:
         return Path(env).expanduser()
     data = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
     return Path(data) / "sdonnx" / kind
+
+
+def locate_lora(name: str, folder: Path | None) -> Path:
+    """The LoRA file `name` names: a path, or a file stem in `folder` (`<lora:NAME>`);
+    InputError listing what the folder has when neither."""
+    path = Path(name).expanduser()
+    if path.is_file():
+        return path
+    found = find_files(folder).get(name)
+    if found is None:
+        known = ", ".join(sorted(find_files(folder))[:10]) or "no LoRA files"
+        raise InputError(f"LoRA {name!r} not found: not a file, nor a name in {folder or 'the LoRA folder'} "
+                         f"(it has {known}); pass a path, or put the file in --lora-dir")
+    return found
+
+
+def parse_lora_option(spec: str) -> tuple[str, float]:
+    """`FILE[:SCALE]` (the command line's --lora) -> (FILE, SCALE), scale 1 when not given."""
+    head, sep, tail = spec.rpartition(":")
+    if sep and head:
+        try:
+            return head, check_scale(head, float(tail))
+        except ValueError:
+            pass
+    return spec, 1.0
 
 
 def find_files(folder: Path | None, suffixes: Iterable[str] = LORA_SUFFIXES) -> dict[str, Path]:

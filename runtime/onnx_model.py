@@ -92,14 +92,15 @@ class OnnxModel(PartModel):
     back when it ends (providers.run_options).
 
     `overrides` {initializer name: array} replace weights of the file for this session
-    (LoRAs, a token table with embeddings: runtime/adapters.py); onnxruntime uses the arrays'
-    memory without copying, so they are kept here. Such a session is built from the file,
+    (LoRAs, a token table with embeddings: runtime/adapters.py), `resized` naming those of
+    another shape than the file's; onnxruntime uses the arrays' memory without copying, so
+    they are kept here. Such a session is built from the file,
     never from the cache of optimized graphs, which holds the file's own weights.
     """
 
     def __init__(self, path: Path, part: Part, provider: str = "cpu", threads: int | None = None,
                  cache_root: Path | None = None, arena: bool = True,
-                 overrides: dict[str, np.ndarray] | None = None):
+                 overrides: dict[str, np.ndarray] | None = None, resized: frozenset[str] = frozenset()):
         if not path.is_file():
             raise ModelFolderError(f"{part.name}: model file missing: {path}")
         self.provider, self.threads, self.cache, self.arena = provider, threads, None, arena
@@ -114,8 +115,14 @@ class OnnxModel(PartModel):
                 # add_external_initializers, not add_initializer: with the latter, onnxruntime
                 # 1.32's NCHWc layout transform (ORT_ENABLE_ALL) reorders the file's Conv
                 # weights, not the replacements (tests/test_adapters.py covers conv layers).
-                self._initializers = [ort.OrtValue.ortvalue_from_numpy(v) for v in self.overrides.values()]
-                options.add_external_initializers(list(self.overrides), self._initializers)
+                # It refuses another shape, though: a token table grown by embeddings (read by
+                # a Gather, which no layout transform touches) goes through add_initializer.
+                self._initializers = {n: ort.OrtValue.ortvalue_from_numpy(v) for n, v in self.overrides.items()}
+                same = [n for n in self.overrides if n not in resized]
+                if same:
+                    options.add_external_initializers(same, [self._initializers[n] for n in same])
+                for name in resized:
+                    options.add_initializer(name, self._initializers[name])
                 self.session = self._open(path, options)
         except ProviderError:
             raise

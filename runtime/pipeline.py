@@ -327,9 +327,10 @@ class Pipeline:
         else:
             # The VAE runs once per image on the largest activations (0.75-1 GB at 512x512 for
             # SD 1.5): without the arena's rounding-up they peak 0.25 GB lower.
+            overrides = self._overrides(part)
             model = OnnxModel(path / part.onnx_path, part, config.provider, config.threads, config.cache_root,
-                              arena=part not in (parts.VAE_DECODER, parts.VAE_ENCODER),
-                              overrides=self._overrides(part))
+                              arena=part not in (parts.VAE_DECODER, parts.VAE_ENCODER), overrides=overrides,
+                              resized=self._patchers[part.name].resized if overrides else frozenset())
         self._models[part.name] = model
         self._carried[part.name] = self._wanted.get(part.name, ())
         return model
@@ -470,15 +471,7 @@ class Pipeline:
                 raise InputError(f"a LoRA is a path or a (path, scale) pair, got {spec!r}")
             spec, scale = spec
         name = str(spec)
-        path = Path(name).expanduser()
-        if not path.is_file():
-            found = adapters.find_files(self.config.lora_dir).get(name)
-            if found is None:
-                where = self.config.lora_dir or "no LoRA folder"
-                known = ", ".join(sorted(adapters.find_files(self.config.lora_dir))[:10]) or "none"
-                raise InputError(f"LoRA {name!r} not found: not a file, nor a name in {where} (it has: {known}); "
-                                 "pass a path or put the file in --lora-dir")
-            path = found
+        path = adapters.locate_lora(name, self.config.lora_dir)
         scale = adapters.check_scale(name, 1.0 if scale is None else scale)
         lora = self._read(path, adapters.read_lora)
         return adapters.LoraUse(lora, scale, scale)
@@ -504,7 +497,7 @@ class Pipeline:
     def used_embeddings(self, texts: Sequence[str]) -> list[adapters.Embedding]:
         """The embeddings in `embeddings_dir` whose names the texts mention (AUTOMATIC1111's rule:
         the name's tokens appear in the prompt's), in name order."""
-        files = adapters.find_files(self.config.embeddings_dir, (".pt", ".safetensors", ".bin"))
+        files = adapters.find_files(self.config.embeddings_dir, adapters.EMBEDDING_SUFFIXES)
         if not files:
             return []
         tokens = [self.tokenizer.encode(text) for t in texts for text, _ in prompts.parse_attention(

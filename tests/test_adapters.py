@@ -1,0 +1,332 @@
+"""LoRAs and textual-inversion embeddings on an exported folder, against diffusers.
+
+The LoRA files are written here with random weights, in kohya/A1111's format and in the
+PEFT format diffusers saves; the reference is diffusers' `load_lora_weights` (+ `fuse_lora`
+or `set_adapters`) and `load_textual_inversion` on the tiny torch model the folder was
+exported from. diffusers 0.39 drops the text encoder's *attention* layers of a kohya file
+("unexpected keys ... to_q_lora"), so the kohya file's text-encoder layers are the MLP ones
+and the PEFT file carries the text encoder's attention.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from sdonnx import Pipeline
+from sdonnx.runtime import adapters
+from sdonnx.runtime.errors import InputError
+
+from conftest import _reference, psnr
+
+PARITY_DB = 45.0
+SIZE, STEPS = 64, 4
+PROMPT, NEGATIVE = "a red circle", "blurry"
+
+
+def latents(seed: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((1, 4, SIZE // 8, SIZE // 8)).astype(np.float32)
+
+
+def ours(pipe, prompt=PROMPT, **options) -> np.ndarray:
+    image = pipe.generate(prompt, negative_prompt=NEGATIVE, steps=STEPS, guidance=7.5, width=SIZE, height=SIZE,
+                          latents=latents(), sampler="euler", **options)[0]
+    return np.asarray(image)
+
+
+def theirs(reference, prompt=PROMPT) -> np.ndarray:
+    out = reference(prompt, negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=7.5, width=SIZE,
+                    height=SIZE, latents=torch.from_numpy(latents()), output_type="np").images[0]
+    return (out * 255).round().astype(np.uint8)
+
+
+def _pairs(modules: dict, names: list[str], rank: int, seed: int, amplitude: float = 0.3):
+    rng = np.random.default_rng(seed)
+    for name in names:
+        weight = modules[name].weight
+        down = (rank, weight.shape[1], *weight.shape[2:])
+        up = (weight.shape[0], rank, *([1, 1] if weight.ndim == 4 else []))
+        yield name, (torch.from_numpy(rng.standard_normal(down).astype(np.float32) * amplitude),
+                     torch.from_numpy(rng.standard_normal(up).astype(np.float32) * amplitude))
+
+
+def _layers(model, pattern: str) -> list[str]:
+    return [n for n, m in model.named_modules()
+            if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and re.search(pattern, n)]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_source):
+    pipe = _reference(tiny_source)
+    import diffusers
+
+    pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def lora_files(reference, tmp_path_factory):
+    """kohya: UNet attention linears, 1x1 proj_in/out convs and 3x3 resnet convs, text-encoder
+    MLPs, alpha 2 of rank 4. PEFT: UNet feed-forwards and the text encoder's attention, rank 2,
+    no alpha (scale 1)."""
+    from safetensors.torch import save_file
+
+    folder = tmp_path_factory.mktemp("loras")
+    unet = dict(reference.unet.named_modules())
+    text = dict(reference.text_encoder.named_modules())
+    kohya = {}
+    for part, modules, names in (
+        ("unet", unet, _layers(reference.unet, r"attn\d\.to_(q|k|v|out\.0)$|proj_(in|out)$|resnets\.0\.conv1$")),
+        ("te", text, _layers(reference.text_encoder, r"mlp\.fc\d$")),
+    ):
+        for name, (down, up) in _pairs(modules, names, 4, seed=len(kohya)):
+            key = f"lora_{part}_{name.replace('.', '_')}"
+            kohya.update({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up,
+                          f"{key}.alpha": torch.tensor(2.0)})
+    save_file(kohya, folder / "kohya_style.safetensors")
+    peft = {}
+    for prefix, modules, names in (
+        ("unet", unet, _layers(reference.unet, r"ff\.net\.(0\.proj|2)$")),
+        ("text_encoder", text, _layers(reference.text_encoder, r"self_attn\.(q|k|v|out)_proj$")),
+    ):
+        for name, (down, up) in _pairs(modules, names, 2, seed=100 + len(peft)):
+            peft.update({f"{prefix}.{name}.lora_A.weight": down, f"{prefix}.{name}.lora_B.weight": up})
+    save_file(peft, folder / "peft_detail.safetensors")
+    return folder
+
+
+@pytest.fixture
+def fresh(tiny_onnx, lora_files):
+    return Pipeline.load(tiny_onnx, provider="cpu", lora_dir=lora_files)
+
+
+@pytest.fixture
+def with_reference_lora(reference):
+    """diffusers' pipeline with LoRAs loaded for one test, unloaded after."""
+    loaded = []
+
+    def load(path, name):
+        reference.load_lora_weights(str(path), adapter_name=name)
+        loaded.append(name)
+        return reference
+
+    yield load
+    reference.unfuse_lora()
+    reference.unload_lora_weights()
+
+
+@pytest.mark.parametrize("name,scale", [("kohya_style", 0.7), ("peft_detail", 1.0)])
+def test_a_lora_matches_diffusers(fresh, lora_files, with_reference_lora, name, scale):
+    reference = with_reference_lora(lora_files / f"{name}.safetensors", name)
+    reference.fuse_lora(lora_scale=scale)
+    want = theirs(reference)
+    base = ours(fresh)
+    got = ours(fresh, loras=[(lora_files / f"{name}.safetensors", scale)])
+    assert psnr(base, want) < 30, "the LoRA changes too little to test"
+    assert psnr(got, want) >= PARITY_DB
+    # Negative control: the same LoRA at another scale misses the bar.
+    assert psnr(ours(fresh, loras=[(lora_files / f"{name}.safetensors", scale * 0.8)]), want) < PARITY_DB
+
+
+def test_two_loras_at_once_match_diffusers(fresh, lora_files, with_reference_lora):
+    with_reference_lora(lora_files / "kohya_style.safetensors", "kohya_style")
+    reference = with_reference_lora(lora_files / "peft_detail.safetensors", "peft_detail")
+    reference.set_adapters(["kohya_style", "peft_detail"], adapter_weights=[0.6, -0.5])
+    want = theirs(reference)
+    got = ours(fresh, loras=[(lora_files / "kohya_style.safetensors", 0.6),
+                             (lora_files / "peft_detail.safetensors", -0.5)])
+    assert psnr(got, want) >= PARITY_DB
+
+
+def test_prompt_tags_equal_the_api_and_are_recorded(fresh, lora_files):
+    by_api = fresh.generate(PROMPT, negative_prompt=NEGATIVE, steps=STEPS, width=SIZE, height=SIZE, latents=latents(),
+                            loras=[("kohya_style", 0.7)])[0]
+    by_tag = fresh.generate(PROMPT + " <lora:kohya_style:0.7>", negative_prompt=NEGATIVE, steps=STEPS, width=SIZE,
+                            height=SIZE, latents=latents())[0]
+    assert np.array_equal(np.asarray(by_api), np.asarray(by_tag))
+    short = adapters.read_lora(lora_files / "kohya_style.safetensors").short_hash
+    for image in (by_api, by_tag):
+        first, *_, last = image.info["parameters"].splitlines()
+        assert first == PROMPT + " <lora:kohya_style:0.7>"
+        assert f'Lora hashes: "kohya_style: {short}"' in last
+
+
+def test_scale_zero_and_switching_back_give_todays_image_exactly(fresh, lora_files):
+    base = ours(fresh)
+    assert np.array_equal(ours(fresh, loras=[(lora_files / "kohya_style.safetensors", 0.0)]), base)
+    ours(fresh, loras=[(lora_files / "kohya_style.safetensors", 1.0)])
+    assert np.array_equal(ours(fresh), base)
+
+
+def test_switching_recomputes_only_what_changed(fresh, lora_files):
+    kohya, peft = lora_files / "kohya_style.safetensors", lora_files / "peft_detail.safetensors"
+    ours(fresh, loras=[(kohya, 0.5), (peft, 1.0)])
+    patcher = fresh._patchers["unet"]
+    before = {m: array for m, (_, array) in patcher._done.items()}
+    ours(fresh, loras=[(kohya, 0.5), (peft, 0.3)])
+    after = {m: array for m, (_, array) in patcher._done.items()}
+    kept = [m for m in after if after[m] is before.get(m)]
+    redone = [m for m in after if after[m] is not before.get(m)]
+    assert kept and all(".ff." not in m for m in kept)  # only the kohya layers, untouched
+    assert redone and all(".ff." in m for m in redone)  # the PEFT layers, whose scale changed
+
+
+def test_openvino_applies_the_same_lora(tiny_onnx, lora_files):
+    pytest.importorskip("openvino")
+    cpu = Pipeline.load(tiny_onnx, provider="cpu")
+    openvino = Pipeline.load(tiny_onnx, provider="openvino", precision="fp32")
+    use = [(lora_files / "kohya_style.safetensors", 0.7)]
+    want = ours(cpu, loras=use)
+    assert psnr(ours(openvino, loras=use), want) >= PARITY_DB
+    assert psnr(ours(openvino), want) < PARITY_DB  # and without it, it differs
+
+
+def test_the_map_derived_from_the_graph_equals_the_recorded_one(tiny_onnx):
+    for part in ("unet", "text_encoder"):
+        recorded = adapters.WeightMap.load(tiny_onnx / part / "model.onnx")
+        derived = adapters.derive_weight_map(tiny_onnx / part / "model.onnx")
+        assert recorded.modules == derived.modules and len(recorded.modules) > 10
+
+
+def test_a_folder_without_a_map_derives_it(tiny_onnx, lora_files, tmp_path):
+    import shutil
+
+    copy_ = tmp_path / "copy"
+    shutil.copytree(tiny_onnx, copy_)
+    for part in ("unet", "text_encoder"):
+        (copy_ / part / adapters.WEIGHT_MAP_FILE).unlink()
+    use = [(lora_files / "kohya_style.safetensors", 0.7)]
+    assert np.array_equal(ours(Pipeline.load(copy_, provider="cpu"), loras=use),
+                          ours(Pipeline.load(tiny_onnx, provider="cpu"), loras=use))
+
+
+# --- textual inversion ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def embedding_files(reference, tmp_path_factory):
+    """An AUTOMATIC1111 .pt (2 vectors) and a diffusers learned_embeds.safetensors (1 vector)."""
+    from safetensors.torch import save_file
+
+    folder = tmp_path_factory.mktemp("embeddings")
+    width = reference.text_encoder.config.hidden_size
+    rng = np.random.default_rng(7)
+    vectors = torch.from_numpy(rng.standard_normal((2, width)).astype(np.float32))
+    torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": torch.nn.Parameter(vectors)},
+                "name": "sparkly", "step": 500}, folder / "sparkly.pt")
+    save_file({"<glow>": torch.from_numpy(rng.standard_normal(width).astype(np.float32))},
+              folder / "glowing.safetensors")
+    return folder
+
+
+@pytest.mark.parametrize("name,prompt", [("sparkly", "a sparkly red circle"), ("glowing", "a glowing red circle")])
+def test_an_embedding_matches_diffusers(tiny_onnx, reference, embedding_files, name, prompt):
+    path = next(embedding_files.glob(f"{name}.*"))
+    pipe = Pipeline.load(tiny_onnx, provider="cpu", embeddings_dir=embedding_files)
+    reference = copy.copy(reference)
+    reference.tokenizer = copy.deepcopy(reference.tokenizer)
+    reference.text_encoder = copy.deepcopy(reference.text_encoder)
+    reference.load_textual_inversion(str(path), token=name)
+    pipe.prepare_adapters(prompt)
+    got = pipe.encode_prompt(prompt)
+    with torch.no_grad():
+        want = reference.encode_prompt(prompt, "cpu", 1, False)[0].numpy()
+    assert np.abs(got - want).max() <= 1e-5
+    plain = Pipeline.load(tiny_onnx, provider="cpu").encode_prompt(prompt)
+    assert np.abs(plain - want).max() > 1e-2  # negative control: without the embedding it differs
+    assert psnr(ours(pipe, prompt), theirs(reference, prompt)) >= PARITY_DB
+    assert f"TI hashes: \"{name}: " in pipe.generate(prompt, steps=1, width=SIZE, height=SIZE)[0].info["parameters"]
+
+
+# --- bad input ------------------------------------------------------------------------------
+
+
+def _expect_unharmed(pipe, base):
+    assert np.array_equal(ours(pipe), base)
+
+
+def test_a_lora_for_another_base_is_refused_and_the_model_unharmed(fresh, tmp_path):
+    from safetensors.torch import save_file
+
+    base = ours(fresh)
+    # An SD 2.x-shaped layer: cross-attention keys from a 1024-wide text encoder.
+    key = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
+    save_file({f"{key}.lora_down.weight": torch.zeros(4, 1024), f"{key}.lora_up.weight": torch.zeros(64, 4)},
+              tmp_path / "sd2.safetensors")
+    with pytest.raises(InputError, match="another base model"):
+        ours(fresh, loras=[tmp_path / "sd2.safetensors"])
+    key = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_k"  # SDXL's original layout
+    save_file({f"{key}.lora_down.weight": torch.zeros(4, 64), f"{key}.lora_up.weight": torch.zeros(64, 4)},
+              tmp_path / "sdxl.safetensors")
+    with pytest.raises(InputError, match="another architecture"):
+        ours(fresh, loras=[tmp_path / "sdxl.safetensors"])
+    _expect_unharmed(fresh, base)
+
+
+@pytest.mark.parametrize("content,message", [
+    ({"weight": torch.zeros(3)}, "is not a LoRA"),
+    ({"lora_unet_x.hada_w1_a": torch.zeros(2, 2), "lora_unet_x.hada_w1_b": torch.zeros(2, 2)}, "LoHa"),
+    ({"lora_unet_x.lokr_w1": torch.zeros(2, 2)}, "LoKr"),
+])
+def test_files_that_are_not_plain_loras_are_refused_by_name(fresh, tmp_path, content, message):
+    from safetensors.torch import save_file
+
+    save_file(content, tmp_path / "file.safetensors")
+    with pytest.raises(InputError, match=message):
+        ours(fresh, loras=[tmp_path / "file.safetensors"])
+
+
+def test_text_that_is_not_a_tensor_file_is_refused(fresh, tmp_path):
+    (tmp_path / "notes.safetensors").write_text("not tensors")
+    with pytest.raises(InputError, match="not a safetensors file"):
+        ours(fresh, loras=[tmp_path / "notes.safetensors"])
+
+
+@pytest.mark.parametrize("prompt,message", [
+    ("a cat <lora:missing:0.5>", "'missing' not found"),
+    ("a cat <lora:kohya_style:nan>", "finite number"),
+    ("a cat <lora:kohya_style:1e9>", "finite number"),
+    ("a cat <lora:kohya_style:strong>", "must be a number"),
+    ("a cat <hypernet:style:1>", "only <lora"),
+])
+def test_bad_tags_get_one_line_each(fresh, prompt, message):
+    base = ours(fresh)
+    with pytest.raises(InputError, match=message) as caught:
+        ours(fresh, prompt=prompt)
+    assert "\n" not in str(caught.value)
+    _expect_unharmed(fresh, base)
+
+
+def test_an_embedding_of_another_width_is_refused(tiny_onnx, tmp_path):
+    torch.save({"string_to_param": {"*": torch.zeros(1, 768)}}, tmp_path / "wide.pt")
+    pipe = Pipeline.load(tiny_onnx, provider="cpu", embeddings_dir=tmp_path)
+    with pytest.raises(InputError, match="width 768"):
+        ours(pipe, prompt="a wide circle")
+
+
+def test_a_pickle_that_would_run_code_is_not_run(tiny_onnx, tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (print, ("ran",))
+
+    torch.save({"string_to_param": {"*": Payload()}}, tmp_path / "evil.pt")
+    pipe = Pipeline.load(tiny_onnx, provider="cpu", embeddings_dir=tmp_path)
+    with pytest.raises(InputError, match="could run code"):
+        ours(pipe, prompt="an evil circle")
+
+
+def test_an_int8_folder_refuses_loras(tiny_onnx, tmp_path, lora_files):
+    import json
+    import shutil
+
+    copy_ = tmp_path / "int8"
+    shutil.copytree(tiny_onnx, copy_)
+    record = json.loads((copy_ / "sdonnx.json").read_text())
+    record["parts"]["unet"]["precision"] = "int8 weights and activations"
+    (copy_ / "sdonnx.json").write_text(json.dumps(record))
+    with pytest.raises(InputError, match="int8"):
+        ours(Pipeline.load(copy_, provider="cpu"), loras=[lora_files / "kohya_style.safetensors"])
