@@ -226,7 +226,7 @@ class LoraLayer:
         return (product * factor).reshape((self.up.shape[0], *self.down.shape[1:]))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared by identity: one object per file read
 class Lora:
     """A LoRA file's layers keyed by (part, module-key); module keys are dotted names, or
     kohya's flat names (`down_blocks_0_attentions_0_proj_in`) until matched to a model."""
@@ -354,7 +354,7 @@ def match_layers(lora: Lora, part: str, weights: WeightMap) -> dict[str, LoraLay
 # --- textual inversion ------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Embedding:
     """A textual-inversion embedding: `vectors` (n, width) float32, used where `name` is written."""
 
@@ -409,10 +409,20 @@ class Patcher:
         if embeddings:
             self._check_embeddings(embeddings)
 
+    def forget(self) -> None:
+        """Drop the patched tensors kept for the next switch (low_memory: they are recomputed)."""
+        self._done = {}
+
     @property
     def resized(self) -> frozenset[str]:
         """The initializers the last `overrides` gave another shape (a token table grown by embeddings)."""
         return frozenset({self.weights.modules[TOKEN_EMBEDDING].initializer} if TOKEN_EMBEDDING in self._done else ())
+
+    @property
+    def inline(self) -> frozenset[str]:
+        """The initializers of the last `overrides` stored inside the graph file, not beside it."""
+        return frozenset(self.weights.modules[m].initializer for m in self._done
+                         if self.weights.modules[m].file.endswith(".onnx"))
 
     @property
     def table_rows(self) -> int:
@@ -433,38 +443,33 @@ class Patcher:
                                  f"text encoder takes {width} (an embedding for another base model)")
 
     def overrides(self, uses: Sequence[LoraUse], embeddings: Sequence[Embedding] = ()) -> dict[str, np.ndarray]:
-        """{initializer name: tensor as the graph stores it}; empty when nothing applies."""
+        """{initializer name: tensor as the graph stores it}; empty when nothing applies. The
+        tensors of the last call whose contributions are unchanged are reused; the others are
+        dropped before the new ones are computed, so a switch holds one set at a time."""
         contributions: dict[str, list[tuple[LoraUse, LoraLayer]]] = {}
         for use in uses:
             if use.scale(self.part) == 0.0:
                 continue
             for module, layer in match_layers(use.lora, self.part, self.weights).items():
                 contributions.setdefault(module, []).append((use, layer))
-        done: dict[str, tuple[tuple, np.ndarray]] = {}
-        for module, contributors in contributions.items():
-            key = tuple((id(use.lora), use.scale(self.part)) for use, _ in contributors)
-            previous = self._done.get(module)
-            if previous is not None and previous[0] == key:
-                done[module] = previous
+        keys = {module: tuple((use.lora, use.scale(self.part)) for use, _ in contributors)
+                for module, contributors in contributions.items()}
+        if embeddings:
+            self._check_embeddings(embeddings)
+            keys[TOKEN_EMBEDDING] = ("embeddings", *embeddings)
+        self._done = {m: done for m, done in self._done.items() if keys.get(m) == done[0]}
+        for module, key in keys.items():
+            if module in self._done:
+                continue
+            if module == TOKEN_EMBEDDING:
+                table = np.concatenate([self.weights.read(module), *(e.vectors for e in embeddings)])
+                self._done[module] = (key, self.weights.modules[module].to_graph(table))
                 continue
             w = self.weights.read(module)
-            for use, layer in contributors:
-                w = w + use.scale(self.part) * layer.delta().reshape(w.shape)
-            done[module] = (key, self.weights.modules[module].to_graph(w))
-        if embeddings:
-            done[TOKEN_EMBEDDING] = self._table(embeddings)
-        self._done = done
-        return {self.weights.modules[m].initializer: value for m, (_, value) in done.items()}
-
-    def _table(self, embeddings: Sequence[Embedding]) -> tuple[tuple, np.ndarray]:
-        key = ("embeddings", *(id(e) for e in embeddings))
-        previous = self._done.get(TOKEN_EMBEDDING)
-        if previous is not None and previous[0] == key:
-            return previous
-        self._check_embeddings(embeddings)
-        table = self.weights.read(TOKEN_EMBEDDING)
-        table = np.concatenate([table, *(e.vectors for e in embeddings)])
-        return key, self.weights.modules[TOKEN_EMBEDDING].to_graph(table)
+            for use, layer in contributions[module]:
+                w += use.scale(self.part) * layer.delta().reshape(w.shape)
+            self._done[module] = (key, self.weights.modules[module].to_graph(w))
+        return {self.weights.modules[m].initializer: value for m, (_, value) in self._done.items()}
 
 
 def default_dir(kind: str, given: str | Path | None = None) -> Path:

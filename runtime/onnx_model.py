@@ -93,14 +93,15 @@ class OnnxModel(PartModel):
 
     `overrides` {initializer name: array} replace weights of the file for this session
     (LoRAs, a token table with embeddings: runtime/adapters.py), `resized` naming those of
-    another shape than the file's; onnxruntime uses the arrays' memory without copying, so
+    another shape than the file's and `inline` those stored inside the graph file; onnxruntime uses the arrays' memory without copying, so
     they are kept here. Such a session is built from the file,
     never from the cache of optimized graphs, which holds the file's own weights.
     """
 
     def __init__(self, path: Path, part: Part, provider: str = "cpu", threads: int | None = None,
                  cache_root: Path | None = None, arena: bool = True,
-                 overrides: dict[str, np.ndarray] | None = None, resized: frozenset[str] = frozenset()):
+                 overrides: dict[str, np.ndarray] | None = None, resized: frozenset[str] = frozenset(),
+                 inline: frozenset[str] = frozenset()):
         if not path.is_file():
             raise ModelFolderError(f"{part.name}: model file missing: {path}")
         self.provider, self.threads, self.cache, self.arena = provider, threads, None, arena
@@ -115,14 +116,19 @@ class OnnxModel(PartModel):
                 # add_external_initializers, not add_initializer: with the latter, onnxruntime
                 # 1.32's NCHWc layout transform (ORT_ENABLE_ALL) reorders the file's Conv
                 # weights, not the replacements (tests/test_adapters.py covers conv layers).
-                # It refuses another shape, though: a token table grown by embeddings (read by
-                # a Gather, which no layout transform touches) goes through add_initializer.
+                # It takes only weights stored beside the graph and of their own shape, though:
+                # a token table grown by embeddings (read by a Gather, which no layout
+                # transform touches) and weights inside the graph file (the embedded model's)
+                # go through add_initializer, the latter without the layout transform.
                 self._initializers = {n: ort.OrtValue.ortvalue_from_numpy(v) for n, v in self.overrides.items()}
-                same = [n for n in self.overrides if n not in resized]
-                if same:
-                    options.add_external_initializers(same, [self._initializers[n] for n in same])
-                for name in resized:
+                direct = resized | inline
+                beside = [n for n in self.overrides if n not in direct]
+                if beside:
+                    options.add_external_initializers(beside, [self._initializers[n] for n in beside])
+                for name in direct & set(self.overrides):
                     options.add_initializer(name, self._initializers[name])
+                if inline & set(self.overrides):
+                    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
                 self.session = self._open(path, options)
         except ProviderError:
             raise

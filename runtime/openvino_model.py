@@ -82,7 +82,7 @@ class OpenVinoModel(PartModel):
             raise ModelFolderError(f"{self.part.name}: OpenVINO's reading of {self.path} has no constant "
                                    f"{missing[0]} to patch; use --provider cpu for LoRAs on this folder")
         for name, value in self.overrides.items():
-            new = ov.op.Constant(value)
+            new = ov.op.Constant(value, shared_memory=True)  # the array itself, not a copy (kept in overrides)
             new.set_friendly_name(name)
             old = constants[name]
             for target in list(old.output(0).get_target_inputs()):

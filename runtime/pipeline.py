@@ -330,9 +330,13 @@ class Pipeline:
             overrides = self._overrides(part)
             model = OnnxModel(path / part.onnx_path, part, config.provider, config.threads, config.cache_root,
                               arena=part not in (parts.VAE_DECODER, parts.VAE_ENCODER), overrides=overrides,
-                              resized=self._patchers[part.name].resized if overrides else frozenset())
+                              resized=self._patchers[part.name].resized if overrides else frozenset(),
+                              inline=self._patchers[part.name].inline if overrides else frozenset())
         self._models[part.name] = model
         self._carried[part.name] = self._wanted.get(part.name, ())
+        if config.low_memory and part.name in self._patchers:
+            # The patched weights live on in the loaded model only, and go with it.
+            self._patchers[part.name].forget()
         return model
 
     def _model(self, part: parts.Part) -> PartModel | None:
@@ -349,6 +353,8 @@ class Pipeline:
         """The replaced weights the part should be loaded with (runtime/adapters.py)."""
         uses, extra = self._adapter_args.get(part.name, ((), ()))
         if not uses and not extra:
+            if part.name in self._patchers:
+                self._patchers[part.name].forget()  # the patched tensors of the last set go
             return {}
         return self._patcher(part).overrides(uses, extra)
 
@@ -378,7 +384,7 @@ class Pipeline:
         for part in (parts.UNET, parts.TEXT_ENCODER):
             uses = tuple(u for u in loras if u.scale(part.name) != 0.0)
             extra = embeddings if part is parts.TEXT_ENCODER else ()
-            key = tuple((id(u.lora), u.scale(part.name)) for u in uses) + tuple(("embedding", id(e)) for e in extra)
+            key = tuple((u.lora, u.scale(part.name)) for u in uses) + tuple(("embedding", e) for e in extra)
             if key and key != self._wanted.get(part.name, ()):
                 self._patcher(part).check(uses, extra)
             plan[part.name] = ((uses, extra), key)

@@ -330,3 +330,110 @@ def test_an_int8_folder_refuses_loras(tiny_onnx, tmp_path, lora_files):
     (copy_ / "sdonnx.json").write_text(json.dumps(record))
     with pytest.raises(InputError, match="int8"):
         ours(Pipeline.load(copy_, provider="cpu"), loras=[lora_files / "kohya_style.safetensors"])
+
+
+# --- the command line and the server, on the embedded model ----------------------------------
+
+
+@pytest.fixture(scope="module")
+def default_lora(tmp_path_factory):
+    """A kohya LoRA for the embedded model (rank 4, attention and resnet convs), written
+    with numpy from the model's weight map."""
+    from safetensors.numpy import save_file
+
+    from sdonnx.runtime.pipeline import default_model_path
+
+    modules = adapters.WeightMap.load(default_model_path() / "unet" / "model.onnx").modules
+    rng = np.random.default_rng(3)
+    tensors = {}
+    for name, weight in modules.items():
+        if not re.search(r"attn\d\.to_(q|v)$|resnets\.\d\.conv1$", name):
+            continue
+        shape = weight.torch_shape
+        key = "lora_unet_" + name.replace(".", "_")
+        tensors[f"{key}.lora_down.weight"] = rng.standard_normal((4, *shape[1:]), dtype=np.float32) * 0.3
+        tensors[f"{key}.lora_up.weight"] = rng.standard_normal((shape[0], 4, *([1, 1] if len(shape) == 4 else [])),
+                                                               dtype=np.float32) * 0.3
+    folder = tmp_path_factory.mktemp("default-loras")
+    save_file(tensors, folder / "style.safetensors")
+    return folder
+
+
+def _cli(*args: str, check: bool = True):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-c", "from sdonnx.cli.app import main; main()", *args],
+                          capture_output=True, text=True, check=check)
+
+
+def test_the_command_line_takes_lora_files_and_tags_alike(default_lora, tmp_path):
+    from PIL import Image
+
+    common = ["--seed", "5", "--steps", "6", "--size", "64x64", "--provider", "cpu"]
+    _cli("generate", "a red circle", "--lora", f"{default_lora / 'style.safetensors'}:0.8", *common,
+         "--out", str(tmp_path / "file.png"))
+    _cli("generate", "a red circle <lora:style:0.8>", "--lora-dir", str(default_lora), *common,
+         "--out", str(tmp_path / "tag.png"))
+    _cli("generate", "a red circle", *common, "--out", str(tmp_path / "plain.png"))
+    by_file, by_tag, plain = (np.asarray(Image.open(tmp_path / f"{n}.png").convert("RGB"))
+                              for n in ("file", "tag", "plain"))
+    assert np.array_equal(by_file, by_tag)
+    assert psnr(by_file, plain) < 35
+    api = Pipeline.load(provider="cpu").generate("a red circle", seed=5, steps=6, width=64, height=64,
+                                                 loras=[(default_lora / "style.safetensors", 0.8)])[0]
+    assert np.array_equal(np.asarray(api), by_file)
+    missing = _cli("generate", "a cat <lora:nothere>", "--lora-dir", str(default_lora), *common,
+                   "--out", str(tmp_path / "x.png"), check=False)
+    assert missing.returncode == 2 and "'nothere' not found" in missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1 and not (tmp_path / "x.png").exists()
+
+
+def test_the_server_applies_each_requests_loras(default_lora):
+    pytest.importorskip("fastapi")
+    from serving import Server, png
+
+    from sdonnx import Pipeline as P
+
+    pipe = P.load(provider="cpu", lora_dir=default_lora)
+    settings = dict(seed=5, steps=6, width=64, height=64, guidance=5.0, sampler="euler")
+    want = np.asarray(pipe.generate("a red circle <lora:style:0.8>", **settings)[0])
+    plain = np.asarray(pipe.generate("a red circle", **settings)[0])
+    server = Server("--provider", "cpu", "--lora-dir", str(default_lora))
+    try:
+        assert [entry["name"] for entry in server.get("/sdapi/v1/loras").body] == ["style"]
+        for prompt, expected in (("a red circle <lora:style:0.8>", want), ("a red circle", plain),
+                                 ("a red circle <lora:style:0.8>", want)):
+            reply = server.post("/sdapi/v1/txt2img", {"prompt": prompt, "seed": 5, "steps": 6, "width": 64,
+                                                     "height": 64, "cfg_scale": 5, "sampler_name": "Euler"})
+            assert reply.status == 200, reply.message
+            assert np.array_equal(np.asarray(png(reply.body["images"][0]).convert("RGB")), expected)
+        reply = server.post("/v1/images/generations", {"prompt": "a red circle <lora:style:0.8>", "size": "64x64",
+                                                       "seed": 5, "steps": 6, "guidance": 5, "sampler": "euler",
+                                                       "response_format": "b64_json"})
+        assert np.array_equal(np.asarray(png(reply.body["data"][0]["b64_json"]).convert("RGB")), want)
+        bad = server.post("/sdapi/v1/txt2img", {"prompt": "a cat <lora:nothere:1>", "steps": 2, "width": 64,
+                                               "height": 64})
+        assert bad.status == 400 and "'nothere' not found" in bad.message
+    finally:
+        server.stop()
+
+
+def test_a_lora_on_weights_inside_the_graph_file_matches_diffusers(default_lora):
+    """The embedded model keeps its weights inside model.onnx (another onnxruntime path)."""
+    import diffusers
+
+    from sdonnx.runtime.pipeline import default_model_path
+
+    source = default_model_path().parent / "default-diffusers"
+    reference = diffusers.StableDiffusionPipeline.from_pretrained(source, safety_checker=None,
+                                                                  torch_dtype=torch.float32)
+    reference.set_progress_bar_config(disable=True)
+    reference.scheduler = diffusers.EulerDiscreteScheduler.from_config(reference.scheduler.config)
+    pipe = Pipeline.load(provider="cpu")
+    plain = ours(pipe)
+    reference.load_lora_weights(str(default_lora / "style.safetensors"))
+    reference.fuse_lora(lora_scale=0.8)
+    want = theirs(reference)
+    assert psnr(plain, want) < 35
+    assert psnr(ours(pipe, loras=[(default_lora / "style.safetensors", 0.8)]), want) >= PARITY_DB
