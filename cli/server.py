@@ -799,7 +799,7 @@ def create_app(pipe: Pipeline, api_key: str | None = None, max_queue: int = MAX_
         loaded, skipped = {}, {}
         for name, path in sorted(adapters.find_files(pipe.config.embeddings_dir, adapters.EMBEDDING_SUFFIXES).items()):
             try:
-                e = adapters.read_embedding(path)
+                e = pipe.adapters.read(path, adapters.read_embedding)
             except SdonnxError as error:
                 skipped[name] = {"error": str(error)}
                 continue

@@ -32,7 +32,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from sdonnx.runtime import parts
+from sdonnx.runtime import parts, prompts
+from sdonnx.runtime.checks import check_number
 from sdonnx.runtime.errors import InputError, ModelFolderError
 from sdonnx.runtime.tensorfiles import read_tensor_file
 
@@ -40,6 +41,7 @@ WEIGHT_MAP_FILE = "sdonnx_weights.json"
 TOKEN_EMBEDDING = "text_model.embeddings.token_embedding"
 LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin")
 EMBEDDING_SUFFIXES = (".safetensors", ".pt", ".bin")
+MAX_VECTORS = 75  # an embedding's vectors stay in one 75-token window (prompts.py)
 MAX_SCALE = 100.0  # |scale| above this is a typo, not a style strength (A1111's slider: -2..2)
 
 # Layouts of a weight in the graph: "linear_t" a MatMul's [in, out] (torch's weight
@@ -78,24 +80,40 @@ class WeightMap:
     folder: Path
     modules: dict[str, Weight]
     files: dict[str, int]
+    # Weights stored inside the graph file of a map derived at load (offset -1): held here,
+    # as finding their bytes in a large protobuf would take longer than reading it.
+    values: dict[str, np.ndarray] = field(default_factory=dict)
 
     def read(self, module: str) -> np.ndarray:
-        """The module's weight in torch's layout, float32."""
+        """The module's weight in torch's layout ((out, in) or (out, in, kh, kw)), float32."""
         w = self.modules[module]
-        count = math.prod(w.shape)
-        raw = np.fromfile(self.folder / w.file, dtype=np.dtype(w.dtype).newbyteorder("<"), count=count,
-                          offset=w.offset)
-        value = raw.astype(np.float32).reshape(w.shape)
+        if w.offset < 0:
+            value = self.values[module].astype(np.float32)
+        else:
+            count = math.prod(w.shape)
+            raw = np.fromfile(self.folder / w.file, dtype=np.dtype(w.dtype).newbyteorder("<"), count=count,
+                              offset=w.offset)
+            value = raw.astype(np.float32).reshape(w.shape)
         return value.T if w.layout == "linear_t" else value
 
-    def as_json(self) -> dict:
-        return {"format": 1, "files": self.files,
-                "modules": {m: [w.initializer, w.layout, list(w.shape), w.dtype, w.file, w.offset]
-                            for m, w in self.modules.items()}}
-
     def save(self) -> Path:
+        """Write WEIGHT_MAP_FILE beside the part; weights inside the graph file are located
+        by their bytes (sdonnx's exports keep theirs beside it: only a small embedded model
+        has any). ModelFolderError when one cannot be located unambiguously."""
+        data = None
+        entries = {}
+        for module, w in self.modules.items():
+            offset = w.offset
+            if offset < 0:
+                data = data if data is not None else (self.folder / w.file).read_bytes()
+                raw = np.ascontiguousarray(self.values[module], dtype=np.dtype(w.dtype).newbyteorder("<")).tobytes()
+                offset = data.find(raw)
+                if offset < 0 or data.find(raw, offset + 1) >= 0:
+                    raise ModelFolderError(f"{self.folder / w.file}: the weight of {module} cannot be located; "
+                                           "store the weights beside the graph (external data)")
+            entries[module] = [w.initializer, w.layout, list(w.shape), w.dtype, w.file, offset]
         path = self.folder / WEIGHT_MAP_FILE
-        path.write_text(json.dumps(self.as_json(), indent=0) + "\n")
+        path.write_text(json.dumps({"format": 1, "files": self.files, "modules": entries}, indent=0) + "\n")
         return path
 
     @classmethod
@@ -126,6 +144,7 @@ def derive_weight_map(model_file: Path) -> WeightMap:
     ModelFolderError when the `onnx` package is missing or the graph names no modules."""
     try:
         import onnx
+        from onnx import numpy_helper
     except ImportError:
         raise ModelFolderError(
             f"{model_file.parent} has no {WEIGHT_MAP_FILE} (it was not exported by sdonnx) and the onnx package "
@@ -139,8 +158,8 @@ def derive_weight_map(model_file: Path) -> WeightMap:
     for node in graph.node:
         for name in node.input:
             uses[name] = uses.get(name, 0) + 1
-    inline: bytes | None = None
     modules: dict[str, Weight] = {}
+    values: dict[str, np.ndarray] = {}
     for node in graph.node:
         if node.op_type == "Gemm":
             trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
@@ -164,13 +183,8 @@ def derive_weight_map(model_file: Path) -> WeightMap:
         if init.data_location == onnx.TensorProto.EXTERNAL:
             file, offset = external["location"], int(external.get("offset", 0))
         else:
-            if not init.raw_data:
-                continue
-            inline = inline if inline is not None else model_file.read_bytes()
-            offset = inline.find(init.raw_data)
-            if offset < 0 or inline.find(init.raw_data, offset + 1) >= 0:
-                continue  # not locatable unambiguously in the file
-            file = model_file.name
+            file, offset = model_file.name, -1
+            values[module] = numpy_helper.to_array(init)
         modules[module] = Weight(init.name, layout, tuple(int(d) for d in init.dims), dtype, file, offset)
     if not modules:
         raise ModelFolderError(
@@ -178,7 +192,7 @@ def derive_weight_map(model_file: Path) -> WeightMap:
             "LoRAs and embeddings need a float folder exported from torch (`sdonnx export`)"
         )
     files = {p.name: p.stat().st_size for p in parts.model_files(model_file)}
-    return WeightMap(model_file.parent, modules, files)
+    return WeightMap(model_file.parent, modules, files, values)
 
 
 # --- LoRA files ------------------------------------------------------------------------------
@@ -197,6 +211,7 @@ _VARIANTS = {
     "hada_w1_a": "LoHa (LyCORIS)", "lokr_w1": "LoKr (LyCORIS)", "lokr_w1_a": "LoKr (LyCORIS)",
     "oft_blocks": "OFT (LyCORIS)", "oft_diag": "OFT (LyCORIS)", "a1.weight": "GLoRA (LyCORIS)",
     "lora_mid.weight": "LoCon with a Tucker mid weight (LyCORIS)", "diff": "a full weight difference (LyCORIS)",
+    "dora_scale": "DoRA (weight-decomposed LoRA)", "lora_magnitude_vector": "DoRA (weight-decomposed LoRA)",
 }
 _PART_PREFIXES = (
     ("lora_unet_", parts.UNET.name, True), ("lora_te_", parts.TEXT_ENCODER.name, True),
@@ -244,9 +259,9 @@ def _module_key(key: str) -> str:
     return re.sub(r"\.processor\.(\w+)_lora$", r".\1", key)
 
 
-def _short_hash(path: Path) -> str:
+def short_hash(path: Path) -> str:
     """The first 12 hex digits of the sha256 of a safetensors file's data after its header
-    (AUTOMATIC1111's `addnet_hash_safetensors`), or of a whole other file."""
+    (AUTOMATIC1111's `addnet_hash_safetensors`, its "Lora hashes"), or of a whole other file."""
     data = path.read_bytes()
     if path.suffix == ".safetensors" and len(data) > 8:
         data = data[8 + int.from_bytes(data[:8], "little"):]
@@ -259,8 +274,8 @@ def read_lora(path: Path) -> Lora:
     low-rank product (LoHa, LoKr, OFT ...), naming it."""
     path = Path(path)
     tensors, _ = read_tensor_file(path)
-    if not all(isinstance(v, np.ndarray) for v in tensors.values()):
-        tensors = {k: v for k, v in tensors.items() if isinstance(v, np.ndarray)}
+    tensors = {k: np.asarray(v, dtype=np.float32) if isinstance(v, (int, float)) else v
+               for k, v in tensors.items() if isinstance(v, (np.ndarray, int, float))}
     for key in tensors:
         for marker, variant in _VARIANTS.items():
             if key.endswith("." + marker) or key.endswith("." + marker + ".weight"):
@@ -276,9 +291,15 @@ def read_lora(path: Path) -> Lora:
         if up is None:
             raise InputError(f"{path.name}: {key} has no matching {stem + pair[1]}; the file is incomplete")
         alpha = tensors.get(stem + ".alpha")
-        if down.ndim not in (2, 4) or up.ndim != down.ndim or up.shape[1] != down.shape[0]:
+        if down.ndim not in (2, 4) or up.ndim != down.ndim or up.shape[1] != down.shape[0] \
+                or up.shape[2:] not in ((), (1, 1)):
             raise InputError(f"{path.name}: {stem} has a down {down.shape} and up {up.shape} that do not "
                              "multiply; the file is damaged or not a LoRA")
+        if alpha is not None and np.asarray(alpha).size != 1:
+            raise InputError(f"{path.name}: {stem}.alpha must be one number, it has shape {np.shape(alpha)}")
+        if not (np.isfinite(down).all() and np.isfinite(up).all()
+                and (alpha is None or np.isfinite(alpha).all())):
+            raise InputError(f"{path.name}: {stem} holds NaN or infinite values; the file is damaged")
         part, flat = None, False
         for prefix, prefix_part, prefix_flat in _PART_PREFIXES:
             if stem.startswith(prefix):
@@ -289,16 +310,12 @@ def read_lora(path: Path) -> Lora:
     if not layers:
         raise InputError(f"{path.name} is not a LoRA: none of its {len(tensors)} tensors is a lora_down/lora_up "
                          "or lora_A/lora_B pair")
-    return Lora(path.stem, path, layers, _short_hash(path))
+    return Lora(path.stem, path, layers, short_hash(path))
 
 
 def check_scale(name: str, scale) -> float:
-    from sdonnx.runtime.checks import is_number
-
-    if not is_number(scale) or abs(float(scale)) > MAX_SCALE:
-        raise InputError(f"LoRA {name}: scale must be a finite number from -{MAX_SCALE:g} to {MAX_SCALE:g}, "
-                         f"got {scale!r}")
-    return float(scale)
+    """A LoRA's scale as a float; InputError unless a finite number within +-MAX_SCALE."""
+    return float(check_number(f"LoRA {name}'s scale", scale, -MAX_SCALE, MAX_SCALE))
 
 
 @dataclass(frozen=True)
@@ -309,7 +326,12 @@ class LoraUse:
     unet_scale: float
     text_encoder_scale: float
 
+    def __post_init__(self):
+        object.__setattr__(self, "unet_scale", check_scale(self.lora.name, self.unet_scale))
+        object.__setattr__(self, "text_encoder_scale", check_scale(self.lora.name, self.text_encoder_scale))
+
     def scale(self, part: str) -> float:
+        """The scale on `part` ("unet" or "text_encoder")."""
         return self.unet_scale if part == parts.UNET.name else self.text_encoder_scale
 
     @property
@@ -387,7 +409,7 @@ def read_embedding(path: Path) -> Embedding:
     vectors = np.atleast_2d(vectors).astype(np.float32)
     if not np.isfinite(vectors).all():
         raise InputError(f"{path.name}: its embedding holds NaN or infinite values")
-    return Embedding(path.stem, vectors, path, hashlib.sha256(path.read_bytes()).hexdigest()[:12])
+    return Embedding(path.stem, vectors, path, short_hash(path))
 
 
 # --- the patches of one load ------------------------------------------------------------------
@@ -438,6 +460,9 @@ class Patcher:
     def _check_embeddings(self, embeddings: Sequence[Embedding]) -> None:
         width = self._table_weight().shape[1]
         for e in embeddings:
+            if len(e.vectors) > MAX_VECTORS:
+                raise InputError(f"embedding {e.name} has {len(e.vectors)} vectors; at most {MAX_VECTORS} fit "
+                                 "in a prompt window")
             if e.vectors.shape[1] != width:
                 raise InputError(f"embedding {e.name} has vectors of width {e.vectors.shape[1]}, this model's "
                                  f"text encoder takes {width} (an embedding for another base model)")
@@ -487,11 +512,12 @@ def default_dir(kind: str, given: str | Path | None = None) -> Path:
     return Path(data) / "sdonnx" / kind
 
 
-def locate_lora(name: str, folder: Path | None) -> Path:
-    """The LoRA file `name` names: a path, or a file stem in `folder` (`<lora:NAME>`);
-    InputError listing what the folder has when neither."""
+def locate_lora(name: str, folder: Path | None, paths: bool = True) -> Path:
+    """The LoRA file `name` names: a path (when `paths`: the command line and the API, never a
+    prompt's tag, which a server takes from anyone), or a file stem in `folder`
+    (`<lora:NAME>`); InputError listing what the folder has when neither."""
     path = Path(name).expanduser()
-    if path.is_file():
+    if paths and path.is_file():
         return path
     found = find_files(folder).get(name)
     if found is None:
@@ -521,3 +547,150 @@ def find_files(folder: Path | None, suffixes: Iterable[str] = LORA_SUFFIXES) -> 
         if path.suffix.lower() in suffixes and path.is_file():
             found.setdefault(path.stem, path)
     return found
+
+
+# --- what a pipeline's parts carry ------------------------------------------------------------
+
+KEEP_FILES = 8  # LoRA and embedding files kept read between generations
+_PATCHED_PARTS = (parts.UNET.name, parts.TEXT_ENCODER.name)
+
+
+@dataclass(frozen=True)
+class Overrides:
+    """What a part is loaded with: `tensors` {initializer: array}, and which of them have
+    another shape than the file's (`resized`) or are stored inside the graph file (`inline`)."""
+
+    tensors: dict[str, np.ndarray] = field(default_factory=dict)
+    resized: frozenset[str] = frozenset()
+    inline: frozenset[str] = frozenset()
+
+
+class Adapters:
+    """The LoRAs and embeddings a pipeline's UNet and text encoder should carry, the files they
+    come from, and the patched tensors of each part (Patcher). The pipeline reloads a part
+    whose `wanted` key differs from the one it was loaded with."""
+
+    def __init__(self, folder: Path, tokenizer, lora_dir: Path | None, embeddings_dir: Path | None):
+        self.folder, self.tokenizer = folder, tokenizer
+        self.lora_dir, self.embeddings_dir = lora_dir, embeddings_dir
+        self.loras: tuple[LoraUse, ...] = ()
+        self.embeddings: tuple[Embedding, ...] = ()
+        # Token ids of each active embedding's name -> the ids of its vectors in the grown table.
+        self.embedding_ids: dict[tuple[int, ...], list[int]] = {}
+        self.patchers: dict[str, Patcher] = {}
+        self._args: dict[str, tuple[tuple, tuple]] = {}
+        self._wanted: dict[str, tuple] = {}
+        self._files: dict[Path, tuple[tuple, object]] = {}
+
+    def wanted(self, part: str) -> tuple:
+        """A key of the LoRAs (and scales) and embeddings `part` should carry; () for none."""
+        return self._wanted.get(part, ())
+
+    def patcher(self, part: str) -> Patcher:
+        """The part's weight map and patch cache; InputError for a part without float weights."""
+        if part not in self.patchers:
+            file = next(p for p in parts.PARTS if p.name == part).file(self.folder)
+            record = parts.read_json(self.folder / parts.RECORD).get("parts", {}).get(part, {})
+            if file is None or file.name == parts.IR_FILE or "int8" in str(record.get("precision", "")):
+                raise InputError(f"LoRAs and embeddings need float weights, and {self.folder.name}'s {part} is "
+                                 "int8; use the fp32 or fp16 folder it was quantized from")
+            self.patchers[part] = Patcher(part, WeightMap.load(file))
+        return self.patchers[part]
+
+    def overrides(self, part: str) -> Overrides:
+        """What `part` is to be loaded with now; the patched tensors of a previous set whose
+        LoRAs are gone are dropped."""
+        uses, extra = self._args.get(part, ((), ()))
+        if not uses and not extra:
+            self.forget(part)
+            return Overrides()
+        patcher = self.patcher(part)
+        tensors = patcher.overrides(uses, extra)
+        return Overrides(tensors, patcher.resized, patcher.inline)
+
+    def forget(self, part: str) -> None:
+        """Drop the part's patched tensors kept for the next switch."""
+        if part in self.patchers:
+            self.patchers[part].forget()
+
+    def set(self, loras: Sequence[LoraUse] = (), embeddings: Sequence[Embedding] = ()) -> None:
+        """Have the UNet and text encoder carry these LoRAs (and the text encoder these
+        embeddings' vectors) from their next load. Every layer is checked against the model
+        first: an InputError (a LoRA for another base model, an embedding of another width)
+        leaves everything as it was."""
+        loras, embeddings = tuple(loras), tuple(embeddings)
+        plan = {}
+        for part in _PATCHED_PARTS:
+            uses = tuple(u for u in loras if u.scale(part) != 0.0)
+            extra = embeddings if part == parts.TEXT_ENCODER.name else ()
+            key = tuple((u.lora, u.scale(part)) for u in uses) + tuple(("embedding", e) for e in extra)
+            if key and key != self.wanted(part):
+                self.patcher(part).check(uses, extra)
+            plan[part] = ((uses, extra), key)
+        for part, (args, key) in plan.items():
+            self._args[part], self._wanted[part] = args, key
+        self.loras, self.embeddings = loras, embeddings
+        ids: dict[tuple[int, ...], list[int]] = {}
+        offset = self.patcher(parts.TEXT_ENCODER.name).table_rows if embeddings else 0
+        for e in embeddings:
+            ids[tuple(self.tokenizer.encode(e.name))] = list(range(offset, offset + len(e.vectors)))
+            offset += len(e.vectors)
+        self.embedding_ids = ids
+
+    def read(self, path: Path, reader):
+        """A LoRA or embedding file read once (again when it changes on disk); the last
+        KEEP_FILES read are kept, so a server cycling through many does not keep them all."""
+        path = path.resolve()
+        stat = path.stat()
+        stamp = (stat.st_size, stat.st_mtime_ns)
+        kept = self._files.pop(path, None)
+        if kept is None or kept[0] != stamp:
+            kept = (stamp, reader(path))
+        self._files[path] = kept
+        for old in list(self._files)[: max(len(self._files) - KEEP_FILES, 0)]:
+            del self._files[old]
+        return kept[1]
+
+    def lora_use(self, spec, scale: float | None = None, *, paths: bool = True) -> LoraUse:
+        """A LoRA at a scale from a path, a name in `lora_dir`, a (path or name, scale) pair or
+        a LoraUse; InputError when the file is missing or not a LoRA. `paths` False takes
+        names in `lora_dir` only (a prompt's tags)."""
+        if isinstance(spec, LoraUse):
+            return spec
+        if isinstance(spec, (tuple, list)):
+            if len(spec) != 2:
+                raise InputError(f"a LoRA is a path or a (path, scale) pair, got {str(spec)[:60]}")
+            spec, scale = spec
+        name = str(spec)
+        scale = check_scale(name, 1.0 if scale is None else scale)
+        lora = self.read(locate_lora(name, self.lora_dir, paths), read_lora)
+        return LoraUse(lora, scale, scale)
+
+    def used_embeddings(self, texts: Sequence[str]) -> list[Embedding]:
+        """The embeddings in `embeddings_dir` whose names the texts mention (AUTOMATIC1111's
+        rule: the name's tokens appear among the prompt's), in name order."""
+        files = find_files(self.embeddings_dir, EMBEDDING_SUFFIXES)
+        if not files:
+            return []
+        runs = [self.tokenizer.encode(text) for t in texts
+                for text, _ in prompts.parse_attention(prompts.extract_networks(t)[0])]
+        used = []
+        for name, path in sorted(files.items()):
+            wanted = self.tokenizer.encode(name)
+            n = len(wanted)
+            if n and any(run[i:i + n] == wanted for run in runs for i in range(len(run) - n + 1)):
+                used.append(self.read(path, read_embedding))
+        return used
+
+    def prepare(self, prompt: str, negative_prompt: str = "", loras: Sequence = ()) -> list[LoraUse]:
+        """Set the LoRAs of `loras` and of the prompts' `<lora:NAME:...>` tags (names in
+        `lora_dir` only), and the embeddings the prompts name; returns the LoRAs, `loras`'
+        first. Pipeline.generate calls it for every generation."""
+        uses = [self.lora_use(spec) for spec in loras]
+        for text in (prompt, negative_prompt):
+            for tag in prompts.extract_networks(text)[1]:
+                text_encoder_scale, unet_scale = prompts.lora_scales(tag)
+                use = self.lora_use(tag.name, text_encoder_scale, paths=False)
+                uses.append(LoraUse(use.lora, unet_scale, text_encoder_scale))
+        self.set(uses, self.used_embeddings([prompt, negative_prompt]))
+        return uses

@@ -249,6 +249,7 @@ def _part_property(part: parts.Part) -> property:
 
     def put(self: "Pipeline", model: PartModel) -> None:
         self._models[part.name] = model
+        self._carried[part.name] = self.adapters.wanted(part.name)  # taken as it is
 
     return property(get, put, doc=f"The {part.name} model (loaded on first access).")
 
@@ -285,15 +286,9 @@ class Pipeline:
 
         self._openvino = openvino
         self._models: dict[str, PartModel] = {}
-        # LoRAs and embeddings: what each part should carry, what its loaded model carries.
-        self._patchers: dict[str, adapters.Patcher] = {}
-        self._wanted: dict[str, tuple] = {}
+        # LoRAs and embeddings the parts should carry (adapters.py), and those each loaded one does.
+        self.adapters = adapters.Adapters(path, self.tokenizer, config.lora_dir, config.embeddings_dir)
         self._carried: dict[str, tuple] = {}
-        self._adapter_args: dict[str, tuple] = {}
-        self._files: dict[Path, tuple[tuple, object]] = {}
-        self._embedding_ids: dict[tuple[int, ...], list[int]] = {}
-        self.active_loras: tuple[adapters.LoraUse, ...] = ()
-        self.active_embeddings: tuple[adapters.Embedding, ...] = ()
         self._unet_channels = parts.config_field(
             parts.read_json(path / parts.UNET.name / "config.json"), "in_channels", None,
             lambda v: is_int(v) and v > 0, path / parts.UNET.name / "config.json", "a whole number")
@@ -322,21 +317,21 @@ class Pipeline:
             # while its rounding reaches every UNet call through the context and is
             # amplified like the UNet's own at high sigmas (precision.py): it stays fp32.
             part_precision = "fp32" if part is parts.TEXT_ENCODER else config.precision
+            overrides = self.adapters.overrides(part.name)
             model = OpenVinoModel(part.file(path), part, part_precision, config.threads,
-                                  config.cache_root, config.static_shapes, overrides=self._overrides(part))
+                                  config.cache_root, config.static_shapes, overrides=overrides.tensors)
         else:
             # The VAE runs once per image on the largest activations (0.75-1 GB at 512x512 for
             # SD 1.5): without the arena's rounding-up they peak 0.25 GB lower.
-            overrides = self._overrides(part)
+            overrides = self.adapters.overrides(part.name)
             model = OnnxModel(path / part.onnx_path, part, config.provider, config.threads, config.cache_root,
-                              arena=part not in (parts.VAE_DECODER, parts.VAE_ENCODER), overrides=overrides,
-                              resized=self._patchers[part.name].resized if overrides else frozenset(),
-                              inline=self._patchers[part.name].inline if overrides else frozenset())
+                              arena=part not in (parts.VAE_DECODER, parts.VAE_ENCODER), overrides=overrides.tensors,
+                              resized=overrides.resized, inline=overrides.inline)
         self._models[part.name] = model
-        self._carried[part.name] = self._wanted.get(part.name, ())
-        if config.low_memory and part.name in self._patchers:
+        self._carried[part.name] = self.adapters.wanted(part.name)
+        if config.low_memory:
             # The patched weights live on in the loaded model only, and go with it.
-            self._patchers[part.name].forget()
+            self.adapters.forget(part.name)
         return model
 
     def _model(self, part: parts.Part) -> PartModel | None:
@@ -344,59 +339,11 @@ class Pipeline:
         it should carry changed); None for an absent optional part."""
         if part.name not in self._models and not part.required and part.file(self.config.path) is None:
             return None
-        if part.name in self._models and self._carried.get(part.name, ()) != self._wanted.get(part.name, ()):
+        if part.name in self._models and self._carried.get(part.name, ()) != self.adapters.wanted(part.name):
             del self._models[part.name]
             gc.collect()
+            trim_heap()  # the old session's buffers, before the new one takes as much again
         return self._models.get(part.name) or self._load(part)
-
-    def _overrides(self, part: parts.Part) -> dict[str, np.ndarray]:
-        """The replaced weights the part should be loaded with (runtime/adapters.py)."""
-        uses, extra = self._adapter_args.get(part.name, ((), ()))
-        if not uses and not extra:
-            if part.name in self._patchers:
-                self._patchers[part.name].forget()  # the patched tensors of the last set go
-            return {}
-        return self._patcher(part).overrides(uses, extra)
-
-    def _patcher(self, part: parts.Part) -> adapters.Patcher:
-        """The part's weight map and patch cache; InputError for a part without float weights."""
-        patcher = self._patchers.get(part.name)
-        if patcher is None:
-            file = part.file(self.config.path)
-            record = parts.read_json(self.config.path / parts.RECORD).get("parts", {}).get(part.name, {})
-            if file is None or file.name == parts.IR_FILE or "int8" in str(record.get("precision", "")):
-                raise InputError(
-                    f"LoRAs and embeddings need float weights, and {self.name}'s {part.name} is int8; "
-                    "use the fp32 or fp16 folder it was quantized from"
-                )
-            patcher = self._patchers[part.name] = adapters.Patcher(part.name, adapters.WeightMap.load(file))
-        return patcher
-
-    def set_adapters(self, loras: Sequence[adapters.LoraUse] = (),
-                     embeddings: Sequence[adapters.Embedding] = ()) -> None:
-        """Have the UNet and text encoder carry these LoRAs (and the text encoder these
-        embeddings' vectors) from their next use. A part whose set is unchanged is kept; of
-        one whose set changed, only the tensors whose LoRAs or scales changed are computed
-        again. Every layer is checked against the model first: an InputError (a LoRA for
-        another base model, an embedding of another width) leaves the pipeline as it was."""
-        loras, embeddings = tuple(loras), tuple(embeddings)
-        plan = {}
-        for part in (parts.UNET, parts.TEXT_ENCODER):
-            uses = tuple(u for u in loras if u.scale(part.name) != 0.0)
-            extra = embeddings if part is parts.TEXT_ENCODER else ()
-            key = tuple((u.lora, u.scale(part.name)) for u in uses) + tuple(("embedding", e) for e in extra)
-            if key and key != self._wanted.get(part.name, ()):
-                self._patcher(part).check(uses, extra)
-            plan[part.name] = ((uses, extra), key)
-        for name, (args, key) in plan.items():
-            self._adapter_args[name], self._wanted[name] = args, key
-        self.active_loras, self.active_embeddings = loras, embeddings
-        ids: dict[tuple[int, ...], list[int]] = {}
-        offset = self._patcher(parts.TEXT_ENCODER).table_rows if embeddings else 0
-        for e in embeddings:
-            ids[tuple(self.tokenizer.encode(e.name))] = list(range(offset, offset + len(e.vectors)))
-            offset += len(e.vectors)
-        self._embedding_ids = ids
 
     @contextmanager
     def using(self, part: parts.Part) -> Iterator[PartModel | None]:
@@ -457,74 +404,6 @@ class Pipeline:
         """Per onnxruntime part loaded through the optimized-graph cache: "hit" or "written"."""
         return {m.part.name: m.cache for m in self._models.values() if getattr(m, "cache", None)}
 
-    def _read(self, path: Path, reader):
-        """A LoRA or embedding file read once (again when it changes on disk)."""
-        path = path.resolve()
-        stat = path.stat()
-        stamp = (stat.st_size, stat.st_mtime_ns)
-        kept = self._files.get(path)
-        if kept is None or kept[0] != stamp:
-            kept = self._files[path] = (stamp, reader(path))
-        return kept[1]
-
-    def lora_use(self, spec, scale: float | None = None) -> adapters.LoraUse:
-        """A LoRA at a scale from a path, a name in `lora_dir`, a (path or name, scale) pair or
-        a LoraUse; InputError when the file is missing or not a LoRA."""
-        if isinstance(spec, adapters.LoraUse):
-            return spec
-        if isinstance(spec, (tuple, list)):
-            if len(spec) != 2:
-                raise InputError(f"a LoRA is a path or a (path, scale) pair, got {spec!r}")
-            spec, scale = spec
-        name = str(spec)
-        path = adapters.locate_lora(name, self.config.lora_dir)
-        scale = adapters.check_scale(name, 1.0 if scale is None else scale)
-        lora = self._read(path, adapters.read_lora)
-        return adapters.LoraUse(lora, scale, scale)
-
-    def tag_uses(self, tags: Sequence[prompts.NetworkTag]) -> list[adapters.LoraUse]:
-        """The LoRAs of a prompt's `<lora:NAME:SCALE>` tags (`<lora:NAME:TE:UNET>` sets the text
-        encoder's and the UNet's apart; AUTOMATIC1111's Lora extension)."""
-        uses = []
-        for tag in tags:
-            if tag.kind != "lora":
-                raise InputError(f"{tag.text}: sdonnx applies only <lora:...> networks, not {tag.kind}")
-            positional = [a for a in tag.args if "=" not in a]
-            named = dict(a.split("=", 1) for a in tag.args if "=" in a)
-            try:
-                te = float(named.get("te", positional[0] if positional else 1.0))
-                unet = float(named.get("unet", positional[1] if len(positional) > 1 else te))
-            except ValueError:
-                raise InputError(f"{tag.text}: the scale must be a number, as in <lora:{tag.name}:0.8>") from None
-            use = self.lora_use(tag.name, adapters.check_scale(tag.name, te))
-            uses.append(adapters.LoraUse(use.lora, adapters.check_scale(tag.name, unet), use.text_encoder_scale))
-        return uses
-
-    def used_embeddings(self, texts: Sequence[str]) -> list[adapters.Embedding]:
-        """The embeddings in `embeddings_dir` whose names the texts mention (AUTOMATIC1111's rule:
-        the name's tokens appear in the prompt's), in name order."""
-        files = adapters.find_files(self.config.embeddings_dir, adapters.EMBEDDING_SUFFIXES)
-        if not files:
-            return []
-        tokens = [self.tokenizer.encode(text) for t in texts for text, _ in prompts.parse_attention(
-            prompts.extract_networks(t)[0])]
-        used = []
-        for name, path in sorted(files.items()):
-            wanted = self.tokenizer.encode(name)
-            n = len(wanted)
-            if n and any(seq[i:i + n] == wanted for seq in tokens for i in range(len(seq) - n + 1)):
-                used.append(self._read(path, adapters.read_embedding))
-        return used
-
-    def prepare_adapters(self, prompt: str, negative_prompt: str = "", loras: Sequence = ()) -> list[adapters.LoraUse]:
-        """Set the LoRAs of `loras` and of the prompts' tags, and the embeddings the prompts
-        name, for the next generation (set_adapters); returns the LoRAs."""
-        uses = [self.lora_use(spec) for spec in loras]
-        for text in (prompt, negative_prompt):
-            uses += self.tag_uses(prompts.extract_networks(text)[1])
-        self.set_adapters(uses, self.used_embeddings([prompt, negative_prompt]))
-        return uses
-
     def prompt_windows(self, prompt: str, windows: int = 1) -> prompts.Windows:
         """The prompt's token windows and per-token weights in AUTOMATIC1111's syntax
         (runtime/prompts.py), `<lora:...>` tags cut out, the active embeddings' names replaced
@@ -532,7 +411,7 @@ class Pipeline:
         text, _ = prompts.extract_networks(prompt)
         t = self.tokenizer
         return prompts.tokenize_windows(text, t.encode, bos=t.bos_id, eos=t.eos_id, pad=t.pad_id,
-                                        window=t.max_length, embeddings=self._embedding_ids, windows=windows)
+                                        window=t.max_length, embeddings=self.adapters.embedding_ids, windows=windows)
 
     def encode_prompt(self, prompt: str, windows: int = 1) -> np.ndarray:
         """(1, 77 k, d) embeddings: each of the prompt's k >= `windows` 75-token windows
@@ -718,7 +597,7 @@ class Pipeline:
                 f"latents must have shape {config.latent_shape} for n={n}, {width}x{height}; "
                 f"got {np.shape(latents)}"
             )
-        uses = self.prepare_adapters(prompt, negative_prompt, loras)
+        uses = self.adapters.prepare(prompt, negative_prompt, loras)
         chosen = SAMPLERS[config.sampler]
         schedule_, x, conditioning = self._start(config, np.asarray(latents, dtype=np.float32),
                                                  init_image, mask_image)
@@ -747,8 +626,8 @@ class Pipeline:
         extra = {}
         if uses:
             extra["Lora hashes"] = ", ".join(f"{u.lora.name}: {u.lora.short_hash}" for u in uses)
-        if self.active_embeddings:
-            extra["TI hashes"] = ", ".join(f"{e.name}: {e.short_hash}" for e in self.active_embeddings)
+        if self.adapters.embeddings:
+            extra["TI hashes"] = ", ".join(f"{e.name}: {e.short_hash}" for e in self.adapters.embeddings)
         for i, image in enumerate(images):
             image.info["seed"] = config.seed + i
             image.info["parameters"] = infotext(

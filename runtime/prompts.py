@@ -25,6 +25,8 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from sdonnx.runtime.errors import InputError
+
 ROUND_FACTOR = 1.1
 SQUARE_FACTOR = 1 / 1.1
 BREAK = "BREAK"
@@ -58,16 +60,34 @@ def extract_networks(prompt: str) -> tuple[str, list[NetworkTag]]:
     return _EXTRA_NETWORK.sub(cut, prompt), tags
 
 
+def lora_scales(tag: NetworkTag) -> tuple[float, float]:
+    """(text encoder, UNet) scales of a `<lora:NAME[:TE[:UNET]]>` tag, also `te=`/`unet=`
+    (AUTOMATIC1111's Lora extension: one number is both, none is 1); InputError otherwise."""
+    if tag.kind != "lora":
+        raise InputError(f"{tag.text}: sdonnx applies only <lora:...> networks, not {tag.kind}")
+    positional = [a for a in tag.args if "=" not in a]
+    named = dict(a.split("=", 1) for a in tag.args if "=" in a)
+    try:
+        te = float(named.get("te", positional[0] if positional else 1.0))
+        unet = float(named.get("unet", positional[1] if len(positional) > 1 else te))
+    except ValueError:
+        raise InputError(f"{tag.text}: the scale must be a number, as in <lora:{tag.name}:0.8>") from None
+    return te, unet
+
+
 def parse_attention(text: str) -> list[tuple[str, float]]:
     """Runs of text with their weights; a BREAK is the pair ("BREAK", -1). Neighbouring runs
-    of equal weight are merged; an empty prompt is [("", 1.0)]."""
+    of equal weight are merged; an empty prompt is [("", 1.0)]. Unlike the web UI, a BREAK
+    inside brackets still breaks (the web UI multiplies its marker and then reads it as the
+    word "break"). InputError for a weight that is not a number (`(a:1.2.3)`)."""
     runs: list[list] = []
     round_open: list[int] = []
     square_open: list[int] = []
 
     def multiply(start: int, factor: float) -> None:
         for run in runs[start:]:
-            run[1] *= factor
+            if run[1] != -1 or run[0] != BREAK:
+                run[1] *= factor
 
     for match in _ATTENTION.finditer(text):
         token, weight = match.group(0), match.group(1)
@@ -78,7 +98,11 @@ def parse_attention(text: str) -> list[tuple[str, float]]:
         elif token == "[":
             square_open.append(len(runs))
         elif weight is not None and round_open:
-            multiply(round_open.pop(), float(weight))
+            try:
+                factor = float(weight)
+            except ValueError:
+                raise InputError(f"prompt weight {token.strip()!r} is not a number; write it as (text:1.2)") from None
+            multiply(round_open.pop(), factor)
         elif token == ")" and round_open:
             multiply(round_open.pop(), ROUND_FACTOR)
         elif token == "]" and square_open:
@@ -103,12 +127,6 @@ def parse_attention(text: str) -> list[tuple[str, float]]:
     return [(text, weight) for text, weight in merged]
 
 
-def has_syntax(prompt: str) -> bool:
-    """Whether the prompt uses any weight, escape or BREAK (a plain prompt is encoded as before)."""
-    runs = parse_attention(prompt)
-    return len(runs) > 1 or runs[0][1] != 1.0 or runs[0][0] != prompt
-
-
 @dataclass(frozen=True)
 class Windows:
     """A prompt as the text encoder's input: `ids` (k, window) int64 and `weights` (k, window)
@@ -119,6 +137,7 @@ class Windows:
 
     @property
     def weighted(self) -> bool:
+        """Whether any token's weight differs from 1."""
         return bool((self.weights != 1.0).any())
 
 
@@ -130,7 +149,8 @@ def tokenize_windows(prompt: str, tokenize: Callable[[str], list[int]], *, bos: 
     `embeddings` maps the token ids of an embedding's name to the ids its vectors take in the
     text encoder's extended table; the longest name matching at a position wins, and an
     embedding that does not fit in the current window starts the next one. Empty windows
-    are added up to `windows`.
+    are added up to `windows`. An embedding longer than a window is the caller's to refuse
+    (adapters.MAX_VECTORS).
     """
     body = window - 2
     embeddings = embeddings or {}
@@ -177,13 +197,17 @@ def tokenize_windows(prompt: str, tokenize: Callable[[str], list[int]], *, bos: 
 
 
 def apply_weights(hidden: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """Per-token weights on the text encoder's output (k, window, d), each window's mean
-    restored after scaling, as the web UI does (sd_hijack_clip.process_tokens)."""
+    """Per-token `weights` (k, window) on the text encoder's output `hidden` (k, window, d),
+    float32, each window's mean restored after scaling, as the web UI does
+    (sd_hijack_clip.process_tokens). A window whose weighted mean is 0 (weights that cancel
+    it exactly) is left scaled but not renormalised, where the web UI would divide by zero."""
     out = hidden.astype(np.float32, copy=True)
     for i in range(len(out)):
         if (weights[i] == 1.0).all():
             continue
         mean = out[i].mean()
         out[i] *= weights[i][:, None]
-        out[i] *= mean / out[i].mean()
+        scaled = out[i].mean()
+        if scaled != 0:
+            out[i] *= mean / scaled
     return out

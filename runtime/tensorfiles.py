@@ -155,9 +155,11 @@ def read_torch_zip(path: Path) -> object:
             if isinstance(node, tuple) and len(node) == 5 and node[0] == "tensor":
                 _, s, offset, size, stride = node
                 flat = storage(s)
-                itemsize = flat.itemsize
+                last = offset + sum((n - 1) * st for n, st in zip(size, stride)) if all(size) else offset - 1
+                if offset < 0 or any(st < 0 for st in stride) or len(size) != len(stride) or last >= len(flat):
+                    raise ValueError(f"a tensor of size {size} reaches past its storage of {len(flat)}")
                 view = np.lib.stride_tricks.as_strided(flat[offset:], shape=size,
-                                                       strides=tuple(st * itemsize for st in stride))
+                                                       strides=tuple(st * flat.itemsize for st in stride))
                 return np.array(view)
             if isinstance(node, dict):
                 return type(node)((k, build(v)) for k, v in node.items())
@@ -165,7 +167,10 @@ def read_torch_zip(path: Path) -> object:
                 return type(node)(build(v) for v in node)
             return node
 
-        return build(tree)
+        try:
+            return build(tree)
+        except (KeyError, ValueError, TypeError) as e:
+            raise InputError(f"{path}: a tensor in it is damaged ({e})") from None
 
 
 def read_tensor_file(path: Path) -> tuple[dict, dict[str, str]]:

@@ -165,7 +165,7 @@ def test_scale_zero_and_switching_back_give_todays_image_exactly(fresh, lora_fil
 def test_switching_recomputes_only_what_changed(fresh, lora_files):
     kohya, peft = lora_files / "kohya_style.safetensors", lora_files / "peft_detail.safetensors"
     ours(fresh, loras=[(kohya, 0.5), (peft, 1.0)])
-    patcher = fresh._patchers["unet"]
+    patcher = fresh.adapters.patchers["unet"]
     before = {m: array for m, (_, array) in patcher._done.items()}
     ours(fresh, loras=[(kohya, 0.5), (peft, 0.3)])
     after = {m: array for m, (_, array) in patcher._done.items()}
@@ -231,7 +231,7 @@ def test_an_embedding_matches_diffusers(tiny_onnx, reference, embedding_files, n
     reference.tokenizer = copy.deepcopy(reference.tokenizer)
     reference.text_encoder = copy.deepcopy(reference.text_encoder)
     reference.load_textual_inversion(str(path), token=name)
-    pipe.prepare_adapters(prompt)
+    pipe.adapters.prepare(prompt)
     got = pipe.encode_prompt(prompt)
     with torch.no_grad():
         want = reference.encode_prompt(prompt, "cpu", 1, False)[0].numpy()
@@ -271,6 +271,10 @@ def test_a_lora_for_another_base_is_refused_and_the_model_unharmed(fresh, tmp_pa
     ({"weight": torch.zeros(3)}, "is not a LoRA"),
     ({"lora_unet_x.hada_w1_a": torch.zeros(2, 2), "lora_unet_x.hada_w1_b": torch.zeros(2, 2)}, "LoHa"),
     ({"lora_unet_x.lokr_w1": torch.zeros(2, 2)}, "LoKr"),
+    ({"lora_unet_x.lora_down.weight": torch.zeros(2, 4), "lora_unet_x.lora_up.weight": torch.zeros(4, 2),
+      "lora_unet_x.dora_scale": torch.zeros(1, 4)}, "DoRA"),
+    ({"lora_unet_x.lora_down.weight": torch.full((2, 4), float("nan")),
+      "lora_unet_x.lora_up.weight": torch.zeros(4, 2)}, "NaN"),
 ])
 def test_files_that_are_not_plain_loras_are_refused_by_name(fresh, tmp_path, content, message):
     from safetensors.torch import save_file
@@ -299,6 +303,19 @@ def test_bad_tags_get_one_line_each(fresh, prompt, message):
         ours(fresh, prompt=prompt)
     assert "\n" not in str(caught.value)
     _expect_unharmed(fresh, base)
+
+
+def test_a_prompt_tag_cannot_name_a_file_outside_the_lora_folder(fresh, lora_files):
+    """A server takes prompts from anyone: a tag is a name in --lora-dir, never a path."""
+    with pytest.raises(InputError, match="not found"):
+        ours(fresh, prompt=f"a cat <lora:{lora_files / 'kohya_style.safetensors'}:0.5>")
+
+
+def test_an_embedding_longer_than_a_window_is_refused(tiny_onnx, tmp_path):
+    torch.save({"string_to_param": {"*": torch.zeros(80, 32)}}, tmp_path / "long.pt")
+    pipe = Pipeline.load(tiny_onnx, provider="cpu", embeddings_dir=tmp_path)
+    with pytest.raises(InputError, match="80 vectors"):
+        ours(pipe, prompt="a long circle")
 
 
 def test_an_embedding_of_another_width_is_refused(tiny_onnx, tmp_path):

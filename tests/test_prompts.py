@@ -63,6 +63,8 @@ CASES = {
     "BREAK circle": [[], [("circle", 1)]],
     "(red:1.2) BREAK [circle]": [[("red", 1.2)], [("circle", S)]],
     "a red circle)": [[("a", 1), ("red", 1), ("circle", 1), (")", 1)]],
+    # sdonnx's one departure: the web UI would read this BREAK as the word "break" at -1.2.
+    "(red BREAK circle:1.2)": [[("red", 1.2)], [("circle", 1.2)]],
     "": [[]],
 }
 
@@ -73,6 +75,31 @@ def test_token_weights_follow_automatic1111(tokenizer, prompt):
     ids, weights = expected(tokenizer, CASES[prompt])
     assert got.ids.tolist() == ids.tolist()
     np.testing.assert_allclose(got.weights, weights, rtol=1e-6)
+
+
+# The web UI's own doctests of parse_prompt_attention (modules/prompt_parser.py), word for word.
+A1111_DOCTESTS = [
+    ("normal text", [["normal text", 1.0]]),
+    ("an (important) word", [["an ", 1.0], ["important", 1.1], [" word", 1.0]]),
+    ("(unbalanced", [["unbalanced", 1.1]]),
+    ("\\(literal\\]", [["(literal]", 1.0]]),
+    ("(unnecessary)(parens)", [["unnecessaryparens", 1.1]]),
+    ("a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).",
+     [["a ", 1.0], ["house", 1.5730000000000004], [" ", 1.1], ["on", 1.0], [" a ", 1.1], ["hill", 0.55],
+      [", sun, ", 1.1], ["sky", 1.4641000000000006], [".", 1.1]]),
+]
+
+
+@pytest.mark.parametrize("prompt,want", A1111_DOCTESTS)
+def test_parse_matches_the_web_uis_doctests(prompt, want):
+    assert [list(run) for run in prompts.parse_attention(prompt)] == want
+
+
+def test_a_weight_that_is_not_a_number_is_one_clear_error(tokenizer):
+    from sdonnx.runtime.errors import InputError
+
+    with pytest.raises(InputError, match="not a number"):
+        windows(tokenizer, "a (red:1.2.3) circle")
 
 
 def test_weights_cross_a_window_edge(tokenizer):

@@ -123,7 +123,7 @@ def run(provider: str, files: dict[str, Path]) -> list[dict]:
     def apply(uses):
         def action():
             timed.update(patch_s=0.0, tensors=0)
-            pipe.set_adapters(uses)
+            pipe.adapters.set(uses)
             pipe.unet  # noqa: B018  (the old UNet dropped, the patched one built, as a generation does)
             return dict(timed)
         return action
@@ -137,13 +137,13 @@ def run(provider: str, files: dict[str, Path]) -> list[dict]:
 
     phase("load (second start) + first UNet call", then_call(load))
     phase("UNet call 512x512 (steady)", call)
-    lcm = pipe.lora_use(files["lcm-lora-shaped"], 1.0)
-    style = pipe.lora_use(files["style"], 0.8)
+    lcm = pipe.adapters.lora_use(files["lcm-lora-shaped"], 1.0)
+    style = pipe.adapters.lora_use(files["style"], 0.8)
     phase("apply LCM-LoRA + first call", then_call(apply([lcm])))
     phase("UNet call 512x512 (steady)", call)
     phase("switch LCM-LoRA scale 1.0 -> 0.5 + first call",
-          then_call(apply([pipe.lora_use(files["lcm-lora-shaped"], 0.5)])))
-    phase("add style LoRA + first call", then_call(apply([pipe.lora_use(files["lcm-lora-shaped"], 0.5), style])))
+          then_call(apply([pipe.adapters.lora_use(files["lcm-lora-shaped"], 0.5)])))
+    phase("add style LoRA + first call", then_call(apply([pipe.adapters.lora_use(files["lcm-lora-shaped"], 0.5), style])))
     phase("switch to style LoRA alone + first call", then_call(apply([style])))
     phase("drop LoRAs + first call", then_call(apply([])))
 
