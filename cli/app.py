@@ -42,6 +42,16 @@ def parse_size(size: str) -> tuple[int, int]:
     return int(match[1]), int(match[2])
 
 
+def folder_option(option: str, value: str | None) -> Path | None:
+    """A folder option's value as a path; InputError for an empty one (a missing folder is
+    fine: it just holds nothing)."""
+    if value is None:
+        return None
+    if not value.strip():
+        raise InputError(f"{option} is empty; give a folder, or leave the option out for the default")
+    return Path(value).expanduser()
+
+
 @app.command()
 def generate(
     prompt: str = typer.Argument(..., help="What to draw."),
@@ -84,10 +94,10 @@ def generate(
         "auto", "--vae-tiles", help="VAE in overlapping tiles: auto (above the VAE's size, 512 pixels for SD 1.x), off, or a tile side (multiple of 32 pixels)."),
     lora: Optional[list[str]] = typer.Option(
         None, "--lora", help="A LoRA to apply: FILE[:SCALE], or a name in --lora-dir (repeatable; SCALE default 1)."),
-    lora_dir: Optional[Path] = typer.Option(
+    lora_dir: Optional[str] = typer.Option(
         None, "--lora-dir", help="Where <lora:NAME:SCALE> in a prompt is looked up "
                                  "(default $SDONNX_LORA_DIR, else ~/.local/share/sdonnx/loras)."),
-    embeddings_dir: Optional[Path] = typer.Option(
+    embeddings_dir: Optional[str] = typer.Option(
         None, "--embeddings-dir", help="Textual-inversion embeddings, used where the prompt names them "
                                        "(default $SDONNX_EMBEDDINGS_DIR, else ~/.local/share/sdonnx/embeddings)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Print load and per-step times."),
@@ -127,6 +137,7 @@ def generate(
     if mask is not None:
         image_options["mask_image"] = load_image(mask, "mask image", MASK_BACKGROUND)
     # LoRA files are found (or refused) before the model loads.
+    lora_dir, embeddings_dir = folder_option("--lora-dir", lora_dir), folder_option("--embeddings-dir", embeddings_dir)
     loras = [adapters.parse_lora_option(spec) for spec in lora or []]
     lora_dir = adapters.default_dir("loras", lora_dir)
     loras = [(adapters.locate_lora(name, lora_dir), scale) for name, scale in loras]
@@ -276,10 +287,10 @@ def serve(
                               help="Requests that may wait behind the running one; more get 503."),
     low_memory: bool = typer.Option(
         False, "--low-memory", help="Load each part only while a request runs it (slower requests, lower peak)."),
-    lora_dir: Optional[Path] = typer.Option(
+    lora_dir: Optional[str] = typer.Option(
         None, "--lora-dir", help="Where <lora:NAME:SCALE> in a request's prompt is looked up "
                                  "(default $SDONNX_LORA_DIR, else ~/.local/share/sdonnx/loras)."),
-    embeddings_dir: Optional[Path] = typer.Option(
+    embeddings_dir: Optional[str] = typer.Option(
         None, "--embeddings-dir", help="Textual-inversion embeddings, used where a prompt names them "
                                        "(default $SDONNX_EMBEDDINGS_DIR, else ~/.local/share/sdonnx/embeddings)."),
 ) -> None:
@@ -297,6 +308,7 @@ def serve(
         raise InputError("--api-key is empty; give a key or leave the option out")
     if not host.strip():
         raise InputError("--host is empty; give an address such as 127.0.0.1 (this machine) or 0.0.0.0 (the network)")
+    lora_dir, embeddings_dir = folder_option("--lora-dir", lora_dir), folder_option("--embeddings-dir", embeddings_dir)
     sock = server.bind(host, port)
     try:
         pipe = Pipeline.load(model, provider=provider, threads=threads, precision=precision, low_memory=low_memory,
