@@ -89,6 +89,8 @@ def _describe(path: Path, record: dict) -> str:
         lines += [f"    out {name}: {kind} {shape}" for name, kind, shape in outputs]
         if "parity" in recorded:
             lines.append(f"    parity vs torch: max abs diff {recorded['parity']['max_abs_diff']:.2e}")
+        if part in (parts.UNET, parts.TEXT_ENCODER):
+            lines.append("    LoRAs/embeddings: " + _adapter_support(model_file, recorded))
         checked = record.get("quantization", {}).get("parts", {}).get(part.name)
         if checked:
             verdict = " -> kept in fp32" if checked.get("kept_float") else ""
@@ -105,6 +107,17 @@ def _describe(path: Path, record: dict) -> str:
                      f"SSIM {q['ssim']:.3f} (parts below {q['min_psnr']:g} dB stay fp32)")
     lines.append(runtime_choice())
     return "\n".join(lines)
+
+
+def _adapter_support(model_file: Path, recorded: dict) -> str:
+    """Whether LoRAs (and embeddings) can patch this part, and through what (runtime/adapters.py)."""
+    from sdonnx.runtime.adapters import WEIGHT_MAP_FILE
+
+    if model_file.name == parts.IR_FILE or "int8" in str(recorded.get("precision", "")):
+        return "no (int8 weights; use the float folder)"
+    if (model_file.parent / WEIGHT_MAP_FILE).is_file():
+        return f"yes ({WEIGHT_MAP_FILE})"
+    return "yes, the weight map derived from the graph at first use (needs the onnx package)"
 
 
 def _signature(part: parts.Part, model_file: Path) -> tuple[list[tuple], list[tuple]]:
