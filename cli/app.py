@@ -100,6 +100,12 @@ def generate(
     embeddings_dir: Optional[str] = typer.Option(
         None, "--embeddings-dir", help="Textual-inversion embeddings, used where the prompt names them "
                                        "(default $SDONNX_EMBEDDINGS_DIR, else ~/.local/share/sdonnx/embeddings)."),
+    decoder: str = typer.Option(
+        "full", "--decoder", help="full (the VAE) or tiny (TAESD: far faster, softer; `sdonnx export --tiny-vae`)."),
+    preview: Optional[str] = typer.Option(
+        None, "--preview", help="Write a cheap preview of the current estimate to this image file while sampling "
+                                "(TAESD when the model has it, else a linear latent-to-RGB map)."),
+    preview_every: int = typer.Option(1, "--preview-every", min=1, max=10_000, help="Steps between previews."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Print load and per-step times."),
 ) -> None:
     """Generate images from a prompt and write them as PNGs with their parameters.
@@ -121,7 +127,9 @@ def generate(
     seed = GenerationConfig(prompt, negative, fallback.steps if steps is None else steps,
                             fallback.guidance if guidance is None else guidance, seed, width, height,
                             fallback.sampler if sampler is None else sampler, n, schedule=schedule,
-                            eta=eta if sampler else None, strength=strength, vae_tiles=vae_tiles).validate().seed
+                            eta=eta if sampler else None, strength=strength, vae_tiles=vae_tiles,
+                            decoder=decoder).validate().seed
+    preview_file = output.preview_path(preview) if preview is not None else None
     if eta is not None:  # its sampler may be the model's default, known after loading; its range is known now
         check_number("eta", eta, 0, 1)
     if init_image is None and (strength is not None or mask is not None):
@@ -165,10 +173,14 @@ def generate(
                 last = now
                 progress.update(task, completed=step, total=total)
 
+            def show(step: int, total: int, denoised) -> None:
+                if preview_file is not None and (step % preview_every == 0 or step == total):
+                    output.write_preview(pipe.preview(denoised), preview_file)
+
             images = pipe.generate(prompt, negative_prompt=negative, steps=steps, guidance=guidance,
                                    seed=seed + batch * n, width=width, height=height, sampler=sampler,
                                    n=n, callback=on_step, schedule=schedule, eta=eta, vae_tiles=vae_tiles,
-                                   loras=loras, **image_options)
+                                   loras=loras, decoder=decoder, on_step=show, **image_options)
         for i, image in enumerate(images):
             image_seed = image.info["seed"]
             written = output.save_image(image, paths[batch * n + i] if paths else None, folder, image_seed)
@@ -187,8 +199,9 @@ def generate(
 
 @app.command()
 def export(
-    source: Path = typer.Argument(..., help="A single-file checkpoint (.safetensors, .ckpt) or a diffusers folder."),
-    out: Path = typer.Argument(..., help="Folder to write the ONNX models to."),
+    source: Path = typer.Argument(..., help="A single-file checkpoint (.safetensors, .ckpt) or a diffusers folder; "
+                                            "with --tiny-vae alone, an exported folder to add TAESD to."),
+    out: Optional[Path] = typer.Argument(None, help="Folder to write the ONNX models to."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
     opset: Optional[int] = typer.Option(None, "--opset", min=7, max=30, help="ONNX opset (default: optimum's)."),
     check: bool = typer.Option(True, "--check/--no-check", help="Compare every part with torch."),
@@ -209,15 +222,39 @@ def export(
     variant: Optional[str] = typer.Option(
         None, "--variant", help="Diffusers folder: read these weights (fp16: model.fp16.safetensors ...); "
                                 "default: the plain ones, or fp16 when a folder has only those."),
+    tiny_vae: Optional[str] = typer.Option(
+        None, "--tiny-vae", help="Also export TAESD (a diffusers AutoencoderTiny folder, or taesd_decoder.pth with "
+                                 "taesd_encoder.pth beside it) as tiny_vae_decoder/encoder; "
+                                 "`sdonnx export FOLDER --tiny-vae TAESD` adds it to an exported FOLDER."),
 ) -> None:
     """Export a checkpoint to a folder of ONNX models, checked against torch."""
     from sdonnx.export.exporter import ExportConfig, export as run_export
 
+    taesd = folder_option("--tiny-vae", tiny_vae)
+    if taesd is not None and not taesd.exists():
+        raise InputError(f"TAESD source not found: {taesd}")
+    if out is None:
+        if taesd is None:
+            raise InputError("missing OUT: give the folder to export to (`sdonnx export SOURCE OUT`)")
+        from sdonnx.export.tiny_vae import add_tiny_vae
+        from sdonnx.runtime.pipeline import check_model_folder
+
+        check_model_folder(source)
+        start = time.perf_counter()
+        typer.echo(f"adding TAESD from {taesd} to {source}")
+        add_tiny_vae(taesd, source, log=typer.echo)
+        typer.echo(f"wrote {source / 'tiny_vae_decoder'} in {time.perf_counter() - start:.1f} s")
+        return
     given = {"steps": default_steps, "guidance": default_guidance, "sampler": default_sampler}
     defaults = {name: value for name, value in given.items() if value is not None}
     result = run_export(ExportConfig(source, out, force=force, opset=opset, check=check, defaults=defaults,
                                      config=config, vae=vae, extract_ema=extract_ema, variant=variant,
                                      prediction_type=prediction_type, image_size=image_size), log=typer.echo)
+    if taesd is not None:
+        from sdonnx.export.tiny_vae import add_tiny_vae
+
+        typer.echo(f"adding TAESD from {taesd}")
+        add_tiny_vae(taesd, result.out, log=typer.echo)
     typer.echo(f"wrote {result.out} in {result.seconds:.1f} s")
 
 

@@ -135,3 +135,25 @@ def save_image(image: Image.Image, path: Path | None, folder: Path, seed: int, s
         raise InputError(f"cannot write {path or folder} as {FORMATS[fmt]}: {e}; write a PNG instead") from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def preview_path(value: str) -> Path:
+    """The --preview file: a PNG, JPEG or WebP name in an existing folder (it is rewritten
+    during the run, so an existing file of that name is replaced, as asked)."""
+    path = Path(value).expanduser()
+    if path.suffix.lower() not in FORMATS:
+        raise InputError(f"--preview {value}: name an image file ({', '.join(FORMATS)})")
+    if not path.parent.is_dir():
+        raise InputError(f"--preview {value}: the folder {path.parent} does not exist")
+    return path
+
+
+def write_preview(image: Image.Image, path: Path) -> None:
+    """Replace the preview file atomically (a viewer never sees half an image)."""
+    tmp = path.parent / f".sdonnx-{secrets.token_hex(6)}{path.suffix.lower()}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            _encode(image, f, path.suffix.lower())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

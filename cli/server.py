@@ -368,8 +368,8 @@ class Worker:
     """The loaded pipeline, its queue, and what the progress endpoint reports.
 
     Every model call happens on the worker thread: a preview requested by /sdapi/v1/progress is
-    decoded there after the next step (one VAE decode per request, not per step), so no
-    execution provider is ever entered from two threads.
+    made there after the next step (at most one per step, whatever the polling rate; TAESD or
+    a linear map, never the full VAE), so no execution provider is ever entered from two threads.
     """
 
     def __init__(self, pipe: Pipeline, max_queue: int = MAX_QUEUE):
@@ -422,10 +422,11 @@ class Worker:
         if self.interrupt.is_set():
             raise Interrupted(step, total)
         preview = None
-        # A preview decode would load the VAE beside the UNet, which --low-memory avoids.
-        if self.preview_wanted.is_set() and step < total and not self.pipe.config.low_memory:
+        # At most one preview per step, only when a poll asked for one since the last, and
+        # never the full VAE: TAESD or the linear latent-to-RGB map (Pipeline.preview).
+        if self.preview_wanted.is_set() and step < total:
             self.preview_wanted.clear()
-            preview = _b64_png(self.pipe.decode(denoised[:1])[0])
+            preview = _b64_png(self.pipe.preview(denoised))
         with self.lock:
             self.step, self.total = step, total
             if preview is not None:

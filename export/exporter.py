@@ -235,6 +235,18 @@ def _run_optimum(source: Path, tmp: Path, opset: int | None) -> None:
         )
 
 
+# An LCM-distilled model's settings when the export does not say (diffusers'
+# LatentConsistencyModelPipeline defaults: 4 steps, guidance 8.5, its LCMScheduler).
+LCM_DEFAULTS = {"sampler": "lcm", "steps": 4, "guidance": 8.5}
+
+
+def _recommended(folder: Path, given: dict) -> dict:
+    """The settings recorded as the model's defaults: those given, over LCM_DEFAULTS for a
+    UNet with a guidance-embedding input (time_cond_proj_dim)."""
+    unet_config = parts.read_json(folder / parts.UNET.name / "config.json")
+    return {**(LCM_DEFAULTS if unet_config.get("time_cond_proj_dim") else {}), **given}
+
+
 def _write_record(tmp: Path, config: ExportConfig, seconds: float, parity: list[PartParity],
                   source_record: dict | None = None, fused: dict[str, int] | None = None,
                   mapped: dict[str, int] | None = None) -> None:
@@ -246,7 +258,7 @@ def _write_record(tmp: Path, config: ExportConfig, seconds: float, parity: list[
         "opset": _opset(tmp / parts.UNET.onnx_path),
         "versions": {"sdonnx": "0.1.0", **_versions()},
         "export_seconds": round(seconds, 1),
-        **({"defaults": config.defaults} if config.defaults else {}),
+        **({"defaults": defaults} if (defaults := _recommended(tmp, config.defaults)) else {}),
         "parts": {
             part.name: {
                 "precision": "fp32",

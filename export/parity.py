@@ -84,9 +84,13 @@ def check_parts(source: Path, exported: Path, seed: int = 0) -> list[PartParity]
         side = min(int(model.config.sample_size), MAX_CHECK_LATENT)
         sample = rng.standard_normal((2, model.config.in_channels, side, side), dtype=np.float32)
         timestep = np.array(501.0, dtype=np.float32)
-        reference = model(torch.from_numpy(sample), torch.from_numpy(timestep), torch.from_numpy(hidden)).sample.numpy()
+        extra = {}
+        if model.config.time_cond_proj_dim:  # an LCM-distilled UNet's guidance embedding
+            extra["timestep_cond"] = rng.standard_normal((2, model.config.time_cond_proj_dim), dtype=np.float32)
+        reference = model(torch.from_numpy(sample), torch.from_numpy(timestep), torch.from_numpy(hidden),
+                          **{k: torch.from_numpy(v) for k, v in extra.items()}).sample.numpy()
         session = _session(exported / parts.UNET.onnx_path)
-        ours = _run(session, sample=sample, timestep=timestep, encoder_hidden_states=hidden)
+        ours = _run(session, sample=sample, timestep=timestep, encoder_hidden_states=hidden, **extra)
         results.append(_compare("unet", reference, ours, sample.shape))
         del model, session
         gc.collect()

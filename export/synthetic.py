@@ -69,6 +69,7 @@ def build_random_pipeline(
     time_gain: float = 1.0,
     sample_size: int | None = None,
     in_channels: int = 4,
+    time_cond_proj_dim: int | None = None,
 ) -> Path:
     """Write a randomly initialised SD pipeline to `out_dir` (diffusers format).
 
@@ -77,6 +78,8 @@ def build_random_pipeline(
     sampler or guidance scale visibly changes the image.
     `sample_size` is the image side in pixels (64 for tiny, 512 for sd15 by default).
     `in_channels=9` makes an inpainting model (latents + mask + masked-image latents).
+    `time_cond_proj_dim` makes an LCM-distilled model (a guidance-embedding input,
+    LatentConsistencyModelPipeline with LCMScheduler, as latent-consistency/lcm-lora's models are).
     """
     import torch
     from diffusers import (
@@ -92,7 +95,7 @@ def build_random_pipeline(
     unet_args, vae_args, text_args = PRESETS[preset]
     sample_size = sample_size or (64 if preset == "tiny" else 512)
     unet = UNet2DConditionModel(sample_size=sample_size // 8, in_channels=in_channels, out_channels=4,
-                                **unet_args)
+                                time_cond_proj_dim=time_cond_proj_dim, **unet_args)
     with torch.no_grad():
         unet.conv_out.weight.mul_(output_gain)
         unet.conv_out.bias.mul_(output_gain)
@@ -140,6 +143,14 @@ def build_random_pipeline(
         feature_extractor=None,
         requires_safety_checker=False,
     )
+    if time_cond_proj_dim is not None:
+        from diffusers import LatentConsistencyModelPipeline, LCMScheduler
+
+        pipe = LatentConsistencyModelPipeline(
+            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+            scheduler=LCMScheduler.from_config(scheduler.config), safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False,
+        )
     pipe.save_pretrained(out_dir)
     # PNDMScheduler does not take SD 1.5's `clip_sample: false`, but DDIMScheduler reads it
     # (and defaults to True), so write it as real checkpoints carry it.

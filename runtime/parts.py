@@ -57,6 +57,12 @@ VAE_DECODER = Part("vae_decoder", ("latent_sample",), "sample")
 VAE_ENCODER = Part("vae_encoder", ("sample",), "latent_parameters", required=False)
 
 PARTS = (TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER)
+# TAESD (diffusers' AutoencoderTiny, madebyollin/taesd), optional: scaled latents in and out
+# (no scaling factor), pixels in [-1, 1]. `sdonnx export --tiny-vae` adds them; generation
+# uses them with decoder="tiny", and previews whenever they are there.
+TINY_VAE_DECODER = Part("tiny_vae_decoder", ("latent_sample",), "sample", required=False)
+TINY_VAE_ENCODER = Part("tiny_vae_encoder", ("sample",), "latent_sample", required=False)
+TINY_PARTS = (TINY_VAE_DECODER, TINY_VAE_ENCODER)
 
 
 def model_files(path: Path) -> list[Path]:

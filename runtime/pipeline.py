@@ -9,6 +9,7 @@ import json
 import os
 import random
 from contextlib import contextmanager
+from functools import partial
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -66,6 +67,7 @@ SAMPLERS = {
     "lcm": Sampler("LCM", samplers.sample_lcm, lcm_schedule, "LCMScheduler"),
 }
 SCHEDULES = ("default", "karras")
+DECODERS = ("full", "tiny")
 # vae_tiles="auto": one piece up to this side (pixels), or the VAE's own training size when
 # larger (SD 2's 768); tiles of that side above it. Tiles change the picture a little (each
 # tile's group norms see the tile alone), so sizes a model was made for stay in one piece.
@@ -73,6 +75,20 @@ AUTO_TILE = 512
 # A part run once per generation (text encoder, VAE encoder) stays loaded below this size
 # (model file and weights): reloading a small one costs more than it holds.
 KEEP_BYTES = 64 * 2**20
+
+
+def guidance_embedding(guidance: float, dim: int) -> np.ndarray:
+    """(1, dim) float32: the sinusoidal embedding of (guidance - 1) * 1000 that an LCM-distilled
+    UNet takes as `timestep_cond` (Luo et al. 2023; diffusers'
+    LatentConsistencyModelPipeline.get_guidance_scale_embedding, after VDM's)."""
+    half = dim // 2
+    w = np.float32((guidance - 1.0) * 1000.0)
+    frequencies = np.exp(np.arange(half, dtype=np.float32) * -(np.log(np.float32(10000.0)) / np.float32(half - 1)))
+    angles = w * frequencies[None, :]
+    embedding = np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+    if dim % 2:
+        embedding = np.pad(embedding, ((0, 0), (0, 1)))
+    return embedding.astype(np.float32)
 
 
 def random_seed() -> int:
@@ -115,6 +131,7 @@ class GenerationConfig:
     eta: float | None = None  # ddim, euler_a, dpmpp_2m_sde: the share of fresh noise per step
     strength: float | None = None  # img2img and inpainting only
     vae_tiles: int | str = "auto"  # "auto", "off" or a tile side in pixels (runtime/vae.py)
+    decoder: str = "full"  # "full" VAE or "tiny" (TAESD, when the folder has it)
 
     def validate(self) -> "GenerationConfig":
         if not isinstance(self.prompt, str) or not isinstance(self.negative_prompt, str):
@@ -136,6 +153,8 @@ class GenerationConfig:
         if self.strength is not None:
             check_number("strength", self.strength, 0, 1)
         vae.check_tiles(self.vae_tiles)
+        if self.decoder not in DECODERS:
+            raise InputError(f"unknown decoder {self.decoder!r}; choose one of: {', '.join(DECODERS)}")
         if not is_int(self.n) or self.n < 1:
             raise InputError(f"n (images per call) must be at least 1, got {shown(self.n)}")
         if self.seed is not None and (not is_int(self.seed) or not -1 <= self.seed < 2**63):
@@ -289,6 +308,10 @@ class Pipeline:
         # LoRAs and embeddings the parts should carry (adapters.py), and those each loaded one does.
         self.adapters = adapters.Adapters(path, self.tokenizer, config.lora_dir, config.embeddings_dir)
         self._carried: dict[str, tuple] = {}
+        # An LCM-distilled UNet takes the guidance scale as an embedding of this width.
+        self.guidance_embedding_dim = parts.config_field(
+            parts.read_json(path / parts.UNET.name / "config.json"), "time_cond_proj_dim", None,
+            lambda v: is_int(v) and v > 0, path / parts.UNET.name / "config.json", "a whole number")
         self._unet_channels = parts.config_field(
             parts.read_json(path / parts.UNET.name / "config.json"), "in_channels", None,
             lambda v: is_int(v) and v > 0, path / parts.UNET.name / "config.json", "a whole number")
@@ -362,6 +385,8 @@ class Pipeline:
     unet = _part_property(parts.UNET)
     vae_decoder = _part_property(parts.VAE_DECODER)
     vae_encoder = _part_property(parts.VAE_ENCODER)
+    tiny_vae_decoder = _part_property(parts.TINY_VAE_DECODER)
+    tiny_vae_encoder = _part_property(parts.TINY_VAE_ENCODER)
 
     @classmethod
     def load(cls, path: str | Path | None = None, provider: str = "auto",
@@ -439,8 +464,10 @@ class Pipeline:
         negative = np.repeat(self.encode_prompt(config.negative_prompt, windows), config.n, axis=0)
         return np.concatenate([negative, context])
 
-    def _unet(self, sample: np.ndarray, t: float, context: np.ndarray, precise: bool = False) -> np.ndarray:
-        """The UNet's raw output, float32; `precise`: in fp32 whatever the loaded precision."""
+    def _unet(self, sample: np.ndarray, t: float, context: np.ndarray, precise: bool = False,
+              timestep_cond: np.ndarray | None = None) -> np.ndarray:
+        """The UNet's raw output, float32; `precise`: in fp32 whatever the loaded precision;
+        `timestep_cond` (1, d): an LCM-distilled UNet's guidance embedding, for every row."""
         dtype = self.unet.dtype("timestep")
         t = round(t) if np.issubdtype(dtype, np.integer) else t
         rank = len(self.unet.shape("timestep"))
@@ -451,11 +478,15 @@ class Pipeline:
             # copy=False: the same context object every step, which a bound device keeps.
             "encoder_hidden_states": context.astype(self.unet.dtype("encoder_hidden_states"), copy=False),
         }
+        if timestep_cond is not None:
+            inputs["timestep_cond"] = np.repeat(timestep_cond, len(sample), axis=0).astype(
+                self.unet.dtype("timestep_cond"))
         out = self.unet.run(inputs, "fp32" if precise else None)
         return out[parts.UNET.output].astype(np.float32)
 
-    def _precise_unet(self, sample: np.ndarray, t: float, context: np.ndarray) -> np.ndarray:
-        return self._unet(sample, t, context, precise=True)
+    def _precise_unet(self, sample: np.ndarray, t: float, context: np.ndarray,
+                      timestep_cond: np.ndarray | None = None) -> np.ndarray:
+        return self._unet(sample, t, context, precise=True, timestep_cond=timestep_cond)
 
     def vae_tile(self, tiles: int | str, height: int, width: int) -> int | None:
         """The VAE tile side in latent pixels for a (height, width) latent, None for one piece.
@@ -463,23 +494,47 @@ class Pipeline:
         size above it."""
         return vae.tile_latent(vae.check_tiles(tiles), self.vae_tile_size // parts.VAE_SCALE, height, width)
 
-    def decode(self, latents: np.ndarray, tiles: int | str = "auto") -> list[Image.Image]:
-        """VAE-decode latents (n, 4, H/8, W/8), one at a time, into n 8-bit RGB images;
+    @property
+    def has_tiny_vae(self) -> bool:
+        """Whether the folder has the TAESD decoder (`sdonnx export --tiny-vae`)."""
+        return parts.TINY_VAE_DECODER.file(self.config.path) is not None
+
+    def _decoder_part(self, decoder: str) -> parts.Part:
+        if decoder == "tiny":
+            if not self.has_tiny_vae:
+                raise ModelFolderError(f"decoder \"tiny\" needs TAESD in {self.config.path}; add it with "
+                                       "`sdonnx export TAESD_SOURCE --tiny-vae-into FOLDER`")
+            return parts.TINY_VAE_DECODER
+        return parts.VAE_DECODER
+
+    def decode(self, latents: np.ndarray, tiles: int | str = "auto", decoder: str = "full") -> list[Image.Image]:
+        """Decode latents (n, 4, H/8, W/8), one at a time, into n 8-bit RGB images with the
+        full VAE or ("tiny") TAESD, which takes the scaled latents as they are;
         `tiles` "auto", "off" or a tile side in pixels (vae_tile, runtime/vae.py)."""
         images = []
-        with self.using(parts.VAE_DECODER) as vae_decoder:
+        part = self._decoder_part(decoder)
+        scale = 1.0 if part is parts.TINY_VAE_DECODER else self.vae_scaling_factor
+        with self.using(part) as vae_decoder:
             dtype = vae_decoder.dtype("latent_sample")
 
             def run(z: np.ndarray) -> np.ndarray:
-                return vae_decoder(latent_sample=z.astype(dtype))[parts.VAE_DECODER.output]
+                return vae_decoder(latent_sample=z.astype(dtype))[part.output]
 
             for latent in latents:
-                scaled = latent[None] / self.vae_scaling_factor
+                scaled = latent[None] / scale
                 tile = self.vae_tile(tiles, *scaled.shape[2:])
                 pixels = (run(scaled) if tile is None else vae.tiled(run, scaled, tile, parts.VAE_SCALE))[0]
                 pixels = np.clip(pixels.astype(np.float32) / 2 + 0.5, 0, 1)
                 images.append(Image.fromarray((pixels.transpose(1, 2, 0) * 255).round().astype(np.uint8)))
         return images
+
+    def preview(self, latents: np.ndarray) -> Image.Image:
+        """A cheap picture of the first of `latents` (n, 4, H/8, W/8), the sampler's current
+        estimate: TAESD's decode when the folder has it, else AUTOMATIC1111's "Approx cheap"
+        linear map at 1/8 of the side (vae.cheap_rgb). Never the full VAE."""
+        if self.has_tiny_vae:
+            return self.decode(latents[:1], "off", "tiny")[0]
+        return Image.fromarray(vae.cheap_rgb(latents[0]))
 
     def initial_noise(self, config: GenerationConfig) -> np.ndarray:
         """Unit normal noise; image i uses seed + i so any image of a batch can be redone alone."""
@@ -532,7 +587,7 @@ class Pipeline:
                  init_image: Image.Image | str | Path | None = None, strength: float = 0.75,
                  mask_image: Image.Image | str | Path | None = None,
                  on_step: Callable[[int, int, np.ndarray], None] | None = None,
-                 vae_tiles: int | str = "auto", loras: Sequence = ()) -> list[Image.Image]:
+                 vae_tiles: int | str = "auto", loras: Sequence = (), decoder: str = "full") -> list[Image.Image]:
         """Generate `n` images; `latents` (n, 4, H/8, W/8) of unit noise replaces the seeded noise.
 
         Steps, guidance and sampler default to the model's `defaults` (20, 7.5, euler unless
@@ -558,7 +613,9 @@ class Pipeline:
 
         Prompts take AUTOMATIC1111's syntax (runtime/prompts.py): `(word:1.3)`, `((word))`,
         `[word]`, `BREAK`, `<lora:NAME:SCALE>` (NAME looked up in the load's `lora_dir`), and
-        the names of the embeddings in its `embeddings_dir`. `loras` adds LoRAs by path or name,
+        the names of the embeddings in its `embeddings_dir`. `decoder` "tiny" decodes with
+        TAESD (the folder's tiny_vae_decoder: a fraction of the full VAE's time, softer
+        detail). `loras` adds LoRAs by path or name,
         each alone or as a (path, scale) pair; they are applied to the loaded model's weights
         (runtime/adapters.py) and recorded in the PNG parameters as the web UI records them.
         """
@@ -583,7 +640,7 @@ class Pipeline:
         sampler = sampler or self.defaults.sampler
         config = GenerationConfig(
             prompt, negative_prompt, steps, guidance, seed, width, height, sampler, n, schedule, eta,
-            None if init_image is None else strength, vae_tiles,
+            None if init_image is None else strength, vae_tiles, decoder,
         ).validate()
         if width % self.size_multiple or height % self.size_multiple:
             raise InputError(
@@ -598,10 +655,16 @@ class Pipeline:
                 f"got {np.shape(latents)}"
             )
         uses = self.adapters.prepare(prompt, negative_prompt, loras)
+        # An LCM-distilled UNet gets the guidance as an input and runs no unconditional pass.
+        distilled = self.guidance_embedding_dim is not None
+        if distilled and negative_prompt:
+            raise InputError(f"{self.name} is an LCM-distilled model: the guidance scale is an input of its UNet "
+                             "and there is no unconditional pass, so it takes no negative prompt")
+        steering = replace(config, guidance=1.0) if distilled else config
         chosen = SAMPLERS[config.sampler]
         schedule_, x, conditioning = self._start(config, np.asarray(latents, dtype=np.float32),
                                                  init_image, mask_image)
-        context = self.encode_context(config)
+        context = self.encode_context(steering)
         options = {**schedule_.sampler_kwargs, "noise": self.sampler_noise(config, x.shape),
                    "prediction_type": self.scheduler.prediction_type}
         if config.eta is not None:
@@ -611,8 +674,12 @@ class Pipeline:
         if self.config.precision != "fp32":
             precise = precise_sigmas(chosen.sample, schedule_.sigmas, options, self.scheduler.prediction_type,
                                      config.guidance)
-        denoise = Denoiser(self._unet, context, config.guidance, self.scheduler.prediction_type,
-                           schedule_.sigma_to_t, conditioning, self._precise_unet, precise)
+        unet, precise_unet = self._unet, self._precise_unet
+        if distilled:
+            cond = guidance_embedding(config.guidance, self.guidance_embedding_dim)
+            unet, precise_unet = partial(unet, timestep_cond=cond), partial(precise_unet, timestep_cond=cond)
+        denoise = Denoiser(unet, context, steering.guidance, self.scheduler.prediction_type,
+                           schedule_.sigma_to_t, conditioning, precise_unet, precise)
         def step(i: int, x: np.ndarray, denoised: np.ndarray) -> None:
             if callback:
                 callback(i + 1, schedule_.steps)
@@ -621,7 +688,7 @@ class Pipeline:
 
         with self.using(parts.UNET):
             x = chosen.sample(denoise, x, schedule_.sigmas, callback=step, **options)
-        images = self.decode(schedule_.to_latents(x), config.vae_tiles)
+        images = self.decode(schedule_.to_latents(x), config.vae_tiles, config.decoder)
         recorded = replace(config, prompt=" ".join([config.prompt, *(u.tag for u in uses[:len(loras)])]))
         extra = {}
         if uses:
