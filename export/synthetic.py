@@ -3,7 +3,8 @@
 The parts are the SD 1.x classes (CLIP text encoder, cross-attention UNet, KL autoencoder with
 a latent downscale of 8), saved in diffusers format so the export stage treats them exactly
 like a real checkpoint. `tiny` has about 2.7 M parameters; `sd15` is the exact SD 1.5
-architecture (860 M-parameter UNet) for memory and speed measurements.
+architecture (860 M-parameter UNet) and `sd21` SD 2.1's (865 M, SD-Turbo's too) for memory
+and speed measurements.
 """
 
 from __future__ import annotations
@@ -54,6 +55,23 @@ PRESETS = {
         dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32),
         dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
              num_attention_heads=12, projection_dim=768),
+    ),
+    # SD 2.1 (and SD-Turbo, distilled from it): linear attention projections, per-level head
+    # widths, OpenCLIP ViT-H's text tower (1024 wide, 23 layers as SD 2 uses it).
+    "sd21": (
+        dict(
+            block_out_channels=(320, 640, 1280, 1280),
+            layers_per_block=2,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            cross_attention_dim=1024,
+            attention_head_dim=(5, 10, 20, 20),
+            use_linear_projection=True,
+            norm_num_groups=32,
+        ),
+        dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32),
+        dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
+             num_attention_heads=16, projection_dim=512, hidden_act="gelu"),
     ),
 }
 
@@ -114,11 +132,10 @@ def build_random_pipeline(
         CLIPTextConfig(
             vocab_size=49408,
             max_position_embeddings=77,
-            hidden_act="quick_gelu",
             bos_token_id=49406,
             eos_token_id=49407,
             pad_token_id=49407,
-            **text_args,
+            **{"hidden_act": "quick_gelu", **text_args},
         )
     )
     tokenizer_dir = out_dir / "tokenizer"

@@ -530,11 +530,13 @@ class Pipeline:
 
     def preview(self, latents: np.ndarray) -> Image.Image:
         """A cheap picture of the first of `latents` (n, 4, H/8, W/8), the sampler's current
-        estimate: TAESD's decode when the folder has it, else AUTOMATIC1111's "Approx cheap"
-        linear map at 1/8 of the side (vae.cheap_rgb). Never the full VAE."""
+        estimate, at the image's size: TAESD's decode when the folder has it, else
+        AUTOMATIC1111's "Approx cheap" linear map (vae.cheap_rgb), each latent pixel an 8x8
+        block. Never the full VAE."""
         if self.has_tiny_vae:
             return self.decode(latents[:1], "off", "tiny")[0]
-        return Image.fromarray(vae.cheap_rgb(latents[0]))
+        rgb = vae.cheap_rgb(latents[0])
+        return Image.fromarray(rgb.repeat(parts.VAE_SCALE, axis=0).repeat(parts.VAE_SCALE, axis=1))
 
     def initial_noise(self, config: GenerationConfig) -> np.ndarray:
         """Unit normal noise; image i uses seed + i so any image of a batch can be redone alone."""

@@ -18,7 +18,7 @@ FREE_TEXT = {"--negative", "--api-key"}
 VALID = {("--guidance", "1.5"), ("--default-guidance", "1.5"), ("--min-psnr", "1.5")}
 # Any non-empty text names a folder here (a new output folder, or the missing model itself), or
 # something looked up in the missing source (a weight variant).
-PATHS = {"--model", "--out", "--variant", "--lora-dir", "--embeddings-dir", "--preview"}
+PATHS = {"--model", "--out", "--variant", "--lora-dir", "--embeddings-dir", "--preview", "--tiny-vae"}
 # What a run ends in when every option was accepted: the missing model (or source) folder.
 FALLBACK = ("model folder not found", "source not found")
 

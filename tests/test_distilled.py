@@ -260,5 +260,34 @@ def test_previews_never_run_the_full_vae(taesd_folder, tiny_onnx):
         pipe.generate(PROMPT, steps=4, width=SIZE, height=SIZE, latents=latents(),
                       on_step=lambda i, n, denoised: previews.append(pipe.preview(denoised)))
         assert len(previews) == 4 and len([c for c in calls if c == folder]) == 1  # the final decode only
-        expected = (SIZE, SIZE) if folder == taesd_folder[0] else (SIZE // 8, SIZE // 8)
-        assert previews[0].size == expected
+        assert previews[0].size == (SIZE, SIZE)
+
+
+def test_the_command_line_adds_taesd_decodes_with_it_and_writes_previews(tiny_onnx, tmp_path):
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    def cli(*args, check=True):
+        return subprocess.run([sys.executable, "-c", "from sdonnx.cli.app import main; main()", *args],
+                              capture_output=True, text=True, check=check)
+
+    folder = tmp_path / "onnx"
+    shutil.copytree(tiny_onnx, folder)
+    source = tmp_path / "taesd"
+    _tiny_autoencoder(encoder_block_out_channels=(16,) * 4, decoder_block_out_channels=(16,) * 4).save_pretrained(source)
+    added = cli("export", str(folder), "--tiny-vae", str(source))
+    assert "tiny_vae_decoder: max abs diff" in added.stdout
+    assert "LoRAs" in cli("info", str(folder)).stdout and "tiny_vae_decoder: fp32" in cli("info", str(folder)).stdout
+    common = ["--model", str(folder), "--seed", "2", "--steps", "4", "--size", "64x64", "--provider", "cpu"]
+    cli("generate", PROMPT, *common, "--decoder", "tiny", "--preview", str(tmp_path / "live.png"),
+        "--preview-every", "2", "--out", str(tmp_path / "tiny.png"))
+    want = Pipeline.load(folder, provider="cpu").generate(PROMPT, seed=2, steps=4, width=64, height=64,
+                                                          decoder="tiny")[0]
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "tiny.png").convert("RGB")), np.asarray(want))
+    assert Image.open(tmp_path / "live.png").size == (64, 64)  # TAESD's preview of the last step
+    assert not list(tmp_path.glob(".sdonnx-*"))  # no temporary preview left behind
+    bad = cli("generate", PROMPT, "--model", str(tiny_onnx), "--decoder", "tiny", "--steps", "1", "--size", "64x64",
+              "--out", str(tmp_path / "x.png"), check=False)
+    assert bad.returncode == 2 and "--tiny-vae" in bad.stderr and not (tmp_path / "x.png").exists()

@@ -1,0 +1,120 @@
+"""Few-step generation at full size: an SD-Turbo-architecture model (SD 2.1's UNet and text
+encoder, random weights, trailing timesteps, guidance 0) in 1 step at 512x512, decoded by
+TAESD and by the full VAE, on every sdonnx provider and precision. Not a test: the model is
+exported once (minutes, 8-11 GB) into tests/benchmarks/cache/.
+
+Each contestant is a fresh process that loads the folder (a second start: a warm-up process
+filled the caches), writes one PNG (prompt to file: the "first image"), then `--images` more;
+reported: load seconds, first image, median seconds per image (prompt to PNG written), peak RSS.
+
+    python tests/benchmarks/few_step.py [--images 3] [--only cpu-tiny ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+CACHE = HERE / "cache"
+SOURCE = CACHE / "sd21-turbo-diffusers"
+TAESD = CACHE / "taesd-random"
+MODEL = CACHE / "sd21-turbo-onnx"
+PROMPT = "a photo of a cat sitting on a windowsill"
+CONTESTANTS = {  # name: (provider, precision, decoder)
+    "cpu-tiny": ("cpu", "fp32", "tiny"),
+    "cpu-full": ("cpu", "fp32", "full"),
+    "openvino-fp32-tiny": ("openvino", "fp32", "tiny"),
+    "openvino-bf16-tiny": ("openvino", "bf16", "tiny"),
+    "openvino-bf16-full": ("openvino", "bf16", "full"),
+}
+
+
+def prepare() -> None:
+    """The SD 2.1-architecture Turbo-style source, a random TAESD, and their export."""
+    if MODEL.is_dir():
+        return
+    if not SOURCE.is_dir():
+        from sdonnx.export.synthetic import build_random_pipeline
+
+        build_random_pipeline(SOURCE, preset="sd21", timestep_spacing="trailing")
+    if not TAESD.is_dir():
+        import diffusers
+        import torch
+
+        torch.manual_seed(0)
+        diffusers.AutoencoderTiny().save_pretrained(TAESD)
+    from sdonnx.export.exporter import ExportConfig, export
+    from sdonnx.export.tiny_vae import add_tiny_vae
+
+    start = time.perf_counter()
+    export(ExportConfig(SOURCE, MODEL, defaults={"steps": 1, "guidance": 0.0}), log=print)
+    add_tiny_vae(TAESD, MODEL, log=print)
+    print(f"exported in {time.perf_counter() - start:.0f} s")
+
+
+def worker(name: str, images: int) -> dict:
+    from sdonnx import Pipeline
+
+    provider, precision, decoder = CONTESTANTS[name]
+    start = time.perf_counter()
+    pipe = Pipeline.load(MODEL, provider=provider, precision=precision)
+    pipe.unet  # noqa: B018
+    load = time.perf_counter() - start
+    times = []
+    with tempfile.TemporaryDirectory() as out:
+        for i in range(images + 1):
+            start = time.perf_counter()
+            image = pipe.generate(PROMPT, seed=i, decoder=decoder)[0]
+            image.save(Path(out) / f"{i}.png", pnginfo=None)
+            times.append(time.perf_counter() - start)
+    peak = int(next(line.split()[1] for line in Path("/proc/self/status").read_text().splitlines()
+                    if line.startswith("VmHWM:"))) / 2**20
+    return {"name": name, "load_s": round(load, 2), "first_s": round(times[0], 2),
+            "image_s": round(statistics.median(times[1:]), 2), "peak_gb": round(peak, 2)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=3)
+    parser.add_argument("--only", nargs="+", choices=sorted(CONTESTANTS))
+    parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print("RESULT " + json.dumps(worker(args.worker, args.images)))
+        return
+    prepare()
+    rows = []
+    for name in args.only or CONTESTANTS:
+        for warm in (True, False):
+            done = subprocess.run([sys.executable, __file__, "--worker", name, "--images", str(args.images)],
+                                  capture_output=True, text=True)
+            if done.returncode:
+                print(f"{name}: failed\n{done.stderr[-2000:]}")
+                break
+        else:
+            rows.append(json.loads(done.stdout.split("RESULT ", 1)[1]))
+            print(rows[-1], flush=True)
+    cpu = os.popen("lscpu | grep 'Model name' | cut -d: -f2").read().strip()
+    flags = os.popen("grep -o -w -E 'avx512f|avx512_bf16|avx512_vnni|amx_bf16|avx2' /proc/cpuinfo | sort -u").read().split()
+    lines = [f"# 1-step SD-Turbo-architecture image, 512x512 ({date.today()}, {cpu}, {os.cpu_count()} cores, "
+             f"{' '.join(flags)})", "",
+             "| contestant | load s | first image s | s per image (prompt to PNG) | peak RSS GB |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {r['name']} | {r['load_s']} | {r['first_s']} | {r['image_s']} | {r['peak_gb']} |" for r in rows]
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "few-step.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
