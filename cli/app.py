@@ -233,6 +233,12 @@ def export(
     taesd = folder_option("--tiny-vae", tiny_vae)
     if taesd is not None and not taesd.exists():
         raise InputError(f"TAESD source not found: {taesd}")
+    if taesd is not None:
+        from sdonnx.export.exporter import check_export_extra
+        from sdonnx.export.tiny_vae import load_tiny_vae
+
+        check_export_extra()
+        load_tiny_vae(taesd)  # a source that is not TAESD is refused before the model's export
     if out is None:
         if taesd is None:
             raise InputError("missing OUT: give the folder to export to (`sdonnx export SOURCE OUT`)")

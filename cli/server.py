@@ -426,7 +426,10 @@ class Worker:
         # never the full VAE: TAESD or the linear latent-to-RGB map (Pipeline.preview).
         if self.preview_wanted.is_set() and step < total:
             self.preview_wanted.clear()
-            preview = _b64_png(self.pipe.preview(denoised))
+            try:
+                preview = _b64_png(self.pipe.preview(denoised))
+            except Exception:  # a preview that cannot be made never stops the generation
+                preview = None
         with self.lock:
             self.step, self.total = step, total
             if preview is not None:

@@ -29,7 +29,7 @@ from typing import Callable, Iterator
 from sdonnx.export.attention import fuse_attention
 from sdonnx.export.parity import PartParity, check_parts
 from sdonnx.runtime import parts
-from sdonnx.runtime.pipeline import Defaults
+from sdonnx.runtime.pipeline import LCM_DEFAULTS, Defaults
 from sdonnx.runtime.schedules import PREDICTION_TYPES
 from sdonnx.runtime.info import folder_bytes
 from sdonnx.runtime.errors import InputError, ModelFolderError, SdonnxError, install_hint
@@ -233,11 +233,6 @@ def _run_optimum(source: Path, tmp: Path, opset: int | None) -> None:
             # sdonnx runs its own, stricter check below and records the figures.
             do_validation=False,
         )
-
-
-# An LCM-distilled model's settings when the export does not say (diffusers'
-# LatentConsistencyModelPipeline defaults: 4 steps, guidance 8.5, its LCMScheduler).
-LCM_DEFAULTS = {"sampler": "lcm", "steps": 4, "guidance": 8.5}
 
 
 def _recommended(folder: Path, given: dict) -> dict:

@@ -16,7 +16,6 @@ original's leading Clamp module (it applies tanh(x / 3) * 3 in forward), so deco
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -57,9 +56,13 @@ def load_tiny_vae(source: Path):
     if not source.exists():
         raise InputError(f"TAESD source not found: {source}")
     if source.is_dir() and (source / "config.json").is_file():
-        config = json.loads((source / "config.json").read_text())
+        config = parts.read_json(source / "config.json")
         if config.get("_class_name") != "AutoencoderTiny":
             raise InputError(f"{source} is a {config.get('_class_name')} folder, not TAESD (AutoencoderTiny)")
+        if config.get("latent_channels", 4) != 4 or config.get("scaling_factor", 1.0) != 1.0 \
+                or config.get("shift_factor", 0.0) not in (0, 0.0, None):
+            raise InputError(f"{source} is a TAESD for other latents (taesd3/taef1: 16 channels or a scaling); "
+                             "SD 1.x/2.x take madebyollin/taesd (taesdxl is for SDXL and draws wrong colours)")
         return AutoencoderTiny.from_pretrained(source).eval()
     originals = _original_files(source)
     if originals is None:
@@ -71,7 +74,10 @@ def load_tiny_vae(source: Path):
         if path is None:
             continue
         for key, value in read_tensors(path).items():
-            index, rest = key.split(".", 1)
+            index, _, rest = key.partition(".")
+            if not index.isdigit() or not rest:
+                raise InputError(f"{path}: key {key!r} is not TAESD's layout (index.layer...); "
+                                 "give the original taesd_decoder.pth or a diffusers AutoencoderTiny folder")
             state[f"{prefix}.{int(index) + shift}.{rest}"] = value
     own = model.state_dict()
     wanted = {k for k in own if originals[1] is not None or k.startswith("decoder.")}
@@ -87,6 +93,8 @@ def load_tiny_vae(source: Path):
 
 
 def _wrappers(model):
+    """torch modules with the parts' contract: Decoder(latent_sample) -> pixels in [-1, 1],
+    Encoder(sample) -> scaled latents (None without an encoder)."""
     import torch
 
     class Decoder(torch.nn.Module):
@@ -157,17 +165,14 @@ def add_tiny_vae(source: Path, folder: Path, log: Callable[[str], None] = lambda
     if encoder is None and parts.TINY_VAE_ENCODER.file(folder):
         shutil.rmtree(folder / parts.TINY_VAE_ENCODER.name)  # no longer matches the decoder
     record_file = folder / parts.RECORD
-    record = parts.read_json(record_file) or {"format": 1, "parts": {}}
-    record.setdefault("parts", {}).update({name: {"precision": "fp32", "parity": f, "source": str(Path(source).resolve())}
-                                           for name, f in figures.items()})
-    staged = record_file.with_name(f".{record_file.name}.tmp")
-    staged.write_text(json.dumps(record, indent=2) + "\n")
-    staged.replace(record_file)
+    record = parts.read_json(record_file)
+    if record:  # a folder from another exporter keeps having no sdonnx.json
+        recorded = record.setdefault("parts", {})
+        recorded.pop(parts.TINY_VAE_ENCODER.name, None)
+        recorded.update({name: {"precision": "fp32", "parity": f, "source": str(Path(source).resolve())}
+                         for name, f in figures.items()})
+        staged = record_file.with_name(f".{record_file.name}.tmp")
+        staged.write_text(json.dumps(record, indent=2) + "\n")
+        staged.replace(record_file)
     return figures
 
-
-def is_tiny_vae_source(path: Path) -> bool:
-    """Whether `path` looks like a TAESD source (used to say so when one is given as a model)."""
-    path = Path(path)
-    return bool(re.match(r"taesd", path.name)) or (path / "config.json").is_file() and \
-        json.loads((path / "config.json").read_text()).get("_class_name") == "AutoencoderTiny"

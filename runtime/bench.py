@@ -75,23 +75,27 @@ def _timed(fn, repeats: int) -> float:
 def measure(model: Path | None, provider: str, precision: str, width: int | None, height: int | None,
             repeats: int = 3, cache_dir: Path | None = None, threads: int | None = None) -> BenchResult:
     """Measure in this process (see `run` for one process per provider)."""
-    from sdonnx.runtime.pipeline import GenerationConfig, Pipeline
+    from sdonnx.runtime.pipeline import GenerationConfig, Pipeline, guidance_embedding
 
     start = time.perf_counter()
     pipe = Pipeline.load(model, provider=provider, precision=precision, cache_dir=cache_dir, threads=threads)
     load_s = time.perf_counter() - start
     width, height = width or pipe.native_size, height or pipe.native_size
-    config = GenerationConfig("a photo of a cat", "blurry", width=width, height=height)
+    distilled = pipe.guidance_embedding_dim is not None  # LCM: one row per image, the guidance an input
+    config = GenerationConfig("a photo of a cat", "" if distilled else "blurry", width=width, height=height,
+                              guidance=1.0 if distilled else 7.5)
     text_s = _timed(lambda: pipe.encode_context(config), repeats)
     context = pipe.encode_context(config)
     _, c, h, w = config.latent_shape
-    sample = np.random.default_rng(0).standard_normal((2, c, h, w), dtype=np.float32)
+    rows = len(context)
+    sample = np.random.default_rng(0).standard_normal((rows, c, h, w), dtype=np.float32)
     if pipe.is_inpainting:
-        sample = np.concatenate([sample, np.zeros((2, c + 1, h, w), np.float32)], axis=1)
+        sample = np.concatenate([sample, np.zeros((rows, c + 1, h, w), np.float32)], axis=1)
+    cond = guidance_embedding(8.5, pipe.guidance_embedding_dim) if distilled else None
     start = time.perf_counter()
-    pipe._unet(sample, 500.0, context)
+    pipe._unet(sample, 500.0, context, timestep_cond=cond)
     first_step_s = time.perf_counter() - start
-    unet_s = _timed(lambda: pipe._unet(sample, 500.0, context), repeats)
+    unet_s = _timed(lambda: pipe._unet(sample, 500.0, context, timestep_cond=cond), repeats)
     vae_s = _timed(lambda: pipe.decode(sample[:1, : parts.LATENT_CHANNELS]), repeats)
     return BenchResult(provider, precision, load_s, text_s, first_step_s, unet_s, vae_s, peak_rss_gb(),
                        width, height)

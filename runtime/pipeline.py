@@ -67,6 +67,9 @@ SAMPLERS = {
     "lcm": Sampler("LCM", samplers.sample_lcm, lcm_schedule, "LCMScheduler"),
 }
 SCHEDULES = ("default", "karras")
+# An LCM-distilled model's settings when its folder does not say (diffusers'
+# LatentConsistencyModelPipeline defaults: 4 steps, guidance 8.5, its LCMScheduler).
+LCM_DEFAULTS = {"sampler": "lcm", "steps": 4, "guidance": 8.5}
 DECODERS = ("full", "tiny")
 # vae_tiles="auto": one piece up to this side (pixels), or the VAE's own training size when
 # larger (SD 2's 768); tiles of that side above it. Tiles change the picture a little (each
@@ -75,6 +78,8 @@ AUTO_TILE = 512
 # A part run once per generation (text encoder, VAE encoder) stays loaded below this size
 # (model file and weights): reloading a small one costs more than it holds.
 KEEP_BYTES = 64 * 2**20
+# A model recommending this many steps or fewer (Turbo, LCM) keeps its text encoder loaded.
+FEW_STEPS = 8
 
 
 def guidance_embedding(guidance: float, dim: int) -> np.ndarray:
@@ -293,7 +298,14 @@ class Pipeline:
         # Pixels per side decoded in one piece by vae_tiles="auto" (above: tiles of this side).
         step = vae.TILE_STEP * parts.VAE_SCALE
         self.vae_tile_size = max(AUTO_TILE, vae_size // step * step)
-        self.defaults = Defaults.from_record(parts.read_json(path / parts.RECORD), path / parts.RECORD)
+        # An LCM-distilled UNet takes the guidance scale as an embedding of this width.
+        self.guidance_embedding_dim = parts.config_field(
+            parts.read_json(path / parts.UNET.name / "config.json"), "time_cond_proj_dim", None,
+            lambda v: is_int(v) and v > 0, path / parts.UNET.name / "config.json", "a whole number")
+        record = parts.read_json(path / parts.RECORD)
+        self.defaults = Defaults.from_record(record, path / parts.RECORD)
+        if self.guidance_embedding_dim is not None and not record.get("defaults"):
+            self.defaults = Defaults(**LCM_DEFAULTS)  # an LCM folder exported elsewhere
 
         openvino = providers.PROVIDERS[config.provider].backend == "openvino"
         ir_only = parts.ir_parts(path)
@@ -308,10 +320,6 @@ class Pipeline:
         # LoRAs and embeddings the parts should carry (adapters.py), and those each loaded one does.
         self.adapters = adapters.Adapters(path, self.tokenizer, config.lora_dir, config.embeddings_dir)
         self._carried: dict[str, tuple] = {}
-        # An LCM-distilled UNet takes the guidance scale as an embedding of this width.
-        self.guidance_embedding_dim = parts.config_field(
-            parts.read_json(path / parts.UNET.name / "config.json"), "time_cond_proj_dim", None,
-            lambda v: is_int(v) and v > 0, path / parts.UNET.name / "config.json", "a whole number")
         self._unet_channels = parts.config_field(
             parts.read_json(path / parts.UNET.name / "config.json"), "in_channels", None,
             lambda v: is_int(v) and v > 0, path / parts.UNET.name / "config.json", "a whole number")
@@ -323,10 +331,13 @@ class Pipeline:
         """Whether a part stays loaded between uses. With low_memory none does. Otherwise the
         UNet and the VAE decoder do; the text encoder and the VAE encoder, which run once per
         generation, are released after use when over KEEP_BYTES (SD 1.5's text encoder holds
-        0.46 GB through a whole generation for one call at its start)."""
+        0.46 GB through a whole generation for one call at its start), except the text encoder
+        of a few-step model (recommended steps <= FEW_STEPS), whose reload would cost as much
+        as its sampling (an SD 2.1-size text encoder: 1-3 s against a 1-step image's 2-6 s).
+        TAESD stays: it is small."""
         if self.config.low_memory:
             return False
-        if part in (parts.UNET, parts.VAE_DECODER):
+        if part in (parts.UNET, parts.VAE_DECODER) or part is parts.TEXT_ENCODER and self.defaults.steps <= FEW_STEPS:
             return True
         file = part.file(self.config.path)
         return file is not None and sum(f.stat().st_size for f in parts.model_files(file)) < KEEP_BYTES
@@ -500,10 +511,12 @@ class Pipeline:
         return parts.TINY_VAE_DECODER.file(self.config.path) is not None
 
     def _decoder_part(self, decoder: str) -> parts.Part:
+        """The part that decodes for `decoder` ("full" or "tiny"); ModelFolderError saying how
+        to add TAESD to a folder without it."""
         if decoder == "tiny":
             if not self.has_tiny_vae:
                 raise ModelFolderError(f"decoder \"tiny\" needs TAESD in {self.config.path}; add it with "
-                                       "`sdonnx export TAESD_SOURCE --tiny-vae-into FOLDER`")
+                                       f"`sdonnx export {self.config.path} --tiny-vae TAESD_SOURCE`")
             return parts.TINY_VAE_DECODER
         return parts.VAE_DECODER
 
@@ -533,7 +546,7 @@ class Pipeline:
         estimate, at the image's size: TAESD's decode when the folder has it, else
         AUTOMATIC1111's "Approx cheap" linear map (vae.cheap_rgb), each latent pixel an 8x8
         block. Never the full VAE."""
-        if self.has_tiny_vae:
+        if self.has_tiny_vae and not self.config.low_memory:  # (low_memory: no part loaded for it)
             return self.decode(latents[:1], "off", "tiny")[0]
         rgb = vae.cheap_rgb(latents[0])
         return Image.fromarray(rgb.repeat(parts.VAE_SCALE, axis=0).repeat(parts.VAE_SCALE, axis=1))
@@ -556,9 +569,22 @@ class Pipeline:
         """The UNet's input channels: from its config.json, else from the model."""
         return self._unet_channels or self.unet.shape("sample")[1]
 
-    def encode_image(self, pixels: np.ndarray, tiles: int | str = "auto") -> np.ndarray:
+    def encode_image(self, pixels: np.ndarray, tiles: int | str = "auto", decoder: str = "full") -> np.ndarray:
         """VAE-encode (1, 3, H, W) pixels in [-1, 1] to scaled latents (1, 4, H/8, W/8): the
-        posterior mean; `tiles` as for decode."""
+        posterior mean; `tiles` as for decode. With decoder "tiny" and TAESD's encoder in the
+        folder, TAESD encodes (its latents are already scaled), as diffusers does with
+        AutoencoderTiny."""
+        if decoder == "tiny" and parts.TINY_VAE_ENCODER.file(self.config.path):
+            with self.using(parts.TINY_VAE_ENCODER) as tiny:
+                dtype = tiny.dtype("sample")
+
+                def encode(x: np.ndarray) -> np.ndarray:
+                    return tiny(sample=x.astype(dtype))[parts.TINY_VAE_ENCODER.output]
+
+                tile = self.vae_tile(tiles, pixels.shape[2] // parts.VAE_SCALE, pixels.shape[3] // parts.VAE_SCALE)
+                latents = encode(pixels) if tile is None else vae.tiled(encode, pixels, tile * parts.VAE_SCALE,
+                                                                        1 / parts.VAE_SCALE)
+            return latents.astype(np.float32)
         with self.using(parts.VAE_ENCODER) as vae_encoder:
             if vae_encoder is None:
                 raise ModelFolderError(
@@ -663,6 +689,7 @@ class Pipeline:
             raise InputError(f"{self.name} is an LCM-distilled model: the guidance scale is an input of its UNet "
                              "and there is no unconditional pass, so it takes no negative prompt")
         steering = replace(config, guidance=1.0) if distilled else config
+        self._decoder_part(config.decoder)  # a missing TAESD is said before sampling, not after
         chosen = SAMPLERS[config.sampler]
         schedule_, x, conditioning = self._start(config, np.asarray(latents, dtype=np.float32),
                                                  init_image, mask_image)
@@ -675,7 +702,7 @@ class Pipeline:
         precise = frozenset()
         if self.config.precision != "fp32":
             precise = precise_sigmas(chosen.sample, schedule_.sigmas, options, self.scheduler.prediction_type,
-                                     config.guidance)
+                                     steering.guidance)
         unet, precise_unet = self._unet, self._precise_unet
         if distilled:
             cond = guidance_embedding(config.guidance, self.guidance_embedding_dim)
@@ -722,7 +749,7 @@ class Pipeline:
                           init_image: Image.Image, mask_image) -> tuple[Schedule, np.ndarray, np.ndarray | None]:
         pixels = to_pixels(fit(init_image, config.width, config.height))
         if mask_image is None:
-            return schedule, self.encode_image(pixels, config.vae_tiles) + noise * schedule.sigmas[0], None
+            return schedule, self.encode_image(pixels, config.vae_tiles, config.decoder) + noise * schedule.sigmas[0], None
         mask_image = load_image(mask_image, "mask image", MASK_BACKGROUND)
         if mask_image.size != init_image.size:
             raise InputError(
@@ -730,9 +757,9 @@ class Pipeline:
                 f"{init_image.width}x{init_image.height}; they must be the same size"
             )
         mask = to_mask(fit(mask_image, config.width, config.height))
-        masked = self.encode_image(pixels * (mask < 0.5), config.vae_tiles)
+        masked = self.encode_image(pixels * (mask < 0.5), config.vae_tiles, config.decoder)
         latent_mask = mask[:, :, :: parts.VAE_SCALE, :: parts.VAE_SCALE]
         conditioning = np.repeat(np.concatenate([latent_mask, masked], axis=1), config.n, axis=0)
         if config.strength == 1.0:
             return schedule, noise * schedule.noise_scale, conditioning
-        return schedule, self.encode_image(pixels, config.vae_tiles) + noise * schedule.sigmas[0], conditioning
+        return schedule, self.encode_image(pixels, config.vae_tiles, config.decoder) + noise * schedule.sigmas[0], conditioning

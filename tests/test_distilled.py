@@ -214,25 +214,79 @@ def test_generation_with_the_tiny_decoder(taesd_folder):
     assert psnr(np.asarray(image), ours(pipe, steps=4)) < 30  # the full VAE draws otherwise
 
 
+def _original_taesd():
+    """The original repository's Encoder and Decoder (madebyollin/taesd, taesd.py), random."""
+    from torch import nn
+
+    def conv(n_in, n_out, **kwargs):
+        return nn.Conv2d(n_in, n_out, 3, padding=1, **kwargs)
+
+    class Clamp(nn.Module):
+        def forward(self, x):
+            return torch.tanh(x / 3) * 3
+
+    class Block(nn.Module):
+        def __init__(self, n_in, n_out):
+            super().__init__()
+            self.conv = nn.Sequential(conv(n_in, n_out), nn.ReLU(), conv(n_out, n_out), nn.ReLU(), conv(n_out, n_out))
+            self.skip = nn.Conv2d(n_in, n_out, 1, bias=False) if n_in != n_out else nn.Identity()
+            self.fuse = nn.ReLU()
+
+        def forward(self, x):
+            return self.fuse(self.conv(x) + self.skip(x))
+
+    torch.manual_seed(5)
+    encoder = nn.Sequential(conv(3, 64), Block(64, 64),
+                            conv(64, 64, stride=2, bias=False), Block(64, 64), Block(64, 64), Block(64, 64),
+                            conv(64, 64, stride=2, bias=False), Block(64, 64), Block(64, 64), Block(64, 64),
+                            conv(64, 64, stride=2, bias=False), Block(64, 64), Block(64, 64), Block(64, 64),
+                            conv(64, 4))
+    decoder = nn.Sequential(Clamp(), conv(4, 64), nn.ReLU(),
+                            Block(64, 64), Block(64, 64), Block(64, 64), nn.Upsample(scale_factor=2),
+                            conv(64, 64, bias=False),
+                            Block(64, 64), Block(64, 64), Block(64, 64), nn.Upsample(scale_factor=2),
+                            conv(64, 64, bias=False),
+                            Block(64, 64), Block(64, 64), Block(64, 64), nn.Upsample(scale_factor=2),
+                            conv(64, 64, bias=False),
+                            Block(64, 64), conv(64, 3))
+    return encoder.eval(), decoder.eval()
+
+
 def test_original_taesd_files_give_the_same_model(tmp_path, tiny_onnx):
-    """taesd_decoder.pth / taesd_encoder.pth (nn.Sequential keys) -> AutoencoderTiny."""
+    """taesd_decoder.pth / taesd_encoder.pth, saved from the original's nn.Sequential layout,
+    decode and encode as the original does (it works in [0, 1] pixels, diffusers in [-1, 1])."""
     from sdonnx.export.tiny_vae import load_tiny_vae
 
-    model = _tiny_autoencoder(seed=1)
-    state = model.state_dict()
-    decoder = {f"{int(k.split('.')[2]) + 1}.{k.split('.', 3)[3]}": v for k, v in state.items()
-               if k.startswith("decoder.layers.")}
-    encoder = {k.removeprefix("encoder.layers."): v for k, v in state.items() if k.startswith("encoder.layers.")}
-    torch.save(decoder, tmp_path / "taesd_decoder.pth")
-    torch.save(encoder, tmp_path / "taesd_encoder.pth")
+    encoder, decoder = _original_taesd()
+    torch.save(decoder.state_dict(), tmp_path / "taesd_decoder.pth")
+    torch.save(encoder.state_dict(), tmp_path / "taesd_encoder.pth")
     loaded = load_tiny_vae(tmp_path / "taesd_decoder.pth")
     latent = torch.randn(1, 4, 8, 8)
+    image = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
-        assert torch.equal(loaded.decode(latent).sample, model.decode(latent).sample)
+        assert torch.allclose(loaded.decode(latent).sample, decoder(latent) * 2 - 1, atol=1e-6)
+        assert torch.allclose(loaded.encode(image * 2 - 1).latents, encoder(image), atol=1e-6)
     (tmp_path / "taesd_encoder.pth").unlink()
     torch.save({"0.weight": torch.zeros(3)}, tmp_path / "taesd_decoder.pth")
     with pytest.raises(InputError, match="not TAESD"):
         load_tiny_vae(tmp_path / "taesd_decoder.pth")
+
+
+def test_the_cheap_preview_uses_automatic1111s_colours():
+    from sdonnx.runtime.vae import cheap_rgb
+
+    latent = np.zeros((4, 1, 2), dtype=np.float32)
+    latent[0, 0, 0] = 1.0  # channel 0 alone: (0.298, 0.207, 0.208) in [-1, 1]
+    latent[3, 0, 1] = 1.0  # channel 3 alone: (-0.184, -0.271, -0.473)
+    assert cheap_rgb(latent).tolist() == [[[165, 154, 154], [104, 93, 67]]]
+
+
+def test_an_lcm_folder_from_elsewhere_gets_lcm_settings(lcm_pipeline, tmp_path):
+    folder = tmp_path / "lcm"
+    shutil.copytree(lcm_pipeline.config.path, folder)
+    (folder / "sdonnx.json").unlink()
+    defaults = Pipeline.load(folder, provider="cpu").defaults
+    assert (defaults.sampler, defaults.steps, defaults.guidance) == ("lcm", 4, 8.5)
 
 
 def test_a_folder_without_taesd_says_how_to_add_it(tiny_pipeline):
