@@ -110,7 +110,7 @@ def generate(
 ) -> None:
     """Generate images from a prompt and write them as PNGs with their parameters.
 
-    Prompts take AUTOMATIC1111's syntax: (word:1.3), ((word)), [word], BREAK, <lora:NAME:SCALE>."""
+    Prompts take AUTOMATIC1111's syntax: (word:1.3), ((word)), \\[word], BREAK, <lora:NAME:SCALE>."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -130,6 +130,8 @@ def generate(
                             eta=eta if sampler else None, strength=strength, vae_tiles=vae_tiles,
                             decoder=decoder).validate().seed
     preview_file = output.preview_path(preview) if preview is not None else None
+    if preview_file is not None and Path(out).suffix and preview_file.resolve() == Path(out).expanduser().resolve():
+        raise InputError(f"--preview {preview} is also --out: name another file for the preview")
     if eta is not None:  # its sampler may be the model's default, known after loading; its range is known now
         check_number("eta", eta, 0, 1)
     if init_image is None and (strength is not None or mask is not None):
@@ -162,7 +164,8 @@ def generate(
     for batch in range(n_iter):
         # On stderr, so that stdout holds only the lines naming what was written.
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TimeRemainingColumn(), transient=not verbose, console=Console(stderr=True)) as progress:
+                      TimeRemainingColumn(), transient=not verbose, console=Console(stderr=True),
+                      disable=not sys.stderr.isatty()) as progress:
             task = progress.add_task(f"batch {batch + 1}/{n_iter}" if n_iter > 1 else "sampling", total=None)
             last = time.perf_counter()
 
@@ -249,7 +252,7 @@ def export(
         start = time.perf_counter()
         typer.echo(f"adding TAESD from {taesd} to {source}")
         add_tiny_vae(taesd, source, log=typer.echo)
-        typer.echo(f"wrote {source / 'tiny_vae_decoder'} in {time.perf_counter() - start:.1f} s")
+        typer.echo(f"wrote TAESD into {source} in {time.perf_counter() - start:.1f} s")
         return
     given = {"steps": default_steps, "guidance": default_guidance, "sampler": default_sampler}
     defaults = {name: value for name, value in given.items() if value is not None}

@@ -63,7 +63,10 @@ def load_tiny_vae(source: Path):
                 or config.get("shift_factor", 0.0) not in (0, 0.0, None):
             raise InputError(f"{source} is a TAESD for other latents (taesd3/taef1: 16 channels or a scaling); "
                              "SD 1.x/2.x take madebyollin/taesd (taesdxl is for SDXL and draws wrong colours)")
-        return AutoencoderTiny.from_pretrained(source).eval()
+        try:
+            return AutoencoderTiny.from_pretrained(source).eval()
+        except (OSError, ValueError, RuntimeError) as e:
+            raise InputError(f"{source}: cannot read its AutoencoderTiny weights ({str(e).splitlines()[0][:160]})") from None
     originals = _original_files(source)
     if originals is None:
         raise InputError(f"{source} is neither a diffusers AutoencoderTiny folder nor TAESD's original files "

@@ -519,6 +519,8 @@ def locate_lora(name: str, folder: Path | None, paths: bool = True) -> Path:
     path = Path(name).expanduser()
     if paths and path.is_file():
         return path
+    if not paths and ("/" in name or "\\" in name):
+        raise InputError(f"<lora:{name}>: a prompt's tag names a file in the LoRA folder ({folder}), never a path")
     found = find_files(folder).get(name)
     if found is None:
         known = ", ".join(sorted(find_files(folder))[:10]) or "no LoRA files"
@@ -528,14 +530,16 @@ def locate_lora(name: str, folder: Path | None, paths: bool = True) -> Path:
 
 
 def parse_lora_option(spec: str) -> tuple[str, float]:
-    """`FILE[:SCALE]` (the command line's --lora) -> (FILE, SCALE), scale 1 when not given."""
+    """`FILE[:SCALE]` (the command line's --lora) -> (FILE, SCALE), scale 1 when not given;
+    InputError for a scale that is not a number or out of range."""
     head, sep, tail = spec.rpartition(":")
-    if sep and head:
-        try:
-            return head, check_scale(head, float(tail))
-        except ValueError:
-            pass
-    return spec, 1.0
+    if not sep or not head or Path(spec).expanduser().is_file():
+        return spec, 1.0
+    try:
+        scale = float(tail)
+    except ValueError:
+        raise InputError(f"--lora {spec}: the scale after ':' must be a number, as in FILE:0.8") from None
+    return head, check_scale(head, scale)
 
 
 def find_files(folder: Path | None, suffixes: Iterable[str] = LORA_SUFFIXES) -> dict[str, Path]:

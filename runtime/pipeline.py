@@ -515,8 +515,12 @@ class Pipeline:
         to add TAESD to a folder without it."""
         if decoder == "tiny":
             if not self.has_tiny_vae:
-                raise ModelFolderError(f"decoder \"tiny\" needs TAESD in {self.config.path}; add it with "
-                                       f"`sdonnx export {self.config.path} --tiny-vae TAESD_SOURCE`")
+                folder = self.config.path
+                embedded = folder.resolve() == Path(__file__).resolve().parent.parent / "models" / "default"
+                how = (f"copy {folder} elsewhere and run `sdonnx export COPY --tiny-vae TAESD_SOURCE`"
+                       if embedded or folder.resolve() == default_model_path().resolve() else
+                       f"`sdonnx export {folder} --tiny-vae TAESD_SOURCE` adds it")
+                raise ModelFolderError(f"decoder \"tiny\" needs TAESD, which {folder} lacks; {how}")
             return parts.TINY_VAE_DECODER
         return parts.VAE_DECODER
 
@@ -682,6 +686,8 @@ class Pipeline:
                 f"latents must have shape {config.latent_shape} for n={n}, {width}x{height}; "
                 f"got {np.shape(latents)}"
             )
+        if isinstance(loras, (str, Path, adapters.LoraUse)):
+            loras = [loras]
         uses = self.adapters.prepare(prompt, negative_prompt, loras)
         # An LCM-distilled UNet gets the guidance as an input and runs no unconditional pass.
         distilled = self.guidance_embedding_dim is not None
@@ -722,6 +728,8 @@ class Pipeline:
         extra = {}
         if uses:
             extra["Lora hashes"] = ", ".join(f"{u.lora.name}: {u.lora.short_hash}" for u in uses)
+        if config.decoder == "tiny":
+            extra["VAE"] = "TAESD"  # as the web UI names the VAE a picture was decoded with
         if self.adapters.embeddings:
             extra["TI hashes"] = ", ".join(f"{e.name}: {e.short_hash}" for e in self.adapters.embeddings)
         for i, image in enumerate(images):

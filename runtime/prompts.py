@@ -101,7 +101,7 @@ def parse_attention(text: str) -> list[tuple[str, float]]:
             try:
                 factor = float(weight)
             except ValueError:
-                raise InputError(f"prompt weight {token.strip()!r} is not a number; write it as (text:1.2)") from None
+                raise InputError(f"prompt weight {weight!r} is not a number; write it as (text:1.2)") from None
             multiply(round_open.pop(), factor)
         elif token == ")" and round_open:
             multiply(round_open.pop(), ROUND_FACTOR)

@@ -307,7 +307,7 @@ def test_bad_tags_get_one_line_each(fresh, prompt, message):
 
 def test_a_prompt_tag_cannot_name_a_file_outside_the_lora_folder(fresh, lora_files):
     """A server takes prompts from anyone: a tag is a name in --lora-dir, never a path."""
-    with pytest.raises(InputError, match="not found"):
+    with pytest.raises(InputError, match="never a path"):
         ours(fresh, prompt=f"a cat <lora:{lora_files / 'kohya_style.safetensors'}:0.5>")
 
 
@@ -403,7 +403,10 @@ def test_the_command_line_takes_lora_files_and_tags_alike(default_lora, tmp_path
     missing = _cli("generate", "a cat <lora:nothere>", "--lora-dir", str(default_lora), *common,
                    "--out", str(tmp_path / "x.png"), check=False)
     assert missing.returncode == 2 and "'nothere' not found" in missing.stderr
-    assert len(missing.stderr.strip().splitlines()) == 1 and not (tmp_path / "x.png").exists()
+    assert len(missing.stderr.splitlines()) == 1 and not (tmp_path / "x.png").exists()  # one line, no blank
+    bad_scale = _cli("generate", "a cat", "--lora", f"{default_lora / 'style.safetensors'}:abc", *common,
+                     "--out", str(tmp_path / "y.png"), check=False)
+    assert bad_scale.returncode == 2 and "must be a number" in bad_scale.stderr
 
 
 def test_the_server_applies_each_requests_loras(default_lora):
