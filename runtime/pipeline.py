@@ -578,32 +578,24 @@ class Pipeline:
         posterior mean; `tiles` as for decode. With decoder "tiny" and TAESD's encoder in the
         folder, TAESD encodes (its latents are already scaled), as diffusers does with
         AutoencoderTiny."""
-        if decoder == "tiny" and parts.TINY_VAE_ENCODER.file(self.config.path):
-            with self.using(parts.TINY_VAE_ENCODER) as tiny:
-                dtype = tiny.dtype("sample")
-
-                def encode(x: np.ndarray) -> np.ndarray:
-                    return tiny(sample=x.astype(dtype))[parts.TINY_VAE_ENCODER.output]
-
-                tile = self.vae_tile(tiles, pixels.shape[2] // parts.VAE_SCALE, pixels.shape[3] // parts.VAE_SCALE)
-                latents = encode(pixels) if tile is None else vae.tiled(encode, pixels, tile * parts.VAE_SCALE,
-                                                                        1 / parts.VAE_SCALE)
-            return latents.astype(np.float32)
-        with self.using(parts.VAE_ENCODER) as vae_encoder:
-            if vae_encoder is None:
+        tiny = decoder == "tiny" and parts.TINY_VAE_ENCODER.file(self.config.path) is not None
+        part = parts.TINY_VAE_ENCODER if tiny else parts.VAE_ENCODER
+        with self.using(part) as encoder:
+            if encoder is None:
                 raise ModelFolderError(
                     f"img2img and inpainting need {parts.VAE_ENCODER.onnx_path} (or its OpenVINO IR), which "
                     f"{self.config.path} lacks; export the model again with `sdonnx export`"
                 )
-            dtype = vae_encoder.dtype("sample")
+            dtype = encoder.dtype("sample")
 
             def run(x: np.ndarray) -> np.ndarray:
-                return vae_encoder(sample=x.astype(dtype))[parts.VAE_ENCODER.output]
+                return encoder(sample=x.astype(dtype))[part.output]
 
             tile = self.vae_tile(tiles, pixels.shape[2] // parts.VAE_SCALE, pixels.shape[3] // parts.VAE_SCALE)
             moments = run(pixels) if tile is None else vae.tiled(run, pixels, tile * parts.VAE_SCALE,
                                                                  1 / parts.VAE_SCALE)
-        return moments[:, : parts.LATENT_CHANNELS].astype(np.float32) * self.vae_scaling_factor
+        # The full VAE gives mean and log-variance, unscaled; TAESD its scaled latents.
+        return moments[:, : parts.LATENT_CHANNELS].astype(np.float32) * (1.0 if tiny else self.vae_scaling_factor)
 
     def sampler_noise(self, config: GenerationConfig, shape: tuple[int, ...]) -> Callable[[], np.ndarray]:
         """Fresh unit noise per step for stochastic samplers, one stream per image (seed + i)."""

@@ -186,10 +186,9 @@ def main() -> None:
             if done.returncode:
                 sys.exit(done.stderr[-3000:])
         results[provider] = json.loads(done.stdout.split("RESULT ", 1)[1])
-    cpu = os.popen("lscpu | grep 'Model name' | cut -d: -f2").read().strip()
-    flags = os.popen("grep -o -w -E 'avx512f|avx512_bf16|avx512_vnni|amx_bf16|avx2' /proc/cpuinfo | sort -u").read().split()
-    lines = [f"# LoRA apply and switch at SD 1.5 size ({date.today()}, {cpu}, {os.cpu_count()} cores, "
-             f"{' '.join(flags)})", "",
+    from peers import machine_flags
+
+    lines = [f"# LoRA apply and switch at SD 1.5 size ({date.today()}, {machine_flags()})", "",
              "| provider | phase | s | of which patch arithmetic | tensors | RSS after GB | anonymous GB | phase peak GB |",
              "|---|---|---|---|---|---|---|---|"]
     for provider, rows in results.items():

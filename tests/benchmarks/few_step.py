@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -117,10 +116,10 @@ def main() -> None:
         else:
             rows.append(json.loads(done.stdout.split("RESULT ", 1)[1]))
             print(rows[-1], flush=True)
-    cpu = os.popen("lscpu | grep 'Model name' | cut -d: -f2").read().strip()
-    flags = os.popen("grep -o -w -E 'avx512f|avx512_bf16|avx512_vnni|amx_bf16|avx2' /proc/cpuinfo | sort -u").read().split()
+    from peers import machine_flags
+
     lines = [f"# Few-step images, 512x512: SD-Turbo architecture 1 step, LCM SD 1.5 architecture 4 steps "
-             f"({date.today()}, {cpu}, {os.cpu_count()} cores, {' '.join(flags)})", "",
+             f"({date.today()}, {machine_flags()})", "",
              "| contestant | load s | first image s | s per image (prompt to PNG) | peak RSS GB |",
              "|---|---|---|---|---|"]
     lines += [f"| {r['name']} | {r['load_s']} | {r['first_s']} | {r['image_s']} | {r['peak_gb']} |" for r in rows]

@@ -212,6 +212,15 @@ def machine() -> str:
     return f"{model}, {os.cpu_count()} cores ({bf16} bf16), {platform.python_version()}"
 
 
+def machine_flags() -> str:
+    """The CPU's model, cores and the lscpu flags that decide sdonnx's speed, for a result's title."""
+    flags = set(Path("/proc/cpuinfo").read_text().split())
+    shown = " ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16") if f in flags)
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor())
+    return f"{model}, {os.cpu_count()} cores, {shown}"
+
+
 def report(results: dict[str, list[dict]], args) -> str:
     baseline = statistics.median(r["step_s"] for r in results["diffusers"]) if "diffusers" in results and \
         all("step_s" in r for r in results["diffusers"]) else None

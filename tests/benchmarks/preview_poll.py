@@ -8,7 +8,6 @@ server process. Before cheap previews every poll's preview was a full VAE decode
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import threading
@@ -62,8 +61,9 @@ def main() -> None:
     finally:
         server.stop()
     alone, polled = statistics.median(times["alone"]), statistics.median(times["polled"])
-    cpu = os.popen("lscpu | grep 'Model name' | cut -d: -f2").read().strip()
-    text = (f"# Live preview cost ({date.today()}, {cpu}, {os.cpu_count()} cores)\n\n"
+    from peers import machine_flags
+
+    text = (f"# Live preview cost ({date.today()}, {machine_flags()})\n\n"
             f"{args.model.name}, {args.size}x{args.size}, {args.steps} steps, cpu, {args.rounds} rounds, median:\n\n"
             f"| request | seconds |\n|---|---|\n| alone | {alone:.2f} |\n| polled every 0.2 s | {polled:.2f} |\n\n"
             f"ratio {polled / alone:.3f}; {len(previews)} polls answered with a preview\n")
