@@ -555,8 +555,10 @@ class Pipeline:
         rgb = vae.cheap_rgb(latents[0])
         return Image.fromarray(rgb.repeat(parts.VAE_SCALE, axis=0).repeat(parts.VAE_SCALE, axis=1))
 
-    def initial_noise(self, config: GenerationConfig) -> np.ndarray:
-        """Unit normal noise; image i uses seed + i so any image of a batch can be redone alone."""
+    @staticmethod
+    def initial_noise(config: GenerationConfig) -> np.ndarray:
+        """Unit normal noise (n, 4, height / 8, width / 8) float32; image i uses seed + i so any
+        image of a batch can be redone alone."""
         _, c, h, w = config.latent_shape
         return np.stack([
             np.random.default_rng(config.seed + i).standard_normal((c, h, w), dtype=np.float32)

@@ -64,17 +64,75 @@ def prepare(preset: str) -> dict[str, Path]:
     return p
 
 
-def write_openvino_ir(onnx_dir: Path, out: Path) -> None:
-    """optimum-intel's folder layout: <part>/openvino_model.xml beside each part's config."""
+def write_openvino_ir(onnx_dir: Path, out: Path, scheduler: dict | None = None) -> None:
+    """The layout optimum-intel and openvino.genai both read: <part>/openvino_model.xml beside each
+    part's config.json, tokenizer/openvino_tokenizer.xml, and (when the folder has TAESD) a
+    tiny_vae_decoder/ in the vae_decoder layout, which `taesd_root` swaps in.
+
+    openvino.genai sets the UNet's `timestep` as int64 of shape [1] (its
+    stable_diffusion_pipeline.hpp); optimum's ONNX export has a float scalar, so the IR gets a new
+    int64 [1] parameter, a Convert and a Squeeze feeding the old consumers (optimum-intel's
+    pipeline reads the same IR: OpenVINO converts its float timestep at the call). `scheduler`,
+    when given, replaces scheduler_config.json (the peers' own scheduler for the model, e.g.
+    SD-Turbo's EulerDiscreteScheduler with trailing timesteps). Weights are written as fp16
+    (`ov.save_model`'s default, as optimum-cli writes them) and computed in the precision each
+    contestant asks for.
+    """
+    import numpy as np
     import openvino as ov
+    from openvino_tokenizers import convert_tokenizer
+    from transformers import CLIPTokenizerFast
 
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(onnx_dir, tmp, ignore=shutil.ignore_patterns("*.onnx", "*.onnx_data", "sdonnx.json"))
+    shutil.copytree(onnx_dir, tmp, ignore=shutil.ignore_patterns("*.onnx", "*.onnx_data", "sdonnx*.json"))
     core = ov.Core()
-    for part in ("text_encoder", "unet", "vae_decoder", "vae_encoder"):
-        ov.save_model(core.read_model(str(onnx_dir / part / "model.onnx")), str(tmp / part / "openvino_model.xml"))
+    for part in ("text_encoder", "unet", "vae_decoder", "vae_encoder", "tiny_vae_decoder"):
+        if not (onnx_dir / part / "model.onnx").is_file():
+            continue
+        model = core.read_model(str(onnx_dir / part / "model.onnx"))
+        if part == "unet":
+            old = next(p for p in model.get_parameters() if "timestep" in p.output(0).get_names())
+            old.output(0).set_names(set())
+            new = ov.opset13.parameter([1], ov.Type.i64, name="timestep")
+            new.output(0).set_names({"timestep"})
+            scalar = ov.opset13.squeeze(ov.opset13.convert(new, old.get_element_type()),
+                                        ov.opset13.constant(np.array([0], np.int64)))
+            for target in list(old.output(0).get_target_inputs()):
+                target.replace_source_output(scalar.output(0))
+            model.remove_parameter(old)
+            model.add_parameters([new])
+            model.validate_nodes_and_infer_types()
+        ov.save_model(model, str(tmp / part / "openvino_model.xml"))
+    if (tmp / "tiny_vae_decoder").is_dir():
+        # Read as an AutoencoderKL decoder: 8x upsampling (2^(len - 1)), latents taken as they are.
+        (tmp / "tiny_vae_decoder" / "config.json").write_text(json.dumps({
+            "_class_name": "AutoencoderKL", "block_out_channels": [64] * 4, "latent_channels": 4,
+            "scaling_factor": 1.0, "in_channels": 3, "out_channels": 3}))
+    shutil.rmtree(tmp / "tiny_vae_encoder", ignore_errors=True)
+    tokenizer, detokenizer = convert_tokenizer(CLIPTokenizerFast.from_pretrained(onnx_dir / "tokenizer"),
+                                               with_detokenizer=True)
+    ov.save_model(tokenizer, str(tmp / "tokenizer" / "openvino_tokenizer.xml"))
+    ov.save_model(detokenizer, str(tmp / "tokenizer" / "openvino_detokenizer.xml"))
+    if scheduler:  # diffusers (optimum-intel) takes the class from model_index.json, genai from the config
+        (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=1))
+        index = json.loads((tmp / "model_index.json").read_text())
+        index["scheduler"] = ["diffusers", scheduler["_class_name"]]
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=1))
     tmp.rename(out)
+
+
+def taesd_root(ir: Path) -> Path:
+    """A sibling of the IR folder whose vae_decoder is TAESD (links, no copies): how FastSD CPU
+    gives optimum-intel and openvino.genai the tiny decoder."""
+    root = ir.with_name(ir.name + "-taesd")
+    if not root.is_dir():
+        root.mkdir()
+        for entry in ir.iterdir():
+            if entry.name not in ("vae_decoder", "tiny_vae_decoder"):
+                (root / entry.name).symlink_to(entry)
+        (root / "vae_decoder").symlink_to(ir / "tiny_vae_decoder")
+    return root
 
 
 def contestants() -> list[str]:
