@@ -8,7 +8,9 @@
   optimization switched off takes 2.3 s. The saved graph is specific to the onnxruntime
   version, the provider and the CPU (onnxruntime warns that NCHWc graphs are
   hardware-specific), so all three are part of the stamp that must match; one entry per source
-  file, rebuilt when the file changes.
+  file, rebuilt when the file changes. Writing an entry also removes the entries of model files
+  that no longer exist (a deleted or moved folder: each UNet entry is as large as the UNet) and
+  the half-written folders of processes that died.
 """
 
 from __future__ import annotations
@@ -104,3 +106,24 @@ class OptimizedGraphs:
             staged.rename(entry)
         except OSError:
             shutil.rmtree(staged, ignore_errors=True)
+        self.prune()
+
+    def prune(self) -> list[Path]:
+        """Remove the entries whose source file is gone or whose stamp is unreadable, and staging
+        folders of processes no longer running; returns what was removed. Entries of existing
+        files stay, current or not (a stale one is rewritten in place at its next load)."""
+        removed = []
+        for entry in sorted(self.folder.glob("*")) if self.folder.is_dir() else []:
+            if ".partial-" in entry.name:
+                pid = entry.name.rsplit("-", 1)[1]
+                if pid.isdigit() and Path(f"/proc/{pid}").exists():
+                    continue
+            else:
+                try:
+                    if Path(json.loads((entry / "stamp.json").read_text())["source"]).is_file():
+                        continue
+                except (OSError, ValueError, KeyError, TypeError):
+                    pass
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+        return removed

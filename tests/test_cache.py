@@ -112,3 +112,30 @@ def test_verbose_generate_says_what_the_cache_did(tiny_onnx, tmp_path, every_par
     assert "(optimized-graph cache: text_encoder written, unet written, vae_decoder written" in first.output
     second = CliRunner().invoke(app, args + [str(tmp_path / "2.png")])
     assert "unet hit" in second.output
+
+
+def test_writing_an_entry_removes_those_of_deleted_models_and_dead_writers(tiny_onnx, tmp_path, every_part_cached):
+    import shutil
+    import subprocess
+
+    gone, kept, root = tmp_path / "gone", tmp_path / "kept", tmp_path / "cache"
+    shutil.copytree(tiny_onnx, gone)
+    shutil.copytree(tiny_onnx, kept)
+    _load(gone, root)
+    _load(kept, root)
+    assert len(_entries(root)) == 8
+    finished = subprocess.Popen(["true"])
+    finished.wait()
+    dead, alive = (root / "onnxruntime" / f"0123456789abcdef.partial-{pid}" for pid in (finished.pid, os.getpid()))
+    dead.mkdir()
+    alive.mkdir()
+    shutil.rmtree(gone)
+    assert _load(kept, root).cache_use["unet"] == "hit"  # reading writes nothing, removes nothing
+    assert len(_entries(root)) == 10
+    unet = kept / "unet" / "model.onnx"
+    os.utime(unet, ns=(unet.stat().st_atime_ns, unet.stat().st_mtime_ns + 10**9))
+    assert _load(kept, root).cache_use["unet"] == "written"
+    left = _entries(root)
+    assert alive in left and dead not in left
+    assert sorted(json.loads((e / "stamp.json").read_text())["source"] for e in left if e != alive) == sorted(
+        str((kept / part / "model.onnx").resolve()) for part in ("text_encoder", "unet", "vae_decoder", "vae_encoder"))

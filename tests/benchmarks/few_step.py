@@ -42,6 +42,8 @@ MODELS = {
     "lcm": (CACHE / "sd15-lcm-diffusers", CACHE / "sd15-lcm-onnx",
             dict(preset="sd15", time_cond_proj_dim=256), {}),  # records lcm, 4 steps, 8.5 itself
 }
+# name: (the export it quantizes, folder, sdonnx quantize --mode): `sdonnx quantize` of an export above
+QUANTIZED = {"turbo-int8": ("turbo", CACHE / "sd21-turbo-int8-openvino", "int8-openvino")}
 PROMPT = "a photo of a cat sitting on a windowsill"
 # SD-Turbo's own scheduler (the peers run diffusers'/genai's schedulers; sdonnx reads the betas
 # and the trailing spacing from the export's scheduler_config.json).
@@ -56,6 +58,7 @@ CONTESTANTS = {  # name: (model, provider, precision, decoder); provider genai /
     "turbo-openvino-fp32-tiny": ("turbo", "openvino", "fp32", "tiny"),
     "turbo-openvino-bf16-tiny": ("turbo", "openvino", "bf16", "tiny"),
     "turbo-openvino-bf16-full": ("turbo", "openvino", "bf16", "full"),
+    "turbo-int8-openvino-fp32-tiny": ("turbo-int8", "openvino", "fp32", "tiny"),
     "lcm-cpu-tiny": ("lcm", "cpu", "fp32", "tiny"),
     "lcm-openvino-bf16-tiny": ("lcm", "openvino", "bf16", "tiny"),
     "lcm-openvino-bf16-full": ("lcm", "openvino", "bf16", "full"),
@@ -71,8 +74,22 @@ SIZE = 512
 REFERENCE = {"tiny": "cpu-tiny", "full": "cpu-full"}  # PSNR against <model>-<this>
 
 
+def folder_of(model: str) -> Path:
+    return QUANTIZED[model][1] if model in QUANTIZED else MODELS[model][1]
+
+
 def prepare(model: str) -> None:
-    """The model's random source, a random TAESD, and their export."""
+    """The model's random source, a random TAESD, and their export (and quantized copy)."""
+    if model in QUANTIZED:
+        base, folder, mode = QUANTIZED[model]
+        prepare(base)
+        if not folder.is_dir():
+            from sdonnx.export.quantize import QuantizeConfig, quantize
+
+            start = time.perf_counter()
+            quantize(QuantizeConfig(MODELS[base][1], folder, mode=mode), log=print)
+            print(f"quantized {model} ({mode}) in {time.perf_counter() - start:.0f} s")
+        return
     source, folder, build, defaults = MODELS[model]
     if folder.is_dir():
         return
@@ -192,7 +209,7 @@ def worker(name: str, images: int, keep: Path) -> dict:
         from sdonnx import Pipeline
 
         start = time.perf_counter()
-        pipe = Pipeline.load(MODELS[model][1], provider=provider, precision=precision)
+        pipe = Pipeline.load(folder_of(model), provider=provider, precision=precision)
         pipe.unet  # noqa: B018
         load = time.perf_counter() - start
 
@@ -252,7 +269,7 @@ def main() -> None:
             print(rows[-1], flush=True)
     for row in rows:  # the image of seed 1 against sdonnx onnxruntime fp32's, same model and decoder
         model, _, _, decoder = CONTESTANTS[row["name"]]
-        reference = keep / f"{model}-{REFERENCE[decoder]}.png"
+        reference = keep / f"{QUANTIZED.get(model, [model])[0]}-{REFERENCE[decoder]}.png"
         row["psnr"] = f"{psnr(keep / (row['name'] + '.png'), reference):.1f}" if reference.is_file() else "-"
     from peers import machine_flags
 
