@@ -283,7 +283,10 @@ def main() -> None:
     target = args.out / "few-step.md"
     kept = [line for line in target.read_text().splitlines()[4:] if line.startswith("| ")
             and line.split(" | ")[0][2:] not in {r["name"] for r in rows}] if target.is_file() else []
-    target.write_text("\n".join(lines[:4] + kept + lines[4:]) + "\n")
+    order = list(CONTESTANTS)
+    body = sorted(kept + lines[4:], key=lambda line: order.index(line.split(" | ")[0][2:])
+                  if line.split(" | ")[0][2:] in order else len(order))
+    target.write_text("\n".join(lines[:4] + body) + "\n")
     print("\n".join(lines))
 
 
