@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import onnxruntime as ort
@@ -27,6 +28,8 @@ from sdonnx.runtime.parts import model_files
 
 # Below this size (model + external data) optimizing takes well under a second: no cache.
 MIN_BYTES = 64 * 2**20
+# A staging folder or an entry without a readable stamp older than this is abandoned.
+STALE_SECONDS = 3600
 OPTIMIZED_FILE = "model.onnx"
 
 
@@ -109,21 +112,36 @@ class OptimizedGraphs:
         self.prune()
 
     def prune(self) -> list[Path]:
-        """Remove the entries whose source file is gone or whose stamp is unreadable, and staging
-        folders of processes no longer running; returns what was removed. Entries of existing
-        files stay, current or not (a stale one is rewritten in place at its next load)."""
+        """Remove the entries whose source file is gone, and (after STALE_SECONDS, so that a
+        writer in another PID namespace or a rename in flight is never cut short) entries with an
+        unreadable stamp and staging folders of processes not running here; returns what was
+        removed. Entries of existing files stay, current or not (a stale one is rewritten in
+        place at its next load)."""
         removed = []
         for entry in sorted(self.folder.glob("*")) if self.folder.is_dir() else []:
+            try:
+                old = time.time() - entry.stat().st_mtime > STALE_SECONDS
+            except OSError:
+                continue
             if ".partial-" in entry.name:
                 pid = entry.name.rsplit("-", 1)[1]
-                if pid.isdigit() and Path(f"/proc/{pid}").exists():
+                if not old or (pid.isdigit() and Path(f"/proc/{pid}").exists()):
                     continue
             else:
                 try:
-                    if Path(json.loads((entry / "stamp.json").read_text())["source"]).is_file():
-                        continue
+                    source = Path(json.loads((entry / "stamp.json").read_text())["source"])
                 except (OSError, ValueError, KeyError, TypeError):
-                    pass
+                    if not old:
+                        continue
+                else:
+                    try:
+                        source.stat()
+                        continue
+                    except (FileNotFoundError, NotADirectoryError):
+                        pass  # the model file is gone
+                    except OSError:
+                        continue  # unreadable here is not gone
             shutil.rmtree(entry, ignore_errors=True)
-            removed.append(entry)
+            if not entry.exists():
+                removed.append(entry)
         return removed

@@ -127,15 +127,19 @@ def test_writing_an_entry_removes_those_of_deleted_models_and_dead_writers(tiny_
     finished = subprocess.Popen(["true"])
     finished.wait()
     dead, alive = (root / "onnxruntime" / f"0123456789abcdef.partial-{pid}" for pid in (finished.pid, os.getpid()))
-    dead.mkdir()
-    alive.mkdir()
+    fresh = root / "onnxruntime" / f"fedcba9876543210.partial-{finished.pid}"
+    for folder in (dead, alive, fresh):
+        folder.mkdir()
+    for folder in (dead, alive):  # older than an hour; `fresh` may be a writer's in another PID namespace
+        os.utime(folder, (folder.stat().st_atime, folder.stat().st_mtime - 2 * cache.STALE_SECONDS))
     shutil.rmtree(gone)
     assert _load(kept, root).cache_use["unet"] == "hit"  # reading writes nothing, removes nothing
-    assert len(_entries(root)) == 10
+    assert len(_entries(root)) == 11
     unet = kept / "unet" / "model.onnx"
     os.utime(unet, ns=(unet.stat().st_atime_ns, unet.stat().st_mtime_ns + 10**9))
     assert _load(kept, root).cache_use["unet"] == "written"
     left = _entries(root)
-    assert alive in left and dead not in left
-    assert sorted(json.loads((e / "stamp.json").read_text())["source"] for e in left if e != alive) == sorted(
+    assert alive in left and fresh in left and dead not in left
+    assert sorted(json.loads((e / "stamp.json").read_text())["source"] for e in left
+                  if ".partial-" not in e.name) == sorted(
         str((kept / part / "model.onnx").resolve()) for part in ("text_encoder", "unet", "vae_decoder", "vae_encoder"))

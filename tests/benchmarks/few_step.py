@@ -5,7 +5,7 @@ guidance 8.5, both at 512x512, decoded by TAESD and by the full VAE, on every sd
 and precision, beside two peers on OpenVINO IR written from the same ONNX files
 (peers.write_openvino_ir): openvino.genai's Text2ImagePipeline and optimum-intel's
 OVStableDiffusionPipeline / OVLatentConsistencyModelPipeline, each compiled for 512x512 (static
-shapes) and given TAESD as its vae_decoder as FastSD CPU does. Not a test: the models are
+shapes, except optimum-intel's Turbo batch: see peer()) and given TAESD as its vae_decoder as FastSD CPU does. Not a test: the models are
 exported once (minutes, 8-11 GB each) into tests/benchmarks/cache/.
 
 Every contestant starts from sdonnx's initial noise for the seed (openvino.genai through a
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -271,6 +272,7 @@ def main() -> None:
         model, _, _, decoder = CONTESTANTS[row["name"]]
         reference = keep / f"{QUANTIZED.get(model, [model])[0]}-{REFERENCE[decoder]}.png"
         row["psnr"] = f"{psnr(keep / (row['name'] + '.png'), reference):.1f}" if reference.is_file() else "-"
+    shutil.rmtree(keep, ignore_errors=True)
     from peers import machine_flags
 
     lines = [f"# Few-step images, 512x512: SD-Turbo architecture 1 step, LCM SD 1.5 architecture 4 steps "

@@ -72,7 +72,9 @@ def write_openvino_ir(onnx_dir: Path, out: Path, scheduler: dict | None = None) 
     openvino.genai sets the UNet's `timestep` as int64 of shape [1] (its
     stable_diffusion_pipeline.hpp); optimum's ONNX export has a float scalar, so the IR gets a new
     int64 [1] parameter, a Convert and a Squeeze feeding the old consumers (optimum-intel's
-    pipeline reads the same IR: OpenVINO converts its float timestep at the call). `scheduler`,
+    pipeline reads the same IR: OpenVINO converts its float timestep at the call; fractional
+    timesteps would be truncated, which the whole-number Euler-trailing and LCM schedules here
+    never have). `scheduler`,
     when given, replaces scheduler_config.json (the peers' own scheduler for the model, e.g.
     SD-Turbo's EulerDiscreteScheduler with trailing timesteps). Weights are written as fp16
     (`ov.save_model`'s default, as optimum-cli writes them) and computed in the precision each
@@ -127,11 +129,14 @@ def taesd_root(ir: Path) -> Path:
     gives optimum-intel and openvino.genai the tiny decoder."""
     root = ir.with_name(ir.name + "-taesd")
     if not root.is_dir():
-        root.mkdir()
+        tmp = root.with_name(root.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
         for entry in ir.iterdir():
             if entry.name not in ("vae_decoder", "tiny_vae_decoder"):
-                (root / entry.name).symlink_to(entry)
-        (root / "vae_decoder").symlink_to(ir / "tiny_vae_decoder")
+                (tmp / entry.name).symlink_to(entry)
+        (tmp / "vae_decoder").symlink_to(ir / "tiny_vae_decoder")
+        tmp.rename(root)
     return root
 
 
