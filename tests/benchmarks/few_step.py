@@ -225,19 +225,20 @@ def worker(name: str, images: int, keep: Path) -> dict:
             times.append(time.perf_counter() - start)
             if i == 1:
                 image.save(keep / f"{name}.png")
-    peak = int(next(line.split()[1] for line in Path("/proc/self/status").read_text().splitlines()
-                    if line.startswith("VmHWM:"))) / 2**20
+    from sdonnx.runtime.bench import peak_rss_gb
+
     return {"name": name, "load_s": round(load, 2), "first_s": round(times[0], 2),
-            "image_s": round(statistics.median(times[1:]), 2), "peak_gb": round(peak, 2)}
+            "image_s": round(statistics.median(times[1:]), 2), "peak_gb": round(peak_rss_gb(), 2)}
 
 
 def psnr(a: Path, b: Path) -> float:
+    """PSNR in dB of two PNGs, by the quantization check's own measure (export/quality.py)."""
     import numpy as np
     from PIL import Image
 
-    x, y = (np.asarray(Image.open(p).convert("RGB"), dtype=np.float64) for p in (a, b))
-    mse = np.mean((x - y) ** 2)
-    return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
+    from sdonnx.export.quality import psnr as measure
+
+    return measure(*(np.asarray(Image.open(p).convert("RGB")) for p in (a, b)))
 
 
 def main() -> None:
