@@ -31,7 +31,7 @@ from typing import Callable
 
 import numpy as np
 
-from sdonnx.export import weights
+from sdonnx.export import vae_stages, weights
 from sdonnx.export.exporter import check_out, staged_folder
 from sdonnx.export.quality import compare
 from sdonnx.runtime import parts
@@ -301,6 +301,14 @@ def quantize_openvino(part: parts.Part, source: Path, target: Path, calls: list[
 
 def _quantize_part(part: parts.Part, source: Path, tmp: Path, config: QuantizeConfig,
                    calls: list[dict] | None, log) -> PartReport:
+    report = _quantize_weights(part, source, tmp, config, calls, log)
+    if part in (parts.VAE_DECODER, parts.VAE_ENCODER) and (tmp / part.onnx_path).is_file():
+        vae_stages.write_stages(tmp / part.onnx_path)  # the copied ones point into the old weights
+    return report
+
+
+def _quantize_weights(part: parts.Part, source: Path, tmp: Path, config: QuantizeConfig,
+                      calls: list[dict] | None, log) -> PartReport:
     src, dst = source / part.onnx_path, tmp / part.onnx_path
     if config.mode == "fp16":
         model = _load_onnx(src)
@@ -312,6 +320,7 @@ def _quantize_part(part: parts.Part, source: Path, tmp: Path, config: QuantizeCo
         keep = quantize_openvino(part, src, tmp / part.ir_path, calls)
         for stale in dst.parent.glob("model.onnx*"):
             stale.unlink()
+        vae_stages.remove_stages(dst.parent)  # (they run the ONNX file)
         kind = "int8 weights and activations" if part is parts.UNET else "int8 weights"
         return PartReport(part.name, kind, float_nodes=keep)
     if part is parts.UNET:

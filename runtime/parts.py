@@ -20,6 +20,9 @@ ONNX_FILE = "model.onnx"
 # A part quantized for OpenVINO (sdonnx quantize --mode int8-openvino) is OpenVINO IR instead,
 # named as optimum-intel names it; only the openvino provider runs it.
 IR_FILE = "openvino_model.xml"
+# A VAE part cut at its group norms (export/vae_stages.py): the plan, beside stage_NN.onnx files,
+# that lets runtime/vae.py decode in tiles that equal the untiled decode.
+VAE_STAGES = "stages.json"
 # Models over ONNX's 2 GB protobuf limit keep their weights in this external data file.
 EXTERNAL_DATA_FILE = "model.onnx_data"
 

@@ -342,28 +342,37 @@ class Pipeline:
         file = part.file(self.config.path)
         return file is not None and sum(f.stat().st_size for f in parts.model_files(file)) < KEEP_BYTES
 
-    def _load(self, part: parts.Part) -> PartModel:
-        path, config = self.config.path, self.config
+    def _open(self, file: Path, part: parts.Part, **options) -> PartModel:
+        """A model file opened with this pipeline's provider, threads and precision; `options`:
+        OnnxModel's beyond those (cache_root, arena, overrides ...), of which OpenVinoModel
+        takes cache_root, overrides and static_shapes."""
+        config = self.config
         if self._openvino:
             from sdonnx.runtime.openvino_model import OpenVinoModel
 
             # The text encoder runs once per generation, so bf16 saves next to nothing there,
             # while its rounding reaches every UNet call through the context and is
             # amplified like the UNet's own at high sigmas (precision.py): it stays fp32.
-            part_precision = "fp32" if part is parts.TEXT_ENCODER else config.precision
-            overrides = self.adapters.overrides(part.name)
-            model = OpenVinoModel(part.file(path), part, part_precision, config.threads,
-                                  config.cache_root, config.static_shapes, overrides=overrides.tensors)
+            precision = "fp32" if part is parts.TEXT_ENCODER else config.precision
+            taken = {"cache_root": config.cache_root, "static_shapes": config.static_shapes,
+                     **{k: v for k, v in options.items() if k in ("cache_root", "overrides", "static_shapes")}}
+            return OpenVinoModel(file, part, precision, config.threads, **taken)
+        options.pop("static_shapes", None)
+        return OnnxModel(file, part, config.provider, config.threads, **{"cache_root": config.cache_root, **options})
+
+    def _load(self, part: parts.Part) -> PartModel:
+        path = self.config.path
+        overrides = self.adapters.overrides(part.name)
+        if self._openvino:
+            model = self._open(part.file(path), part, overrides=overrides.tensors)
         else:
             # The VAE runs once per image on the largest activations (0.75-1 GB at 512x512 for
             # SD 1.5): without the arena's rounding-up they peak 0.25 GB lower.
-            overrides = self.adapters.overrides(part.name)
-            model = OnnxModel(path / part.onnx_path, part, config.provider, config.threads, config.cache_root,
-                              arena=part not in (parts.VAE_DECODER, parts.VAE_ENCODER), overrides=overrides.tensors,
-                              resized=overrides.resized, inline=overrides.inline)
+            model = self._open(path / part.onnx_path, part, arena=part not in (parts.VAE_DECODER, parts.VAE_ENCODER),
+                               overrides=overrides.tensors, resized=overrides.resized, inline=overrides.inline)
         self._models[part.name] = model
         self._carried[part.name] = self.adapters.wanted(part.name)
-        if config.low_memory:
+        if self.config.low_memory:
             # The patched weights live on in the loaded model only, and go with it.
             self.adapters.forget(part.name)
         return model
@@ -524,6 +533,38 @@ class Pipeline:
             return parts.TINY_VAE_DECODER
         return parts.VAE_DECODER
 
+    @contextmanager
+    def _vae(self, part: parts.Part, tile: int | None) -> Iterator[Callable[[np.ndarray], np.ndarray]]:
+        """A function running the VAE part on x (1, C, H, W) (latents for a decoder, pixels in
+        [-1, 1] for an encoder), returning the part's output: whole when `tile` (latent
+        pixels) is None; else over bands of about tile x tile latent pixels through the part's
+        stages, equal to the whole decode (vae.StagedVae: folders sdonnx exported), or in
+        blended tiles (vae.tiled: other folders, TAESD)."""
+        per_latent = parts.VAE_SCALE if part in (parts.VAE_ENCODER, parts.TINY_VAE_ENCODER) else 1
+        plan = None if tile is None else vae.StagedVae.read_plan(self.config.path / part.name)
+        if plan is not None:
+            folder = self.config.path / part.name
+
+            def open_stage(stage: dict) -> PartModel:
+                # (No optimized-graph cache: each stage is small; OpenVINO's compiled ones are.)
+                return self._open(folder / stage["file"], parts.Part(f"{part.name} {stage['file']}",
+                                                                    tuple(stage["inputs"]), stage["outputs"][0]),
+                                  cache_root=None if not self._openvino else self.config.cache_root, arena=False,
+                                  static_shapes=False)
+
+            staged = vae.StagedVae(plan, open_stage)
+            yield lambda x: staged(x, max(1, tile * tile * per_latent // x.shape[3]))
+            return
+        with self.using(part) as model:
+            name = part.inputs[0]
+            dtype = model.dtype(name)
+
+            def run(x: np.ndarray) -> np.ndarray:
+                return model(**{name: x.astype(dtype)})[part.output]
+
+            scale = parts.VAE_SCALE if per_latent == 1 else 1 / parts.VAE_SCALE
+            yield run if tile is None else (lambda x: vae.tiled(run, x, tile * per_latent, scale))
+
     def decode(self, latents: np.ndarray, tiles: int | str = "auto", decoder: str = "full") -> list[Image.Image]:
         """Decode latents (n, 4, H/8, W/8), one at a time, into n 8-bit RGB images with the
         full VAE or ("tiny") TAESD, which takes the scaled latents as they are;
@@ -531,16 +572,9 @@ class Pipeline:
         images = []
         part = self._decoder_part(decoder)
         scale = 1.0 if part is parts.TINY_VAE_DECODER else self.vae_scaling_factor
-        with self.using(part) as vae_decoder:
-            dtype = vae_decoder.dtype("latent_sample")
-
-            def run(z: np.ndarray) -> np.ndarray:
-                return vae_decoder(latent_sample=z.astype(dtype))[part.output]
-
+        with self._vae(part, self.vae_tile(tiles, *latents.shape[2:])) as run:
             for latent in latents:
-                scaled = latent[None] / scale
-                tile = self.vae_tile(tiles, *scaled.shape[2:])
-                pixels = (run(scaled) if tile is None else vae.tiled(run, scaled, tile, parts.VAE_SCALE))[0]
+                pixels = run(latent[None] / scale)[0]
                 pixels = np.clip(pixels.astype(np.float32) / 2 + 0.5, 0, 1)
                 images.append(Image.fromarray((pixels.transpose(1, 2, 0) * 255).round().astype(np.uint8)))
         return images
@@ -582,20 +616,14 @@ class Pipeline:
         AutoencoderTiny."""
         tiny = decoder == "tiny" and parts.TINY_VAE_ENCODER.file(self.config.path) is not None
         part = parts.TINY_VAE_ENCODER if tiny else parts.VAE_ENCODER
-        with self.using(part) as encoder:
-            if encoder is None:
-                raise ModelFolderError(
-                    f"img2img and inpainting need {parts.VAE_ENCODER.onnx_path} (or its OpenVINO IR), which "
-                    f"{self.config.path} lacks; export the model again with `sdonnx export`"
-                )
-            dtype = encoder.dtype("sample")
-
-            def run(x: np.ndarray) -> np.ndarray:
-                return encoder(sample=x.astype(dtype))[part.output]
-
-            tile = self.vae_tile(tiles, pixels.shape[2] // parts.VAE_SCALE, pixels.shape[3] // parts.VAE_SCALE)
-            moments = run(pixels) if tile is None else vae.tiled(run, pixels, tile * parts.VAE_SCALE,
-                                                                 1 / parts.VAE_SCALE)
+        if part.file(self.config.path) is None:
+            raise ModelFolderError(
+                f"img2img and inpainting need {parts.VAE_ENCODER.onnx_path} (or its OpenVINO IR), which "
+                f"{self.config.path} lacks; export the model again with `sdonnx export`"
+            )
+        tile = self.vae_tile(tiles, pixels.shape[2] // parts.VAE_SCALE, pixels.shape[3] // parts.VAE_SCALE)
+        with self._vae(part, tile) as run:
+            moments = run(pixels)
         # The full VAE gives mean and log-variance, unscaled; TAESD its scaled latents.
         return moments[:, : parts.LATENT_CHANNELS].astype(np.float32) * (1.0 if tiny else self.vae_scaling_factor)
 

@@ -1,25 +1,37 @@
 """Tiled VAE decode and encode: any image size in bounded memory.
 
 The VAE decoder's activations grow with the image (an SD 1.5 decode at 512x512 holds about
-0.8 GB, at 2048x2048 about 16 times that), so large images are decoded in overlapping tiles
-whose seams are blended linearly, as diffusers' `AutoencoderKL.enable_tiling()` does
-(`tiled_decode` / `_tiled_encode`): tiles of `tile` latent pixels start every
-tile x (1 - overlap), each tile's decoded edges are cross-faded over tile x overlap pixels with
-the tile above and the tile to the left, and each tile keeps its first tile x (1 - overlap)
-pixels. The result equals diffusers' tiled decode of the same latents; it differs from an
-untiled decode only because the decoder's group norms and mid-block attention see one tile
-instead of the whole image (tests/test_vae.py measures how much).
+0.8 GB, at 2048x2048 about 16 times that), so large images are decoded in pieces, in one of
+two ways:
+
+- `StagedVae`, for parts that sdonnx exported (export/vae_stages.py cut them at their group
+  norms): each stage runs over horizontal bands of the image with a few rows of overlap, the
+  group norms get the statistics of the whole tensor (as AUTOMATIC1111's Tiled VAE extension
+  does), so the result is the untiled decode up to float rounding. Tensors passed between
+  stages over SPILL_BYTES wait in a temporary file, not in memory.
+- `tiled`, for other folders and TAESD: overlapping tiles run through the whole network and
+  their seams are blended linearly, as diffusers' `AutoencoderKL.enable_tiling()` does
+  (`tiled_decode` / `_tiled_encode`): tiles of `tile` latent pixels start every
+  tile x (1 - overlap), each tile's decoded edges are cross-faded over tile x overlap pixels
+  with the tile above and the tile to the left, and each tile keeps its first
+  tile x (1 - overlap) pixels. The result equals diffusers' tiled decode; it differs from the
+  untiled decode because each tile's group norms and mid-block attention see that tile alone
+  (tests/test_vae.py measures both).
 """
 
 from __future__ import annotations
 
+import json
+import tempfile
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from sdonnx.runtime import parts
 from sdonnx.runtime.checks import is_int, shown
-from sdonnx.runtime.errors import InputError
+from sdonnx.runtime.errors import InputError, ModelFolderError
+from sdonnx.runtime.memory import trim_heap
 
 OVERLAP = 0.25  # diffusers' tile_overlap_factor
 # Tile sides are whole multiples of this many latent pixels (32 image pixels): then a tile's
@@ -109,3 +121,174 @@ def cheap_rgb(latent: np.ndarray) -> np.ndarray:
     takes seconds. Colours and layout only; no detail."""
     rgb = np.einsum("chw,cr->hwr", latent.astype(np.float32), CHEAP_RGB)
     return (np.clip((rgb + 1) / 2, 0, 1) * 255).round().astype(np.uint8)
+
+
+# A tensor passed between stages larger than this (bytes) waits in a temporary file: the SD 1.5
+# decoder's last blocks pass 128-256 MB tensors from stage to stage at 512x512, 2-4 GB at
+# 2048x2048; reading them back costs a fraction of the convolutions' time.
+SPILL_BYTES = 32 * 2**20
+
+
+class _Rows:
+    """A (C, H, W) tensor written and read in whole rows: in memory, or, over SPILL_BYTES, in
+    an unlinked temporary file (in $TMPDIR) read back with plain reads, so that its pages sit
+    in the page cache rather than in the process's resident memory."""
+
+    def __init__(self, channels: int, height: int, width: int, dtype: np.dtype):
+        self.shape, self.dtype = (channels, height, width), np.dtype(dtype)
+        nbytes = channels * height * width * self.dtype.itemsize
+        self.array = np.empty(self.shape, self.dtype) if nbytes <= SPILL_BYTES else None
+        self.file = tempfile.TemporaryFile(prefix="sdonnx-vae-") if self.array is None else None
+
+    def _offset(self, channel: int, row: int) -> int:
+        _, height, width = self.shape
+        return (channel * height + row) * width * self.dtype.itemsize
+
+    def write(self, row: int, block: np.ndarray) -> None:
+        """Rows row .. row + len of block (C, h, W)."""
+        if self.array is not None:
+            self.array[:, row:row + block.shape[1]] = block
+            return
+        block = np.ascontiguousarray(block, self.dtype)
+        for c in range(self.shape[0]):
+            self.file.seek(self._offset(c, row))
+            self.file.write(memoryview(block[c]).cast("B"))
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Rows start .. stop, (C, stop - start, W)."""
+        if self.array is not None:
+            return self.array[:, start:stop]
+        out = np.empty((self.shape[0], stop - start, self.shape[2]), self.dtype)
+        for c in range(self.shape[0]):
+            self.file.seek(self._offset(c, start))
+            self.file.readinto(memoryview(out[c]).cast("B"))
+        return out
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        self.array = None
+
+
+class _GroupNorm:
+    """torch.nn.GroupNorm with the statistics of the whole tensor, gathered band by band as
+    its input is written: each band's mean and sum of squared deviations, combined in float64
+    (Chan, Golub and LeVeque's pairwise update), so a mean far from zero loses nothing."""
+
+    def __init__(self, spec: dict):
+        self.input, self.groups, self.epsilon = spec["input"], spec["groups"], spec["epsilon"]
+        self.scale, self.bias, self.weight, self.shift = (
+            np.asarray(spec[k], np.float64) for k in ("scale", "bias", "weight", "shift"))
+        self.count, self.mean, self.m2 = 0, np.zeros(self.groups), np.zeros(self.groups)
+        self._affine = None
+
+    def gather(self, block: np.ndarray) -> None:
+        """Add the rows of block (C, h, W) to the statistics."""
+        grouped = block.reshape(self.groups, -1)
+        n = grouped.shape[1]
+        mean = grouped.mean(axis=1, dtype=np.float64)
+        deviations = grouped - mean[:, None].astype(grouped.dtype)
+        m2 = np.einsum("gi,gi->g", deviations, deviations, dtype=np.float64)
+        total = self.count + n
+        delta = mean - self.mean
+        self.mean += delta * n / total
+        self.m2 += m2 + delta**2 * self.count * n / total
+        self.count = total
+
+    def __call__(self, block: np.ndarray) -> np.ndarray:
+        """The normalized block (C, h, W), float32: one multiply-add per element, the group's
+        statistics and both affine maps folded into a scale and an offset per channel."""
+        if self._affine is None:
+            inverse = self.scale / np.sqrt(self.m2 / self.count + self.epsilon)
+            per_group = len(self.weight) // self.groups
+            a = np.repeat(inverse, per_group) * self.weight
+            b = np.repeat(self.bias - self.mean * inverse, per_group) * self.weight + self.shift
+            self._affine = (a.astype(np.float32)[:, None, None], b.astype(np.float32)[:, None, None])
+        a, b = self._affine
+        out = np.multiply(block, a, dtype=np.float32)
+        out += b
+        return out
+
+
+class StagedVae:
+    """A VAE part (decoder or encoder) run stage by stage over bands of rows, equal to running
+    it whole (export/vae_stages.py explains the stages; AUTOMATIC1111's Tiled VAE extension,
+    pkuliyi2015/multidiffusion-upscaler-for-automatic1111, is where the idea comes from).
+
+    `open_stage(stage)`: the model (PartModel, runtime/onnx_model.py) of one entry of
+    plan["stages"]; each is opened when its turn comes and closed after it, so that one stage's
+    weights are in memory at a time (opening all 30 of SD 1.5's takes 0.4 s on onnxruntime).
+    Call with x (1, C, H, W) (latents for a decoder, pixels for an encoder) and `band_rows`,
+    the rows of each band in latent pixels; returns the part's output (1, C', H', W') as its
+    model gives it. Memory: one stage's weights and one band's activations, plus the tensors
+    passed between stages (in a temporary file over SPILL_BYTES each)."""
+
+    def __init__(self, plan: dict, open_stage: Callable[[dict], object]):
+        self.plan, self.open_stage = plan, open_stage
+
+    @staticmethod
+    def read_plan(folder: Path) -> dict | None:
+        """The stage plan of a part folder, or None when it has none or the part's files have
+        changed since it was written (then tiles are blended). ModelFolderError for a plan
+        that cannot be read."""
+        file = folder / parts.VAE_STAGES
+        if not file.is_file():
+            return None
+        plan = parts.read_json(file)
+        try:
+            stages = plan["stages"]
+            if plan.get("format") != 1 or not all((folder / s["file"]).is_file() for s in stages):
+                raise KeyError("stages")
+        except (KeyError, TypeError):
+            raise ModelFolderError(f"{file} is not a stage plan sdonnx can read; export the model again") from None
+        model = folder / parts.ONNX_FILE
+        current = {f.name: f.stat().st_size for f in parts.model_files(model)} if model.is_file() else {}
+        return plan if current == plan.get("source") else None
+
+    def __call__(self, x: np.ndarray, band_rows: int) -> np.ndarray:
+        plan, factors = self.plan, self.plan["factors"]
+        if x.shape[0] != 1:
+            raise InputError(f"a staged VAE runs one image at a time, got a batch of {x.shape[0]}")
+        rows = x.shape[2] // factors[plan["input"]]
+        norms = {y: _GroupNorm(spec) for y, spec in plan["norms"].items()}
+        gathering = {norm.input: norm for norm in norms.values()}
+        stages = plan["stages"]
+        last = {}  # tensor -> the last stage that reads it (a norm's input: where its output is read)
+        for k, stage in enumerate(stages):
+            for name in stage["inputs"]:
+                last[norms[name].input if name in norms else name] = k
+        stores = {plan["input"]: _Rows(*x.shape[1:], x.dtype)}
+        stores[plan["input"]].write(0, x[0])
+
+        def read(name: str, start: int, stop: int, dtype) -> np.ndarray:
+            source = norms[name].input if name in norms else name
+            f = factors.get(source, 1)
+            block = stores[source].read(start * f, stop * f)
+            return (norms[name](block) if name in norms else block).astype(dtype, copy=False)[None]
+
+        def write(name: str, row: int, block: np.ndarray) -> None:
+            if name not in stores:
+                stores[name] = _Rows(block.shape[0], rows * factors.get(name, 1), block.shape[2], block.dtype)
+            stores[name].write(row * factors.get(name, 1), block)
+            if name in gathering:
+                gathering[name].gather(block)
+
+        for k, stage in enumerate(stages):
+            model = self.open_stage(stage)
+            halo = stage["halo"]
+            bands = [(0, rows)] if halo is None else [(a, min(rows, a + band_rows)) for a in range(0, rows, band_rows)]
+            for a, b in bands:
+                start, stop = (a, b) if halo is None else (max(0, a - halo), min(rows, b + halo))
+                outputs = model.run({n: read(n, start, stop, model.dtype(n)) for n in stage["inputs"]})
+                for name in stage["outputs"]:
+                    f = factors.get(name, 1)
+                    write(name, a, outputs[name][0][:, (a - start) * f:(b - start) * f])
+                del outputs
+            del model  # (freed here: nothing else refers to it)
+            for name in [n for n in stores if last.get(n, -1) <= k and n != plan["output"]]:
+                stores.pop(name).close()
+            trim_heap()
+        result = stores[plan["output"]]
+        out = result.read(0, result.shape[1])[None]
+        result.close()
+        return out

@@ -12,7 +12,7 @@ cache folder a warm-up process filled (a second start, as people run it; second_
 measures the first one).
 
     python tests/benchmarks/memory.py [--size 512] [--steps 2] [--images 2] [--only NAME ...]
-    python tests/benchmarks/memory.py --vae 2048    # a tiled VAE decode alone, SD 1.5 VAE
+    python tests/benchmarks/memory.py --vae 512 1024 2048 [--vae-tiles 256]   # VAE decodes alone
 
 The model: SD 1.5's architecture with random weights, exported by sdonnx (tests/benchmarks/
 cache/sd15-random-onnx, built by peers.py's prepare) and quantized with `sdonnx quantize
@@ -126,19 +126,66 @@ def warm_up(provider: str, variant: str, size: int) -> None:
         PROMPT, steps=1, width=size, height=size, seed=0)
 
 
-def vae_decode(size: int) -> dict:
-    """A tiled decode of a random SD 1.5 VAE (the fp32 export's decoder) at size x size."""
+def vae_decode(size: int, way: str = "staged", tiles: int | str = "auto", provider: str = "cpu",
+               save: str | None = None) -> dict:
+    """A decode of a random SD 1.5 VAE (the fp32 export's decoder) at size x size: `way`
+    "staged" (the stages sdonnx's export writes: equal to one piece), "blended" (diffusers-style
+    blended tiles, what folders without stages get) or "off" (one piece); `save`: a .npy file
+    for the decoded pixels (the PSNR between ways is taken by the parent)."""
     import numpy as np
 
     from sdonnx import Pipeline
+    from sdonnx.runtime import parts, vae
 
     memory = Memory()
-    pipe = Pipeline.load(FOLDERS["fp32"], provider="cpu", precision="fp32", low_memory=True)
+    pipe = Pipeline.load(FOLDERS["fp32"], provider=provider, precision="fp32", low_memory=True)
+    if way == "blended":
+        vae.StagedVae.read_plan = staticmethod(lambda folder: None)  # as a folder without stages
     latents = np.random.default_rng(0).standard_normal((1, 4, size // 8, size // 8), dtype=np.float32)
     start = time.perf_counter()
-    image = pipe.decode(latents * pipe.vae_scaling_factor)[0]
-    return {"name": f"tiled VAE decode {image.width}x{image.height}", "seconds": time.perf_counter() - start,
-            "tile": pipe.vae_tile_size, "peak_rss_gb": memory.read("VmHWM"), "peak_anon_gb": memory.peak_anon}
+    image = pipe.decode(latents * pipe.vae_scaling_factor, tiles="off" if way == "off" else tiles)[0]
+    seconds = time.perf_counter() - start
+    if save:
+        np.save(save, np.asarray(image))
+    tile = pipe.vae_tile("off" if way == "off" else tiles, size // 8, size // 8)
+    return {"name": f"VAE decode {image.width}x{image.height} {provider} {way}"
+                    + (f", {tile * parts.VAE_SCALE}-px tiles" if tile else ""),
+            "seconds": seconds, "peak_rss_gb": memory.read("VmHWM"), "peak_anon_gb": memory.peak_anon}
+
+
+def vae_report(sizes: list[int], tiles: str, providers: list[str], out: Path, machine: str) -> str:
+    """Each way of decoding at each size in its own process; PSNR of each against one piece
+    (where one piece was measured: up to 1024)."""
+    import numpy as np
+
+    from sdonnx.export.quality import psnr
+
+    lines = [f"{date.today()}, {machine}; SD 1.5 VAE decoder (random weights, fp32), --low-memory, "
+             f"--vae-tiles {tiles}", "",
+             "| decode | seconds | peak RSS GB | peak anonymous GB | PSNR vs one piece dB |", "|---|---|---|---|---|"]
+    for size in sizes:
+        for provider in providers:
+            ways = ["off", "staged", "blended"] if size <= 1024 else ["staged"]
+            results = {}
+            for way in ways:
+                save = f"/tmp/sdonnx-vae-{size}-{provider}-{way}.npy"
+                results[way] = in_child({"kind": "vae", "size": size, "way": way, "tiles": tiles,
+                                         "provider": provider, "save": save}), save
+                print(json.dumps(results[way][0]), flush=True)
+            for way, (r, save) in results.items():
+                if "error" in r:
+                    lines.append(f"| {r['name']} | failed: {r['error'][:80]} | | | |")
+                    continue
+                whole = results.get("off")
+                db = (f"{psnr(np.load(save), np.load(whole[1])):.1f}" if whole and way != "off"
+                      and "error" not in whole[0] else "-")
+                lines.append(f"| {r['name']} | {r['seconds']:.1f} | {r['peak_rss_gb']:.2f} | "
+                             f"{r['peak_anon_gb']:.2f} | {db} |")
+            for _, save in results.values():
+                Path(save).unlink(missing_ok=True)
+    text = "\n".join(lines)
+    (out / "vae-tiles.md").write_text(text + "\n")
+    return text
 
 
 def in_child(job: dict) -> dict:
@@ -198,7 +245,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--images", type=int, default=2)
     parser.add_argument("--only", nargs="+", help="contestant names (default: all)")
-    parser.add_argument("--vae", type=int, help="measure a tiled VAE decode of this side alone")
+    parser.add_argument("--vae", type=int, nargs="+", help="measure VAE decodes of these sides alone: one piece, "
+                        "staged tiles, blended tiles (vae-tiles.md)")
+    parser.add_argument("--vae-tiles", default="auto", help="the tile side for --vae (default: auto)")
+    parser.add_argument("--providers", nargs="+", default=["cpu"], help="providers for --vae")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -212,8 +262,9 @@ def main() -> None:
 
     os.environ.setdefault("SDONNX_CACHE_DIR", str(CACHE / "sdonnx-cache"))
     if args.vae:
-        result = in_child({"kind": "vae", "size": args.vae})
-        print(json.dumps(result))
+        args.out.mkdir(parents=True, exist_ok=True)
+        tiles = int(args.vae_tiles) if args.vae_tiles.isdecimal() else args.vae_tiles
+        print(vae_report(args.vae, tiles, args.providers, args.out, machine()))
         return
     names = args.only or contestants()
     for provider, variant in sorted({tuple(n.split(":")[1:4:2]) for n in names if n.startswith("sdonnx:")}):

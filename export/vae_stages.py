@@ -1,0 +1,309 @@
+"""Split a VAE's ONNX graph at its group norms, so that tiles draw the untiled picture.
+
+A tiled VAE whose tiles run the whole network (diffusers' `enable_tiling`) differs from the
+untiled decode where it matters: every group norm normalizes each tile by that tile's own
+statistics, so tiles come out in different tones, which blending only hides (23 dB PSNR
+against the untiled decode of a tiny VAE, 29 dB at SD 1.5 size). AUTOMATIC1111's Tiled VAE
+extension (pkuliyi2015/multidiffusion-upscaler-for-automatic1111, `tiled_vae.py`) instead
+pauses every tile at each group norm, sums the statistics of all tiles and goes on with
+those of the whole image. This module prepares the same for ONNX: it cuts the graph before
+every group norm of a four-dimensional activation, so that the runtime (runtime/vae.py,
+`StagedVae`) runs each stage over horizontal bands of the image, gathers the group norm's
+sums over the whole tensor, and applies the norm itself (a few numpy lines) before the next
+stage. Within a stage only convolutions, upsampling, padding and pointwise operations run, so
+a band with `halo` extra latent rows on each side computes its own rows exactly; a stage
+holding anything else (the mid-block's attention, which mixes every position) runs on the
+whole tensor at once, at latent resolution where that is cheap.
+
+The stages are written beside the part as `stage_NN.onnx` (their weights are references into
+the part's own model.onnx_data: no copy) with `stages.json`, the plan the runtime follows
+(parts.VAE_STAGES). The export writes them for the VAE decoder and encoder; `quantize` again
+for the parts it rewrites.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from sdonnx.runtime import parts
+
+# Operations that compute an output pixel from a small neighbourhood of input pixels (or
+# pixel by pixel): a stage made of these alone runs band by band.
+POINTWISE = {"Add", "Sub", "Mul", "Div", "Sigmoid", "Tanh", "Relu", "Identity", "Cast", "Clip", "Erf", "Pow",
+             "Sqrt", "Neg", "Exp", "DequantizeLinear", "QuantizeLinear", "Softplus", "HardSigmoid", "Max", "Min"}
+NEIGHBOURHOOD = {"Conv", "Resize", "Pad"}
+
+
+@dataclass
+class _Norm:
+    """One group norm as torch exports it: Reshape(x, [0, G, -1]) -> InstanceNormalization ->
+    Reshape(Shape(x)) -> Mul(weight) -> Add(bias)."""
+
+    x: str
+    y: str
+    groups: int
+    epsilon: float
+    scale: np.ndarray  # (G,) the InstanceNormalization's own (ones as torch exports it)
+    bias: np.ndarray  # (G,)
+    weight: np.ndarray  # broadcastable to (1, C, H, W)
+    shift: np.ndarray
+    nodes: list = field(default_factory=list)  # the nodes it replaces
+    position: int = 0  # the InstanceNormalization's index in the graph
+
+
+class _Graph:
+    def __init__(self, model: onnx.ModelProto, folder: Path):
+        self.model, self.folder = model, folder
+        self.nodes = list(model.graph.node)
+        self.initializers = {t.name: t for t in model.graph.initializer}
+        self.producer = {o: n for n in self.nodes for o in n.output}
+        self.consumers: dict[str, list] = {}
+        for n in self.nodes:
+            for i in n.input:
+                self.consumers.setdefault(i, []).append(n)
+        # Tensors computed from constants alone (weights, shapes of constants, F.pad's pads).
+        self.constant = set(self.initializers)
+        for n in self.nodes:
+            if all(i == "" or i in self.constant for i in n.input):
+                self.constant.update(n.output)
+
+    def value(self, name: str) -> np.ndarray | None:
+        """The value of a constant tensor that is an initializer, a Constant or an Identity of one."""
+        if name in self.initializers:
+            return numpy_helper.to_array(self.initializers[name], base_dir=str(self.folder))
+        node = self.producer.get(name)
+        if node is None:
+            return None
+        if node.op_type == "Constant":
+            return numpy_helper.to_array(node.attribute[0].t) if node.attribute[0].name == "value" else None
+        if node.op_type == "Identity":
+            return self.value(node.input[0])
+        if node.op_type == "Cast":  # float16 weights widened (quantize --mode fp16)
+            value = self.value(node.input[0])
+            to = next(a.i for a in node.attribute if a.name == "to")
+            return None if value is None else value.astype(onnx.helper.tensor_dtype_to_np_dtype(to))
+        return None
+
+    def only_consumer(self, name: str, op_type: str):
+        users = self.consumers.get(name, [])
+        return users[0] if len(users) == 1 and users[0].op_type == op_type else None
+
+
+def _norms(graph: _Graph, ranks: dict[str, int]) -> list[_Norm]:
+    """The group norms of 4-D activations, in graph order."""
+    found = []
+    for position, node in enumerate(graph.nodes):
+        if node.op_type != "InstanceNormalization":
+            continue
+        first = graph.producer.get(node.input[0])
+        if first is None or first.op_type != "Reshape" or ranks.get(first.input[0]) != 4:
+            continue
+        x = first.input[0]
+        target = graph.value(first.input[1])
+        scale, bias = graph.value(node.input[1]), graph.value(node.input[2])
+        back = graph.only_consumer(node.output[0], "Reshape")
+        mul = back and graph.only_consumer(back.output[0], "Mul")
+        add = mul and graph.only_consumer(mul.output[0], "Add")
+        if target is None or list(target)[0::2] != [0, -1] or scale is None or bias is None or add is None:
+            continue
+        shape = graph.producer.get(back.input[1])
+        if shape is None or shape.op_type != "Shape" or shape.input[0] != x or len(graph.consumers[shape.output[0]]) != 1:
+            continue
+        weight = graph.value(next(i for i in mul.input if i != back.output[0]))
+        shift = graph.value(next(i for i in add.input if i != mul.output[0]))
+        if weight is None or shift is None:
+            continue
+        epsilon = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
+        found.append(_Norm(x, add.output[0], int(target[1]), float(epsilon), scale, bias, weight, shift,
+                           [first, node, shape, back, mul, add], position))
+    return found
+
+
+def _probe(model: onnx.ModelProto, input_name: str, side: int) -> dict[str, tuple]:
+    """Shapes and dtypes of every tensor for a (1, C, side, side) input: one onnxruntime run."""
+    import onnxruntime as ort
+
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {v.name: v.type for v in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]}
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    known = {o.name for o in probe.graph.output}
+    constant = _Graph(model, Path()).constant
+    for node in model.graph.node:
+        for name in node.output:
+            if name and name not in known and name in types and name not in constant:
+                probe.graph.output.append(onnx.helper.make_value_info(name, types[name]))
+    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    declared = session.get_inputs()[0]
+    channels = declared.shape[1]
+    dtype = np.float16 if declared.type == "tensor(float16)" else np.float32
+    x = np.random.default_rng(0).standard_normal((1, channels, side, side)).astype(dtype)
+    names = [o.name for o in session.get_outputs()]
+    values = session.run(names, {input_name: x})
+    shapes = {input_name: (x.shape, x.dtype)}
+    shapes.update({n: (np.shape(v), np.asarray(v).dtype) for n, v in zip(names, values)})
+    return shapes
+
+
+def _radius(nodes: list, rows: dict[str, float], graph: _Graph) -> float:
+    """How many latent rows away a stage's outputs can look, through its convolutions,
+    upsampling and padding (counted generously: a kernel's whole extent, not half)."""
+    reach: dict[str, float] = {}
+    for node in nodes:
+        inputs = [i for i in node.input if i and i not in graph.constant]
+        r = max((reach.get(i, 0.0) for i in inputs), default=0.0)
+        if node.op_type in NEIGHBOURHOOD and inputs:
+            f_in = rows[inputs[0]]
+            if node.op_type == "Conv":
+                kernel = next(a.ints for a in node.attribute if a.name == "kernel_shape")
+                dilation = next((a.ints for a in node.attribute if a.name == "dilations"), [1, 1])
+                r += max(d * (k - 1) for k, d in zip(kernel, dilation)) / f_in
+            else:
+                r += 1 / f_in
+        for o in node.output:
+            reach[o] = r
+    return max(reach.values(), default=0.0)
+
+
+def _stage_model(model: onnx.ModelProto, graph: _Graph, nodes: list, inputs: list[str], outputs: list[str],
+                 shapes: dict[str, tuple]) -> onnx.ModelProto:
+    """A model of `nodes` with those inputs and outputs; its initializers are copies of the
+    part's, external ones as references into the same data file."""
+    used = {i for n in nodes for i in n.input}
+    initializers = [graph.initializers[name] for name in sorted(used & set(graph.initializers))]
+
+    def info(name: str) -> onnx.ValueInfoProto:
+        shape, dtype = shapes[name]
+        dims = [None] * len(shape)
+        if len(shape) >= 2:
+            dims[1] = shape[1]
+        return onnx.helper.make_tensor_value_info(name, onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), dims)
+
+    stage = onnx.helper.make_graph(nodes, "stage", [info(n) for n in inputs], [info(n) for n in outputs],
+                                   initializer=initializers)
+    return onnx.helper.make_model(stage, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+
+
+def plan(path: Path) -> tuple[dict, list[onnx.ModelProto]] | None:
+    """The stage plan of a VAE part (`path`: its model.onnx) and the stage models, or None
+    when the graph has no group norm of an image tensor to cut at."""
+    model = onnx.load(str(path), load_external_data=False)
+    full = onnx.load(str(path))  # with weights, for the probe run
+    graph = _Graph(model, path.parent)
+    input_name = model.graph.input[0].name
+    output_name = model.graph.output[0].name
+    # A decoder takes latents (8x8 here), an encoder images (64x64: latents of 8x8).
+    side = 8 if model.graph.input[0].type.tensor_type.shape.dim[1].dim_value == parts.LATENT_CHANNELS else 64
+    shapes = _probe(full, input_name, side)
+    del full
+    ranks = {name: len(shape) for name, (shape, _) in shapes.items()}
+    norms = _norms(graph, ranks)
+    if not norms:
+        return None
+    smallest = min(shape[2] for shape, _ in shapes.values() if len(shape) == 4)
+    factors = {name: shape[2] // smallest for name, (shape, _) in shapes.items()
+               if len(shape) == 4 and shape[2] == shape[3] and shape[2] % smallest == 0}
+    # (Rows per latent row of every image tensor, for the reach of a convolution after a pad.)
+    rows = {name: shape[2] / smallest for name, (shape, _) in shapes.items() if len(shape) == 4}
+    replaced = {id(n) for norm in norms for n in norm.nodes}
+    by_output = {norm.y: norm for norm in norms}
+
+    # Stage k: the graph's nodes between the (k-1)-th and k-th cut group norms.
+    cuts = [norm.position for norm in norms] + [len(graph.nodes)]
+    groups, start = [], 0
+    for cut in cuts:
+        groups.append([n for n in graph.nodes[start:cut] if id(n) not in replaced and not
+                       all(i == "" or i in graph.constant for i in n.input)])
+        start = cut
+    stage_of = {o: k for k, nodes in enumerate(groups) for n in nodes for o in n.output}
+    # A group norm's output is read where its input is: the input must outlive its readers.
+    needed_by: dict[str, set[int]] = {}
+    for k, nodes in enumerate(groups):
+        for n in nodes:
+            for i in n.input:
+                if i and i not in graph.constant and stage_of.get(i) != k:
+                    needed_by.setdefault(i, set()).add(k)
+                    if i in by_output:
+                        needed_by.setdefault(by_output[i].x, set()).add(k)
+    for norm in norms:
+        needed_by.setdefault(norm.x, set()).add(len(groups))  # its statistics, after its stage
+    stages, models = [], []
+    for k, nodes in enumerate(groups):
+        if not nodes:
+            continue
+        # Nodes computing constants (shapes of weights, F.pad's pads) go into every stage using them.
+        pulled, seen = [], set()
+
+        def pull(name: str) -> None:
+            node = graph.producer.get(name)
+            if name in graph.constant and node is not None and id(node) not in seen:
+                seen.add(id(node))
+                for i in node.input:
+                    pull(i)
+                pulled.append(node)
+
+        for n in nodes:
+            for i in n.input:
+                pull(i)
+        inputs = list(dict.fromkeys(i for n in nodes for i in n.input
+                                    if i and i not in graph.constant and stage_of.get(i) != k))
+        outputs = [o for n in nodes for o in n.output
+                   if o == output_name or any(j > k for j in needed_by.get(o, ()))]
+        body = pulled + nodes
+        local = (all(n.op_type in POINTWISE | NEIGHBOURHOOD or n.op_type == "Constant" for n in nodes)
+                 and all(name in factors for name in inputs + outputs))
+        halo = math.ceil(_radius(nodes, rows, graph) - 1e-9) if local else None
+        file = f"stage_{len(stages):02d}.onnx"
+        stages.append({"file": file, "inputs": inputs, "outputs": outputs, "halo": halo})
+        models.append((body, inputs, outputs))
+    if len(stages) < 2 or any(name not in shapes for s in stages for name in s["inputs"] + s["outputs"]):
+        return None
+    models = [_stage_model(model, graph, *m, shapes) for m in models]
+    tensors = {name for s in stages for name in s["inputs"] + s["outputs"]}
+    record = {
+        "format": 1,
+        "input": input_name,
+        "output": output_name,
+        # Rows of each tensor per latent row (the decoder's input 1, its output 8; the encoder's
+        # input 8, its output 1).
+        "factors": {name: factors[name] for name in sorted(tensors) if name in factors},
+        "norms": {norm.y: {"input": norm.x, "groups": norm.groups, "epsilon": norm.epsilon,
+                           "scale": norm.scale.astype(float).tolist(), "bias": norm.bias.astype(float).tolist(),
+                           "weight": norm.weight.astype(float).reshape(-1).tolist(),
+                           "shift": norm.shift.astype(float).reshape(-1).tolist()} for norm in norms},
+        "stages": stages,
+        "source": {f.name: f.stat().st_size for f in parts.model_files(path)},
+    }
+    return record, models
+
+
+def remove_stages(folder: Path) -> None:
+    """Remove the stages of a part folder (plan first: a half-removed set is never used)."""
+    for old in [folder / parts.VAE_STAGES, *folder.glob("stage_*.onnx")]:
+        old.unlink(missing_ok=True)
+
+
+def write_stages(path: Path) -> int:
+    """Write the stages of the VAE part whose model.onnx is `path` beside it (removing those of
+    an earlier export); returns how many (0: nothing to cut, tiles fall back to blending)."""
+    folder = path.parent
+    remove_stages(folder)
+    made = plan(path)
+    if made is None:
+        return 0
+    record, models = made
+    for stage, model in zip(record["stages"], models):
+        tmp = folder / f".{stage['file']}.partial"
+        onnx.save(model, str(tmp))
+        tmp.replace(folder / stage["file"])
+    tmp = folder / f".{parts.VAE_STAGES}.partial"
+    tmp.write_text(json.dumps(record))
+    tmp.replace(folder / parts.VAE_STAGES)
+    return len(models)
