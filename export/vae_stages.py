@@ -17,7 +17,7 @@ whole tensor at once, at latent resolution where that is cheap.
 
 The stages are written beside the part as `stage_NN.onnx` (their weights are references into
 the part's own model.onnx_data: no copy) with `stages.json`, the plan the runtime follows
-(parts.VAE_STAGES). The export writes them for the VAE decoder and encoder; `quantize` again
+(parts.VAE_STAGES), and `stages.npz`, the group norms' affine parameters. The export writes them for the VAE decoder and encoder; `quantize` again
 for the parts it rewrites.
 """
 
@@ -191,9 +191,9 @@ def _stage_model(model: onnx.ModelProto, graph: _Graph, nodes: list, inputs: lis
     return onnx.helper.make_model(stage, opset_imports=list(model.opset_import), ir_version=model.ir_version)
 
 
-def plan(path: Path) -> tuple[dict, list[onnx.ModelProto]] | None:
-    """The stage plan of a VAE part (`path`: its model.onnx) and the stage models, or None
-    when the graph has no group norm of an image tensor to cut at."""
+def plan(path: Path) -> tuple[dict, dict[str, np.ndarray], list[onnx.ModelProto]] | None:
+    """The stage plan of a VAE part (`path`: its model.onnx), the group norms' parameters and
+    the stage models, or None when the graph has no group norm of an image tensor to cut at."""
     model = onnx.load(str(path), load_external_data=False)
     full = onnx.load(str(path))  # with weights, for the probe run
     graph = _Graph(model, path.parent)
@@ -274,19 +274,20 @@ def plan(path: Path) -> tuple[dict, list[onnx.ModelProto]] | None:
         # Rows of each tensor per latent row (the decoder's input 1, its output 8; the encoder's
         # input 8, its output 1).
         "factors": {name: factors[name] for name in sorted(tensors) if name in factors},
-        "norms": {norm.y: {"input": norm.x, "groups": norm.groups, "epsilon": norm.epsilon,
-                           "scale": norm.scale.astype(float).tolist(), "bias": norm.bias.astype(float).tolist(),
-                           "weight": norm.weight.astype(float).reshape(-1).tolist(),
-                           "shift": norm.shift.astype(float).reshape(-1).tolist()} for norm in norms},
+        # (Each norm's affine parameters are arrays "<index>.<name>" of the .npz beside the plan.)
+        "norms": {norm.y: {"input": norm.x, "groups": norm.groups, "epsilon": norm.epsilon, "index": i}
+                  for i, norm in enumerate(norms)},
         "stages": stages,
         "source": {f.name: f.stat().st_size for f in parts.model_files(path)},
     }
-    return record, models
+    arrays = {f"{i}.{name}": np.asarray(getattr(norm, name), np.float32).reshape(-1)
+              for i, norm in enumerate(norms) for name in ("scale", "bias", "weight", "shift")}
+    return record, arrays, models
 
 
 def remove_stages(folder: Path) -> None:
     """Remove the stages of a part folder (plan first: a half-removed set is never used)."""
-    for old in [folder / parts.VAE_STAGES, *folder.glob("stage_*.onnx")]:
+    for old in [folder / parts.VAE_STAGES, folder / parts.VAE_STAGE_NORMS, *folder.glob("stage_*.onnx")]:
         old.unlink(missing_ok=True)
 
 
@@ -298,11 +299,14 @@ def write_stages(path: Path) -> int:
     made = plan(path)
     if made is None:
         return 0
-    record, models = made
+    record, arrays, models = made
     for stage, model in zip(record["stages"], models):
         tmp = folder / f".{stage['file']}.partial"
         onnx.save(model, str(tmp))
         tmp.replace(folder / stage["file"])
+    with open(folder / f".{parts.VAE_STAGE_NORMS}.partial", "wb") as f:
+        np.savez(f, **arrays)
+    (folder / f".{parts.VAE_STAGE_NORMS}.partial").replace(folder / parts.VAE_STAGE_NORMS)
     tmp = folder / f".{parts.VAE_STAGES}.partial"
     tmp.write_text(json.dumps(record))
     tmp.replace(folder / parts.VAE_STAGES)

@@ -23,6 +23,7 @@ IR_FILE = "openvino_model.xml"
 # A VAE part cut at its group norms (export/vae_stages.py): the plan, beside stage_NN.onnx files,
 # that lets runtime/vae.py decode in tiles that equal the untiled decode.
 VAE_STAGES = "stages.json"
+VAE_STAGE_NORMS = "stages.npz"  # the group norms' parameters (numpy arrays)
 # Models over ONNX's 2 GB protobuf limit keep their weights in this external data file.
 EXTERNAL_DATA_FILE = "model.onnx_data"
 

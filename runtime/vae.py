@@ -175,10 +175,10 @@ class _GroupNorm:
     its input is written: each band's mean and sum of squared deviations, combined in float64
     (Chan, Golub and LeVeque's pairwise update), so a mean far from zero loses nothing."""
 
-    def __init__(self, spec: dict):
+    def __init__(self, spec: dict, arrays):
         self.input, self.groups, self.epsilon = spec["input"], spec["groups"], spec["epsilon"]
         self.scale, self.bias, self.weight, self.shift = (
-            np.asarray(spec[k], np.float64) for k in ("scale", "bias", "weight", "shift"))
+            arrays[f"{spec['index']}.{k}"].astype(np.float64) for k in ("scale", "bias", "weight", "shift"))
         self.count, self.mean, self.m2 = 0, np.zeros(self.groups), np.zeros(self.groups)
         self._affine = None
 
@@ -229,8 +229,8 @@ class StagedVae:
     @staticmethod
     def read_plan(folder: Path) -> dict | None:
         """The stage plan of a part folder, or None when it has none or the part's files have
-        changed since it was written (then tiles are blended). ModelFolderError for a plan
-        that cannot be read."""
+        changed since it was written (then tiles are blended); "arrays" holds the group norms'
+        parameters. ModelFolderError for a plan that cannot be read."""
         file = folder / parts.VAE_STAGES
         if not file.is_file():
             return None
@@ -239,7 +239,9 @@ class StagedVae:
             stages = plan["stages"]
             if plan.get("format") != 1 or not all((folder / s["file"]).is_file() for s in stages):
                 raise KeyError("stages")
-        except (KeyError, TypeError):
+            with np.load(folder / parts.VAE_STAGE_NORMS) as arrays:
+                plan["arrays"] = {name: arrays[name] for name in arrays.files}
+        except (KeyError, TypeError, OSError, ValueError):
             raise ModelFolderError(f"{file} is not a stage plan sdonnx can read; export the model again") from None
         model = folder / parts.ONNX_FILE
         current = {f.name: f.stat().st_size for f in parts.model_files(model)} if model.is_file() else {}
@@ -250,7 +252,7 @@ class StagedVae:
         if x.shape[0] != 1:
             raise InputError(f"a staged VAE runs one image at a time, got a batch of {x.shape[0]}")
         rows = x.shape[2] // factors[plan["input"]]
-        norms = {y: _GroupNorm(spec) for y, spec in plan["norms"].items()}
+        norms = {y: _GroupNorm(spec, plan["arrays"]) for y, spec in plan["norms"].items()}
         gathering = {norm.input: norm for norm in norms.values()}
         stages = plan["stages"]
         last = {}  # tensor -> the last stage that reads it (a norm's input: where its output is read)
