@@ -72,9 +72,13 @@ SCHEDULES = ("default", "karras")
 LCM_DEFAULTS = {"sampler": "lcm", "steps": 4, "guidance": 8.5}
 DECODERS = ("full", "tiny")
 # vae_tiles="auto": one piece up to this side (pixels), or the VAE's own training size when
-# larger (SD 2's 768); tiles of that side above it. Tiles change the picture a little (each
-# tile's group norms see the tile alone), so sizes a model was made for stay in one piece.
+# larger (SD 2's 768), the fastest way; tiles of that side above it. Blended tiles (folders
+# without stages) change the picture a little, so sizes a model was made for stay in one piece.
 AUTO_TILE = 512
+# vae_tiles="auto" with low_memory, for parts with stages (the same picture as one piece): bands
+# of about this many pixels squared at any size above it. An SD 1.5 decode at 512x512 peaked at
+# 0.79 GB instead of 1.09, 35% slower (tests/benchmarks/results/vae-tiles.md).
+LOW_MEMORY_TILE = 256
 # A part run once per generation (text encoder, VAE encoder) stays loaded below this size
 # (model file and weights): reloading a small one costs more than it holds.
 KEEP_BYTES = 64 * 2**20
@@ -323,8 +327,10 @@ class Pipeline:
         self._unet_channels = parts.config_field(
             parts.read_json(path / parts.UNET.name / "config.json"), "in_channels", None,
             lambda v: is_int(v) and v > 0, path / parts.UNET.name / "config.json", "a whole number")
+        # Parts that stay are loaded now, except the VAE decoder: on its first untiled decode (a
+        # tiled one runs the VAE's stages, one at a time, and never needs it whole).
         for part in parts.PARTS:
-            if self._keeps(part) and part.file(path):
+            if self._keeps(part) and part is not parts.VAE_DECODER and part.file(path):
                 self._load(part)
 
     def _keeps(self, part: parts.Part) -> bool:
@@ -508,11 +514,16 @@ class Pipeline:
                       timestep_cond: np.ndarray | None = None) -> np.ndarray:
         return self._unet(sample, t, context, precise=True, timestep_cond=timestep_cond)
 
-    def vae_tile(self, tiles: int | str, height: int, width: int) -> int | None:
+    def vae_tile(self, tiles: int | str, height: int, width: int, part: parts.Part = parts.VAE_DECODER) -> int | None:
         """The VAE tile side in latent pixels for a (height, width) latent, None for one piece.
         "auto" decodes in one piece up to vae_tile_size pixels a side and in tiles of that
-        size above it."""
-        return vae.tile_latent(vae.check_tiles(tiles), self.vae_tile_size // parts.VAE_SCALE, height, width)
+        size above it; with low_memory, in LOW_MEMORY_TILE-pixel bands above that size when
+        `part` has stages (whose tiles draw the one-piece picture)."""
+        tiles = vae.check_tiles(tiles)
+        if (tiles == "auto" and self.config.low_memory
+                and vae.StagedVae.read_plan(self.config.path / part.name) is not None):
+            tiles = LOW_MEMORY_TILE
+        return vae.tile_latent(tiles, self.vae_tile_size // parts.VAE_SCALE, height, width)
 
     @property
     def has_tiny_vae(self) -> bool:
@@ -572,7 +583,7 @@ class Pipeline:
         images = []
         part = self._decoder_part(decoder)
         scale = 1.0 if part is parts.TINY_VAE_DECODER else self.vae_scaling_factor
-        with self._vae(part, self.vae_tile(tiles, *latents.shape[2:])) as run:
+        with self._vae(part, self.vae_tile(tiles, *latents.shape[2:], part)) as run:
             for latent in latents:
                 pixels = run(latent[None] / scale)[0]
                 pixels = np.clip(pixels.astype(np.float32) / 2 + 0.5, 0, 1)
@@ -621,7 +632,7 @@ class Pipeline:
                 f"img2img and inpainting need {parts.VAE_ENCODER.onnx_path} (or its OpenVINO IR), which "
                 f"{self.config.path} lacks; export the model again with `sdonnx export`"
             )
-        tile = self.vae_tile(tiles, pixels.shape[2] // parts.VAE_SCALE, pixels.shape[3] // parts.VAE_SCALE)
+        tile = self.vae_tile(tiles, pixels.shape[2] // parts.VAE_SCALE, pixels.shape[3] // parts.VAE_SCALE, part)
         with self._vae(part, tile) as run:
             moments = run(pixels)
         # The full VAE gives mean and log-variance, unscaled; TAESD its scaled latents.

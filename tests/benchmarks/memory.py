@@ -1,5 +1,6 @@
-"""Peak memory of a generation: sdonnx's default, --low-memory, int8 and int8 + --low-memory on
-cpu and openvino, beside diffusers (torch fp32) and optimum's ONNX Runtime pipeline on the same
+"""Peak memory of a generation: sdonnx's default, --vae-tiles 256, --low-memory, int8 and int8 +
+--low-memory on cpu and openvino, beside diffusers (torch fp32), optimum's ONNX Runtime pipeline
+and openvino.genai's Text2ImagePipeline (fp32, on OpenVINO IR of the same export) on the same
 model, in one run. Not a test: at SD 1.5 size it takes tens of minutes.
 
 Each contestant runs in a fresh process: load, then `--images` images of `--steps` steps (the
@@ -63,11 +64,11 @@ class Memory:
 def contestants() -> list[str]:
     from sdonnx.runtime import providers
 
-    names = ["diffusers", "optimum-ort"]
+    names = ["diffusers", "optimum-ort", "openvino-genai"]
     for provider in ("cpu", "openvino"):
         if providers.PROVIDERS[provider].available():
             names += [f"sdonnx:{provider}:{mode}:{variant}" for variant in ("fp32", "int8")
-                      for mode in ("default", "low-memory")]
+                      for mode in ("default", "vae-tiles-256", "low-memory")]
     return names
 
 
@@ -98,6 +99,17 @@ def run_contestant(name: str, size: int, steps: int, images: int) -> dict:
         def generate():
             pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=steps, width=size, height=size,
                  generator=torch.Generator().manual_seed(0))
+    elif name == "openvino-genai":
+        import openvino_genai
+
+        # Its own pipeline on IR of the same export (peers.write_openvino_ir), static shapes, fp32.
+        pipe = openvino_genai.Text2ImagePipeline(str(openvino_ir()))
+        pipe.reshape(1, size, size, 7.5)
+        pipe.compile("CPU", config={"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads})
+
+        def generate():
+            pipe.generate(PROMPT, negative_prompt=NEGATIVE, width=size, height=size, num_inference_steps=steps,
+                          guidance_scale=7.5, generator=openvino_genai.TorchGenerator(0))
     else:
         from sdonnx import Pipeline
 
@@ -105,8 +117,11 @@ def run_contestant(name: str, size: int, steps: int, images: int) -> dict:
         pipe = Pipeline.load(FOLDERS[variant], provider=provider, precision="fp32", threads=threads,
                              low_memory=mode == "low-memory")
 
+        tiles = 256 if mode == "vae-tiles-256" else "auto"
+
         def generate():
-            pipe.generate(PROMPT, negative_prompt=NEGATIVE, steps=steps, width=size, height=size, seed=0)
+            pipe.generate(PROMPT, negative_prompt=NEGATIVE, steps=steps, width=size, height=size, seed=0,
+                          vae_tiles=tiles)
     load_s = time.perf_counter() - start
     seconds = []
     for _ in range(images):
@@ -116,6 +131,16 @@ def run_contestant(name: str, size: int, steps: int, images: int) -> dict:
     return {"name": name, "load_s": load_s, "first_image_s": seconds[0],
             "image_s": statistics.median(seconds[1:] or seconds), "peak_rss_gb": memory.read("VmHWM"),
             "peak_anon_gb": memory.peak_anon, "after_gb": memory.read("VmRSS")}
+
+
+def openvino_ir() -> Path:
+    """OpenVINO IR of the fp32 export in the layout openvino.genai reads (made once)."""
+    from peers import write_openvino_ir
+
+    ir = CACHE / "sd15-random-openvino"
+    if not (ir / "model_index.json").is_file():
+        write_openvino_ir(FOLDERS["fp32"], ir)
+    return ir
 
 
 def warm_up(provider: str, variant: str, size: int) -> None:
