@@ -91,7 +91,7 @@ def generate(
     low_memory: bool = typer.Option(
         False, "--low-memory", help="Load each part only while it runs (peak: the largest part's, not the sum)."),
     vae_tiles: str = typer.Option(
-        "auto", "--vae-tiles", help="VAE in pieces of this side, same picture: auto (above the VAE's size, 512 pixels for SD 1.x; 256-pixel pieces with --low-memory), off, or a side in pixels (multiple of 32)."),
+        "auto", "--vae-tiles", help="VAE in pieces of about this side (the one-piece picture on folders sdonnx exported): auto (one piece up to the VAE's size, 512 pixels for SD 1.x), off, or a side in pixels (multiple of 32)."),
     lora: Optional[list[str]] = typer.Option(
         None, "--lora", help="A LoRA to apply: FILE[:SCALE], or a name in --lora-dir (repeatable; SCALE default 1)."),
     lora_dir: Optional[str] = typer.Option(

@@ -303,7 +303,7 @@ def _quantize_part(part: parts.Part, source: Path, tmp: Path, config: QuantizeCo
                    calls: list[dict] | None, log) -> PartReport:
     report = _quantize_weights(part, source, tmp, config, calls, log)
     if part in (parts.VAE_DECODER, parts.VAE_ENCODER) and (tmp / part.onnx_path).is_file():
-        vae_stages.write_stages(tmp / part.onnx_path)  # the copied ones point into the old weights
+        vae_stages.try_write_stages(tmp / part.onnx_path, log)  # the copied ones point into the old weights
     return report
 
 

@@ -13,7 +13,8 @@ sums over the whole tensor, and applies the norm itself (a few numpy lines) befo
 stage. Within a stage only convolutions, upsampling, padding and pointwise operations run, so
 a band with `halo` extra latent rows on each side computes its own rows exactly; a stage
 holding anything else (the mid-block's attention, which mixes every position) runs on the
-whole tensor at once, at latent resolution where that is cheap.
+whole tensor at once (it is at latent resolution; above a size the runtime gives it wide bands
+instead, see runtime/vae.py WHOLE_LATENT_PIXELS).
 
 The stages are written beside the part as `stage_NN.onnx` (their weights are references into
 the part's own model.onnx_data: no copy) with `stages.json`, the plan the runtime follows
@@ -103,7 +104,8 @@ def _norms(graph: _Graph, ranks: dict[str, int]) -> list[_Norm]:
         if node.op_type != "InstanceNormalization":
             continue
         first = graph.producer.get(node.input[0])
-        if first is None or first.op_type != "Reshape" or ranks.get(first.input[0]) != 4:
+        if (first is None or first.op_type != "Reshape" or ranks.get(first.input[0]) != 4
+                or len(graph.consumers[first.output[0]]) != 1):
             continue
         x = first.input[0]
         target = graph.value(first.input[1])
@@ -205,7 +207,7 @@ def plan(path: Path) -> tuple[dict, dict[str, np.ndarray], list[onnx.ModelProto]
     del full
     ranks = {name: len(shape) for name, (shape, _) in shapes.items()}
     norms = _norms(graph, ranks)
-    if not norms:
+    if not norms or len({norm.x for norm in norms}) < len(norms):  # (two norms of one tensor: not torch's)
         return None
     smallest = min(shape[2] for shape, _ in shapes.values() if len(shape) == 4)
     factors = {name: shape[2] // smallest for name, (shape, _) in shapes.items()
@@ -263,7 +265,9 @@ def plan(path: Path) -> tuple[dict, dict[str, np.ndarray], list[onnx.ModelProto]
         file = f"stage_{len(stages):02d}.onnx"
         stages.append({"file": file, "inputs": inputs, "outputs": outputs, "halo": halo})
         models.append((body, inputs, outputs))
-    if len(stages) < 2 or any(name not in shapes for s in stages for name in s["inputs"] + s["outputs"]):
+    # Every tensor passed between stages must be an image tensor (N, C, H, W) with a whole number
+    # of rows per latent row: that is what the runtime stores and cuts into bands.
+    if len(stages) < 2 or any(name not in factors for s in stages for name in s["inputs"] + s["outputs"]):
         return None
     models = [_stage_model(model, graph, *m, shapes) for m in models]
     tensors = {name for s in stages for name in s["inputs"] + s["outputs"]}
@@ -278,7 +282,9 @@ def plan(path: Path) -> tuple[dict, dict[str, np.ndarray], list[onnx.ModelProto]
         "norms": {norm.y: {"input": norm.x, "groups": norm.groups, "epsilon": norm.epsilon, "index": i}
                   for i, norm in enumerate(norms)},
         "stages": stages,
-        "source": {f.name: f.stat().st_size for f in parts.model_files(path)},
+        # The weights the stages were cut from: the stages read them by offset, the norms' are
+        # copies, so the plan is for these bytes only.
+        "weights": parts.weights_digest(path),
     }
     arrays = {f"{i}.{name}": np.asarray(getattr(norm, name), np.float32).reshape(-1)
               for i, norm in enumerate(norms) for name in ("scale", "bias", "weight", "shift")}
@@ -311,3 +317,18 @@ def write_stages(path: Path) -> int:
     tmp.write_text(json.dumps(record))
     tmp.replace(folder / parts.VAE_STAGES)
     return len(models)
+
+
+def try_write_stages(path: Path, log) -> int:
+    """write_stages, saying how many; a graph it cannot cut is logged and left without stages
+    (its tiles are then blended), never a failed export."""
+    try:
+        count = write_stages(path)
+    except Exception as e:  # onnx and onnxruntime raise their own types; the stages are optional
+        remove_stages(path.parent)
+        log(f"{path.parent.name}: no stages for tiled decodes ({type(e).__name__}: {e}); large images "
+            "will decode in blended tiles")
+        return 0
+    log(f"{path.parent.name}: {count} stages for tiled decodes" if count else
+        f"{path.parent.name}: no group norms to cut at; large images will decode in blended tiles")
+    return count

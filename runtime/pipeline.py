@@ -75,10 +75,6 @@ DECODERS = ("full", "tiny")
 # larger (SD 2's 768), the fastest way; tiles of that side above it. Blended tiles (folders
 # without stages) change the picture a little, so sizes a model was made for stay in one piece.
 AUTO_TILE = 512
-# vae_tiles="auto" with low_memory, for parts with stages (the same picture as one piece): bands
-# of about this many pixels squared at any size above it. An SD 1.5 decode at 512x512 peaked at
-# 0.79 GB instead of 1.09, 35% slower (tests/benchmarks/results/vae-tiles.md).
-LOW_MEMORY_TILE = 256
 # A part run once per generation (text encoder, VAE encoder) stays loaded below this size
 # (model file and weights): reloading a small one costs more than it holds.
 KEEP_BYTES = 64 * 2**20
@@ -277,6 +273,7 @@ def _part_property(part: parts.Part) -> property:
 
     def put(self: "Pipeline", model: PartModel) -> None:
         self._models[part.name] = model
+        self._assigned.add(part.name)
         self._carried[part.name] = self.adapters.wanted(part.name)  # taken as it is
 
     return property(get, put, doc=f"The {part.name} model (loaded on first access).")
@@ -324,6 +321,7 @@ class Pipeline:
         # LoRAs and embeddings the parts should carry (adapters.py), and those each loaded one does.
         self.adapters = adapters.Adapters(path, self.tokenizer, config.lora_dir, config.embeddings_dir)
         self._carried: dict[str, tuple] = {}
+        self._assigned: set[str] = set()  # parts given by assignment (pipe.unet = ...): never replaced
         self._unet_channels = parts.config_field(
             parts.read_json(path / parts.UNET.name / "config.json"), "in_channels", None,
             lambda v: is_int(v) and v > 0, path / parts.UNET.name / "config.json", "a whole number")
@@ -514,16 +512,12 @@ class Pipeline:
                       timestep_cond: np.ndarray | None = None) -> np.ndarray:
         return self._unet(sample, t, context, precise=True, timestep_cond=timestep_cond)
 
-    def vae_tile(self, tiles: int | str, height: int, width: int, part: parts.Part = parts.VAE_DECODER) -> int | None:
+    def vae_tile(self, tiles: int | str, height: int, width: int) -> int | None:
         """The VAE tile side in latent pixels for a (height, width) latent, None for one piece.
         "auto" decodes in one piece up to vae_tile_size pixels a side and in tiles of that
-        size above it; with low_memory, in LOW_MEMORY_TILE-pixel bands above that size when
-        `part` has stages (whose tiles draw the one-piece picture)."""
-        tiles = vae.check_tiles(tiles)
-        if (tiles == "auto" and self.config.low_memory
-                and vae.StagedVae.read_plan(self.config.path / part.name) is not None):
-            tiles = LOW_MEMORY_TILE
-        return vae.tile_latent(tiles, self.vae_tile_size // parts.VAE_SCALE, height, width)
+        size above it (also with low_memory: at 512x512 the UNet's phase holds more than a
+        one-piece decode, so smaller pieces would cost time for nothing; memory.py)."""
+        return vae.tile_latent(vae.check_tiles(tiles), self.vae_tile_size // parts.VAE_SCALE, height, width)
 
     @property
     def has_tiny_vae(self) -> bool:
@@ -552,7 +546,8 @@ class Pipeline:
         stages, equal to the whole decode (vae.StagedVae: folders sdonnx exported), or in
         blended tiles (vae.tiled: other folders, TAESD)."""
         per_latent = parts.VAE_SCALE if part in (parts.VAE_ENCODER, parts.TINY_VAE_ENCODER) else 1
-        plan = None if tile is None else vae.StagedVae.read_plan(self.config.path / part.name)
+        assigned = part.name in self._assigned  # (a model put in place runs, not the folder's stages)
+        plan = None if tile is None or assigned else vae.StagedVae.read_plan(self.config.path / part.name)
         if plan is not None:
             folder = self.config.path / part.name
 
@@ -583,7 +578,7 @@ class Pipeline:
         images = []
         part = self._decoder_part(decoder)
         scale = 1.0 if part is parts.TINY_VAE_DECODER else self.vae_scaling_factor
-        with self._vae(part, self.vae_tile(tiles, *latents.shape[2:], part)) as run:
+        with self._vae(part, self.vae_tile(tiles, *latents.shape[2:])) as run:
             for latent in latents:
                 pixels = run(latent[None] / scale)[0]
                 pixels = np.clip(pixels.astype(np.float32) / 2 + 0.5, 0, 1)
@@ -632,7 +627,7 @@ class Pipeline:
                 f"img2img and inpainting need {parts.VAE_ENCODER.onnx_path} (or its OpenVINO IR), which "
                 f"{self.config.path} lacks; export the model again with `sdonnx export`"
             )
-        tile = self.vae_tile(tiles, pixels.shape[2] // parts.VAE_SCALE, pixels.shape[3] // parts.VAE_SCALE, part)
+        tile = self.vae_tile(tiles, pixels.shape[2] // parts.VAE_SCALE, pixels.shape[3] // parts.VAE_SCALE)
         with self._vae(part, tile) as run:
             moments = run(pixels)
         # The full VAE gives mean and log-variance, unscaled; TAESD its scaled latents.
@@ -672,9 +667,10 @@ class Pipeline:
         total_steps, denoised)` too, with the current estimate of the clean latents (n, 4, H/8,
         W/8) for previews (`decode` turns them into images). An exception raised by either
         stops the generation there. `vae_tiles` "auto" (default) VAE-decodes and encodes in one
-        piece up to `vae_tile_size` pixels a side (512 for SD 1.x) and in
-        overlapping blended tiles of that side above it (diffusers' enable_tiling), "off" never
-        tiles, a number of pixels sets the tile side.
+        piece up to `vae_tile_size` pixels a side (512 for SD 1.x) and in pieces of that side
+        above it, "off" never tiles, a number of pixels sets the piece's side. Pieces draw the one-piece picture where the
+        VAE has stages (sdonnx's export); elsewhere they are blended tiles as diffusers'
+        enable_tiling() makes them (runtime/vae.py).
 
         Prompts take AUTOMATIC1111's syntax (runtime/prompts.py): `(word:1.3)`, `((word))`,
         `[word]`, `BREAK`, `<lora:NAME:SCALE>` (NAME looked up in the load's `lora_dir`), and

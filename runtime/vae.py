@@ -129,10 +129,21 @@ def cheap_rgb(latent: np.ndarray) -> np.ndarray:
 SPILL_BYTES = 32 * 2**20
 
 
+# A stage that mixes every position (the mid-block's self-attention) runs on the whole tensor up
+# to this many latent pixels (a 1024x1024 image: 16384 positions); above it, over the bands
+# with WIDE_HALO latent rows of context on each side (AUTOMATIC1111's Tiled VAE runs that
+# attention per tile): the one place where pieces differ from one piece. At 2048x2048 one
+# attention over all 65536 positions would take minutes, and 16 GB where the provider
+# materializes its map.
+WHOLE_LATENT_PIXELS = 128 * 128
+WIDE_HALO = 16
+
+
 class _Rows:
     """A (C, H, W) tensor written and read in whole rows: in memory, or, over SPILL_BYTES, in
     an unlinked temporary file (in $TMPDIR) read back with plain reads, so that its pages sit
-    in the page cache rather than in the process's resident memory."""
+    in the page cache rather than in the process's resident memory (where $TMPDIR is a tmpfs,
+    they are in memory all the same)."""
 
     def __init__(self, channels: int, height: int, width: int, dtype: np.dtype):
         self.shape, self.dtype = (channels, height, width), np.dtype(dtype)
@@ -145,14 +156,19 @@ class _Rows:
         return (channel * height + row) * width * self.dtype.itemsize
 
     def write(self, row: int, block: np.ndarray) -> None:
-        """Rows row .. row + len of block (C, h, W)."""
+        """Rows row .. row + len of block (C, h, W); an OSError names the folder when the
+        temporary file cannot take them."""
         if self.array is not None:
             self.array[:, row:row + block.shape[1]] = block
             return
         block = np.ascontiguousarray(block, self.dtype)
-        for c in range(self.shape[0]):
-            self.file.seek(self._offset(c, row))
-            self.file.write(memoryview(block[c]).cast("B"))
+        try:
+            for c in range(self.shape[0]):
+                self.file.seek(self._offset(c, row))
+                self.file.write(memoryview(block[c]).cast("B"))
+        except OSError as e:
+            raise OSError(e.errno, f"the tiled VAE's temporary file in {tempfile.gettempdir()} cannot grow "
+                                   f"({e.strerror}); set TMPDIR to a folder with room") from None
 
     def read(self, start: int, stop: int) -> np.ndarray:
         """Rows start .. stop, (C, stop - start, W)."""
@@ -220,7 +236,9 @@ class StagedVae:
     weights are in memory at a time (opening all 30 of SD 1.5's takes 0.4 s on onnxruntime).
     Call with x (1, C, H, W) (latents for a decoder, pixels for an encoder) and `band_rows`,
     the rows of each band in latent pixels; returns the part's output (1, C', H', W') as its
-    model gives it. Memory: one stage's weights and one band's activations, plus the tensors
+    model gives it; equal to the whole part's up to float rounding, except that above
+    WHOLE_LATENT_PIXELS the mid-block attention sees a band of the image. InputError for a
+    batch of more than one image or sides that are not whole latent pixels. Memory: one stage's weights and one band's activations, plus the tensors
     passed between stages (in a temporary file over SPILL_BYTES each)."""
 
     def __init__(self, plan: dict, open_stage: Callable[[dict], object]):
@@ -244,14 +262,17 @@ class StagedVae:
         except (KeyError, TypeError, OSError, ValueError):
             raise ModelFolderError(f"{file} is not a stage plan sdonnx can read; export the model again") from None
         model = folder / parts.ONNX_FILE
-        current = {f.name: f.stat().st_size for f in parts.model_files(model)} if model.is_file() else {}
-        return plan if current == plan.get("source") else None
+        return plan if model.is_file() and parts.weights_digest(model) == plan.get("weights") else None
 
     def __call__(self, x: np.ndarray, band_rows: int) -> np.ndarray:
         plan, factors = self.plan, self.plan["factors"]
+        step = factors[plan["input"]]
         if x.shape[0] != 1:
-            raise InputError(f"a staged VAE runs one image at a time, got a batch of {x.shape[0]}")
-        rows = x.shape[2] // factors[plan["input"]]
+            raise InputError(f"tiled VAE decodes and encodes take one image at a time, got a batch of {x.shape[0]}")
+        if x.shape[2] % step or x.shape[3] % step:
+            raise InputError(f"a tiled VAE needs sides that are multiples of {step} pixels, got "
+                             f"{x.shape[3]}x{x.shape[2]}; resize the image or use vae_tiles=\"off\"")
+        rows = x.shape[2] // step
         norms = {y: _GroupNorm(spec, plan["arrays"]) for y, spec in plan["norms"].items()}
         gathering = {norm.input: norm for norm in norms.values()}
         stages = plan["stages"]
@@ -278,6 +299,8 @@ class StagedVae:
         for k, stage in enumerate(stages):
             model = self.open_stage(stage)
             halo = stage["halo"]
+            if halo is None and rows * x.shape[3] // step > WHOLE_LATENT_PIXELS:
+                halo = WIDE_HALO
             bands = [(0, rows)] if halo is None else [(a, min(rows, a + band_rows)) for a in range(0, rows, band_rows)]
             for a, b in bands:
                 start, stop = (a, b) if halo is None else (max(0, a - halo), min(rows, b + halo))

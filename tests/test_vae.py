@@ -136,9 +136,23 @@ def test_passed_tensors_spill_to_a_file_with_the_same_result(tiny_onnx, monkeypa
     assert any(files) and np.array_equal(spilled, in_memory)
 
 
+def test_attention_over_wide_bands_above_the_whole_size(tiny_onnx, monkeypatch):
+    """Above WHOLE_LATENT_PIXELS the mid-block attention runs over bands with WIDE_HALO rows of
+    context: close to one piece, not equal to it (the control that the bands were used)."""
+    latents = np.random.default_rng(4).standard_normal((1, 4, 40, 56), dtype=np.float32)
+    staged = _staged(tiny_onnx, parts.VAE_DECODER)
+    whole = to_image(staged(latents, 5))
+    monkeypatch.setattr(vae, "WHOLE_LATENT_PIXELS", 0)
+    monkeypatch.setattr(vae, "WIDE_HALO", 4)
+    banded = to_image(staged(latents, 5))
+    print(f"mid-block attention over bands of 5 + 2 x 4 rows vs whole: {psnr(banded, whole):.1f} dB")
+    assert 30 <= psnr(banded, whole) < 60
+
+
 def test_stages_of_changed_weights_are_not_used(tiny_onnx, tmp_path):
-    """A part whose files changed after its stages were written (a model.onnx replaced by
-    hand) tiles by blending instead of running stale stages; a damaged plan is named."""
+    """A part whose weights changed after its stages were written (another VAE's files copied
+    in, even of the same size) tiles by blending instead of running stale stages; a damaged
+    plan is named."""
     import shutil
 
     from sdonnx.runtime.errors import ModelFolderError
@@ -146,8 +160,10 @@ def test_stages_of_changed_weights_are_not_used(tiny_onnx, tmp_path):
     folder = tmp_path / "vae_decoder"
     shutil.copytree(tiny_onnx / "vae_decoder", folder)
     assert vae.StagedVae.read_plan(folder) is not None
-    with open(folder / parts.EXTERNAL_DATA_FILE, "ab") as f:
-        f.write(b"\0" * 64)
+    data = folder / parts.EXTERNAL_DATA_FILE
+    values = np.fromfile(data, np.uint8)
+    values[-1] ^= 1  # one bit of the last weight, same size
+    values.tofile(data)
     assert vae.StagedVae.read_plan(folder) is None
     (folder / parts.VAE_STAGES).write_text('{"format": 1, "stages": [{"file": "missing.onnx"}]}')
     with pytest.raises(ModelFolderError, match="not a stage plan sdonnx can read; export the model again"):
