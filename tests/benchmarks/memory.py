@@ -209,7 +209,7 @@ def vae_report(sizes: list[int], tiles: str, providers: list[str], out: Path, ma
             for _, save in results.values():
                 Path(save).unlink(missing_ok=True)
     text = "\n".join(lines)
-    (out / "vae-tiles.md").write_text(text + "\n")
+    (out / f"vae-tiles-{tiles}.md").write_text(text + "\n")
     return text
 
 
@@ -271,7 +271,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=2)
     parser.add_argument("--only", nargs="+", help="contestant names (default: all)")
     parser.add_argument("--vae", type=int, nargs="+", help="measure VAE decodes of these sides alone: one piece, "
-                        "staged tiles, blended tiles (vae-tiles.md)")
+                        "staged tiles, blended tiles (vae-tiles-TILES.md)")
     parser.add_argument("--vae-tiles", default="auto", help="the tile side for --vae (default: auto)")
     parser.add_argument("--providers", nargs="+", default=["cpu"], help="providers for --vae")
     parser.add_argument("--out", type=Path, default=HERE / "results")
