@@ -552,7 +552,8 @@ class Pipeline:
             folder = self.config.path / part.name
 
             def open_stage(stage: dict) -> PartModel:
-                # (No optimized-graph cache: each stage is small; OpenVINO's compiled ones are.)
+                # Stages are small: onnxruntime optimizes each in milliseconds (no cache of
+                # optimized graphs); OpenVINO's compiled ones go to its cache as usual.
                 return self._open(folder / stage["file"], parts.Part(f"{part.name} {stage['file']}",
                                                                     tuple(stage["inputs"]), stage["outputs"][0]),
                                   cache_root=None if not self._openvino else self.config.cache_root, arena=False,
@@ -668,9 +669,9 @@ class Pipeline:
         W/8) for previews (`decode` turns them into images). An exception raised by either
         stops the generation there. `vae_tiles` "auto" (default) VAE-decodes and encodes in one
         piece up to `vae_tile_size` pixels a side (512 for SD 1.x) and in pieces of that side
-        above it, "off" never tiles, a number of pixels sets the piece's side. Pieces draw the one-piece picture where the
-        VAE has stages (sdonnx's export); elsewhere they are blended tiles as diffusers'
-        enable_tiling() makes them (runtime/vae.py).
+        above it, "off" never tiles, a number of pixels sets the piece's side. Pieces draw the
+        one-piece picture where the VAE has stages (sdonnx's export); elsewhere they are
+        blended tiles as diffusers' enable_tiling() makes them (runtime/vae.py).
 
         Prompts take AUTOMATIC1111's syntax (runtime/prompts.py): `(word:1.3)`, `((word))`,
         `[word]`, `BREAK`, `<lora:NAME:SCALE>` (NAME looked up in the load's `lora_dir`), and

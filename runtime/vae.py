@@ -21,7 +21,6 @@ two ways:
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 from typing import Callable
