@@ -91,6 +91,8 @@ def _describe(path: Path, record: dict) -> str:
             lines.append(f"    parity vs torch: max abs diff {recorded['parity']['max_abs_diff']:.2e}")
         if part in (parts.UNET, parts.TEXT_ENCODER):
             lines.append("    LoRAs/embeddings: " + _adapter_support(model_file, recorded))
+        if part in (parts.VAE_DECODER, parts.VAE_ENCODER):
+            lines.append("    tiles: " + _tiling(model_file.parent))
         checked = record.get("quantization", {}).get("parts", {}).get(part.name)
         if checked:
             verdict = " -> kept in fp32" if checked.get("kept_float") else ""
@@ -107,6 +109,22 @@ def _describe(path: Path, record: dict) -> str:
                      f"SSIM {q['ssim']:.3f} (parts below {q['min_psnr']:g} dB stay fp32)")
     lines.append(runtime_choice())
     return "\n".join(lines)
+
+
+def _tiling(folder: Path) -> str:
+    """How a VAE part decodes or encodes in pieces (runtime/vae.py): through its stages, or in
+    blended tiles, and why."""
+    from sdonnx.runtime.vae import StagedVae
+
+    try:
+        plan = StagedVae.read_plan(folder)
+    except ModelFolderError:
+        return f"blended ({parts.VAE_STAGES} is damaged: export again for stages)"
+    if plan is not None:
+        return f"{len(plan['stages'])} stages, the one-piece picture"
+    if (folder / parts.VAE_STAGES).is_file():
+        return "blended (its stages were cut from other weights: export again)"
+    return "blended, as diffusers' enable_tiling() (no stages: export with sdonnx for them)"
 
 
 def _adapter_support(model_file: Path, recorded: dict) -> str:

@@ -127,6 +127,22 @@ def test_info_lists_parts(tiny_onnx):
         assert part in proc.stdout
     assert "in  sample: tensor(float) ['batch_size', 4, 'height', 'width']" in proc.stdout
     assert "parity vs torch" in proc.stdout and "total:" in proc.stdout
+    assert proc.stdout.count("stages, the one-piece picture") == 2  # VAE decoder and encoder
+
+
+def test_info_says_when_tiles_are_blended(tiny_onnx, tmp_path):
+    """A folder whose VAE has no stages (optimum's, an older sdonnx's) or stale ones."""
+    import shutil
+
+    folder = tmp_path / "copy"
+    shutil.copytree(tiny_onnx, folder)
+    (folder / "vae_encoder" / "stages.json").unlink()
+    data = folder / "vae_decoder" / "model.onnx_data"
+    weights = data.read_bytes()
+    data.write_bytes(weights[:-1] + bytes([weights[-1] ^ 1]))  # one bit of the last weight
+    out = sdonnx("info", folder).stdout
+    assert "tiles: blended, as diffusers' enable_tiling() (no stages" in out
+    assert "tiles: blended (its stages were cut from other weights: export again)" in out
 
 
 def test_export_command_errors(tiny_source, tiny_onnx, tmp_path):
