@@ -18,8 +18,8 @@ instead, see runtime/vae.py WHOLE_LATENT_PIXELS).
 
 The stages are written beside the part as `stage_NN.onnx` (their weights are references into
 the part's own model.onnx_data: no copy) with `stages.json`, the plan the runtime follows
-(parts.VAE_STAGES), and `stages.npz`, the group norms' affine parameters. The export writes them for the VAE decoder and encoder; `quantize` again
-for the parts it rewrites.
+(parts.VAE_STAGES), and `stages.npz`, the group norms' affine parameters. The export writes
+them for the VAE decoder and encoder; `quantize` again for the parts it rewrites.
 """
 
 from __future__ import annotations
@@ -128,8 +128,9 @@ def _norms(graph: _Graph, ranks: dict[str, int]) -> list[_Norm]:
     return found
 
 
-def _probe(model: onnx.ModelProto, input_name: str, side: int) -> dict[str, tuple]:
-    """Shapes and dtypes of every tensor for a (1, C, side, side) input: one onnxruntime run."""
+def _probe(model: onnx.ModelProto, input_name: str, side: int, constant: set[str]) -> dict[str, tuple]:
+    """Shapes and dtypes of every tensor but the `constant` ones for a (1, C, side, side)
+    input: one onnxruntime run."""
     import onnxruntime as ort
 
     inferred = onnx.shape_inference.infer_shapes(model)
@@ -137,7 +138,6 @@ def _probe(model: onnx.ModelProto, input_name: str, side: int) -> dict[str, tupl
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     known = {o.name for o in probe.graph.output}
-    constant = _Graph(model, Path()).constant
     for node in model.graph.node:
         for name in node.output:
             if name and name not in known and name in types and name not in constant:
@@ -203,7 +203,7 @@ def plan(path: Path) -> tuple[dict, dict[str, np.ndarray], list[onnx.ModelProto]
     output_name = model.graph.output[0].name
     # A decoder takes latents (8x8 here), an encoder images (64x64: latents of 8x8).
     side = 8 if model.graph.input[0].type.tensor_type.shape.dim[1].dim_value == parts.LATENT_CHANNELS else 64
-    shapes = _probe(full, input_name, side)
+    shapes = _probe(full, input_name, side, graph.constant)
     del full
     ranks = {name: len(shape) for name, (shape, _) in shapes.items()}
     norms = _norms(graph, ranks)

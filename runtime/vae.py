@@ -237,8 +237,9 @@ class StagedVae:
     the rows of each band in latent pixels; returns the part's output (1, C', H', W') as its
     model gives it; equal to the whole part's up to float rounding, except that above
     WHOLE_LATENT_PIXELS the mid-block attention sees a band of the image. InputError for a
-    batch of more than one image or sides that are not whole latent pixels. Memory: one stage's weights and one band's activations, plus the tensors
-    passed between stages (in a temporary file over SPILL_BYTES each)."""
+    batch of more than one image or sides that are not whole latent pixels. Memory: one
+    stage's weights and one band's activations, plus the tensors passed between stages (in a
+    temporary file over SPILL_BYTES each)."""
 
     def __init__(self, plan: dict, open_stage: Callable[[dict], object]):
         self.plan, self.open_stage = plan, open_stage
@@ -284,14 +285,14 @@ class StagedVae:
 
         def read(name: str, start: int, stop: int, dtype) -> np.ndarray:
             source = norms[name].input if name in norms else name
-            f = factors.get(source, 1)
+            f = factors[source]
             block = stores[source].read(start * f, stop * f)
             return (norms[name](block) if name in norms else block).astype(dtype, copy=False)[None]
 
         def write(name: str, row: int, block: np.ndarray) -> None:
             if name not in stores:
-                stores[name] = _Rows(block.shape[0], rows * factors.get(name, 1), block.shape[2], block.dtype)
-            stores[name].write(row * factors.get(name, 1), block)
+                stores[name] = _Rows(block.shape[0], rows * factors[name], block.shape[2], block.dtype)
+            stores[name].write(row * factors[name], block)
             if name in gathering:
                 gathering[name].gather(block)
 
@@ -305,7 +306,7 @@ class StagedVae:
                 start, stop = (a, b) if halo is None else (max(0, a - halo), min(rows, b + halo))
                 outputs = model.run({n: read(n, start, stop, model.dtype(n)) for n in stage["inputs"]})
                 for name in stage["outputs"]:
-                    f = factors.get(name, 1)
+                    f = factors[name]
                     write(name, a, outputs[name][0][:, (a - start) * f:(b - start) * f])
                 del outputs
             del model  # (freed here: nothing else refers to it)
