@@ -8,6 +8,7 @@ temporary folder into place.
 
 from __future__ import annotations
 
+import gc
 import glob
 import importlib.util
 import json
@@ -32,6 +33,7 @@ from sdonnx.runtime import parts
 from sdonnx.runtime.pipeline import LCM_DEFAULTS, Defaults
 from sdonnx.runtime.schedules import PREDICTION_TYPES
 from sdonnx.runtime.info import folder_bytes
+from sdonnx.runtime.memory import trim_heap
 from sdonnx.runtime.errors import InputError, ModelFolderError, SdonnxError, install_hint
 
 # What a diffusers Stable Diffusion folder must hold for an export.
@@ -218,10 +220,53 @@ def quiet_libraries() -> None:
     transformers_logging.set_verbosity_error()
 
 
+def _release(module) -> None:
+    """Replace every parameter and buffer of a torch module by an empty tensor of its dtype,
+    freeing the weights' memory while the module object stays valid (its dtype and config can
+    still be read; it can no longer be run)."""
+    import torch
+
+    for sub in module.modules():
+        for name, param in sub._parameters.items():
+            if param is not None:
+                param.data = torch.empty(0, dtype=param.dtype)
+        for name, buffer in sub._buffers.items():
+            if buffer is not None:
+                sub._buffers[name] = torch.empty(0, dtype=buffer.dtype)
+
+
+@contextmanager
+def _weights_released_after_export() -> Iterator[None]:
+    """Free each part's torch weights as soon as torch.onnx.export has written its graph.
+
+    optimum exports the parts of a pipeline it holds whole, and after a part larger than 2 GB
+    (SD 1.5's UNet, 3.4 GB) it loads that part's ONNX file with all its weights to gather them
+    into one file, while the torch weights are still held: the export's peak (8.5 GB for SD
+    1.5). optimum runs nothing of a module after its export (sdonnx turns its validation off
+    and checks the parts itself), so the weights can go as soon as each export returns.
+    torch.onnx.export is replaced only for the duration of the block (optimum imports it
+    at each call)."""
+    import torch.onnx
+
+    original = torch.onnx.export
+
+    def export_then_release(model, *args, **kwargs):
+        try:
+            return original(model, *args, **kwargs)
+        finally:
+            _release(model)
+
+    torch.onnx.export = export_then_release
+    try:
+        yield
+    finally:
+        torch.onnx.export = original
+
+
 def _run_optimum(source: Path, tmp: Path, opset: int | None) -> None:
     from optimum.exporters.onnx import main_export
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _weights_released_after_export():
         warnings.simplefilter("ignore")
         main_export(
             str(source),
@@ -233,6 +278,8 @@ def _run_optimum(source: Path, tmp: Path, opset: int | None) -> None:
             # sdonnx runs its own, stricter check below and records the figures.
             do_validation=False,
         )
+    gc.collect()  # the pipeline optimum loaded holds reference cycles
+    trim_heap()
 
 
 def _recommended(folder: Path, given: dict) -> dict:
@@ -398,6 +445,8 @@ def _export_into(tmp: Path, config: ExportConfig, start: float, log: Callable[[s
                  source_record: dict | None = None) -> ExportResult:
     """Export, check and record into `tmp` (renamed to OUT by `staged_folder`)."""
     source, out = config.source, config.out
+    gc.collect()  # what converting a single file left in reference cycles, before the peak
+    trim_heap()
     log(f"exporting {source} with optimum's ONNX exporter")
     _run_optimum(source, tmp, config.opset)
     missing = [p.onnx_path for p in parts.PARTS if not (tmp / p.onnx_path).is_file()]

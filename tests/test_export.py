@@ -127,3 +127,27 @@ def test_interrupted_export_leaves_no_folder(tiny_source, tmp_path, sig):
     assert proc.returncode != 0
     assert "Traceback" not in stderr
     assert list(tmp_path.iterdir()) == [], "an interrupted export left files behind"
+
+
+def test_each_parts_torch_weights_are_freed_once_its_graph_is_written(tmp_path):
+    """optimum gathers a large part's external data while holding the pipeline: sdonnx frees each
+    module's weights as soon as torch.onnx.export returns (the SD 1.5 export's peak went from
+    8.5 to 5.8 GB, tests/benchmarks/README.md "Export"), and puts torch.onnx.export back after,
+    also when an export fails."""
+    import onnxruntime as ort
+    import torch
+
+    original = torch.onnx.export
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8)).eval()
+    x = torch.randn(2, 4)
+    expected = model(x).detach().numpy()
+    with exporter._weights_released_after_export():
+        torch.onnx.export(model, (x,), str(tmp_path / "m.onnx"), dynamo=False)
+        with pytest.raises(TypeError):
+            torch.onnx.export(torch.nn.Linear(2, 2), "not a tensor", str(tmp_path / "bad.onnx"), dynamo=False)
+    assert torch.onnx.export is original
+    # The graph holds the weights; the module no longer does, yet its dtype can still be read.
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    assert abs(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0] - expected).max() < 1e-5
+    assert all(p.numel() == 0 for p in model.parameters()) and all(b.numel() == 0 for b in model.buffers())
+    assert next(model.parameters()).dtype == torch.float32
