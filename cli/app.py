@@ -89,7 +89,7 @@ def generate(
     threads: Optional[int] = typer.Option(None, "--threads", min=1, max=MAX_THREADS,
                                           help="CPU threads (default: all physical cores)."),
     low_memory: bool = typer.Option(
-        False, "--low-memory", help="Load each part only while it runs (peak: the largest part's, not the sum)."),
+        False, "--low-memory", help="Load each part only while it runs (peak: the largest part's, not the sum) and run the UNet one image at a time."),
     vae_tiles: str = typer.Option(
         "auto", "--vae-tiles", help="VAE in pieces of about this side (the one-piece picture on folders sdonnx exported): auto (one piece up to the VAE's size, 512 pixels for SD 1.x), off, or a side in pixels (multiple of 32)."),
     lora: Optional[list[str]] = typer.Option(

@@ -27,6 +27,11 @@ class Denoiser:
     # The same UNet in fp32, for the evaluations at `precise_sigmas` of a bf16 run (precision.py).
     precise_unet: UNetFn | None = None
     precise_sigmas: frozenset[float] = frozenset()
+    # The most rows per UNet call (None: all, the CFG pair in one batch). 1 runs the negative
+    # and the prompt as calls of one image each: half the UNet's activations (an SD 1.5 int8
+    # call at 512x512: 0.13 GB against 0.25), the same arithmetic per row, and on a CPU
+    # about the same time (tests/benchmarks/README.md "Memory").
+    max_batch: int | None = None
 
     @property
     def uses_guidance(self) -> bool:
@@ -42,7 +47,10 @@ class Denoiser:
         if self.uses_guidance:
             sample = np.concatenate([sample, sample])
         unet = self.precise_unet if sigma in self.precise_sigmas else self.unet
-        out = unet(sample.astype(np.float32), self.sigma_to_t(sigma), self.context)
+        sample, t = sample.astype(np.float32), self.sigma_to_t(sigma)
+        rows = self.max_batch or len(sample)
+        out = np.concatenate([unet(sample[i:i + rows], t, self.context[i:i + rows])
+                              for i in range(0, len(sample), rows)])
         if self.uses_guidance:
             uncond, cond = np.split(out, 2)
             out = uncond + self.guidance * (cond - uncond)

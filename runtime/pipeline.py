@@ -423,7 +423,9 @@ class Pipeline:
         `cache_dir`: where compiled models and optimized graphs are kept for the next start
         (default $SDONNX_CACHE_DIR or ~/.cache/sdonnx; False: no cache).
         `low_memory`: load each part only while it runs and release it after (the peak is the
-        largest part's instead of their sum, at the cost of loading them for every generation).
+        largest part's instead of their sum, at the cost of loading them for every generation),
+        and run the UNet one image at a time (the negative prompt's and the prompt's rows of
+        guidance in two calls: half its activations).
         `lora_dir`, `embeddings_dir`: where `<lora:NAME>` and embedding names in prompts are
         looked up (default $SDONNX_LORA_DIR / $SDONNX_EMBEDDINGS_DIR, else
         ~/.local/share/sdonnx/loras and .../embeddings; adapters.default_dir).
@@ -744,7 +746,8 @@ class Pipeline:
             cond = guidance_embedding(config.guidance, self.guidance_embedding_dim)
             unet, precise_unet = partial(unet, timestep_cond=cond), partial(precise_unet, timestep_cond=cond)
         denoise = Denoiser(unet, context, steering.guidance, self.scheduler.prediction_type,
-                           schedule_.sigma_to_t, conditioning, precise_unet, precise)
+                           schedule_.sigma_to_t, conditioning, precise_unet, precise,
+                           max_batch=1 if self.config.low_memory else None)
         def step(i: int, x: np.ndarray, denoised: np.ndarray) -> None:
             if callback:
                 callback(i + 1, schedule_.steps)

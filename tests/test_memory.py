@@ -73,14 +73,23 @@ def test_release_file_pages_drops_a_mapped_file_and_keeps_its_contents(tmp_path)
     trim_heap()  # callable anywhere; nothing to assert beyond not failing
 
 
-def test_low_memory_draws_the_same_picture_and_holds_no_part(tiny_onnx, tiny_pipeline):
+def test_low_memory_draws_the_same_picture_and_holds_no_part(tiny_onnx, tiny_pipeline, monkeypatch):
+    """low_memory loads parts per use and runs the UNet one image at a time (the CFG pair as two
+    calls): the same picture, to the bit on onnxruntime's CPU kernels."""
     from sdonnx import Pipeline
 
     small = Pipeline.load(tiny_onnx, provider="cpu", low_memory=True)
     assert small._models == {}
+    batches = []
+    unet = Pipeline._unet
+    monkeypatch.setattr(Pipeline, "_unet", lambda self, sample, *a, **k: batches.append(len(sample)) or unet(
+        self, sample, *a, **k))
     settings = dict(steps=3, seed=5, width=64, height=64)
     want = np.asarray(tiny_pipeline.generate("a red circle", **settings)[0])
+    assert set(batches) == {2}
+    batches.clear()
     assert np.array_equal(np.asarray(small.generate("a red circle", **settings)[0]), want)
+    assert set(batches) == {1} and len(batches) == 6
     assert small._models == {}
     init = small.generate("a red circle", **settings)[0]
     assert np.array_equal(np.asarray(small.generate("a red circle", init_image=init, strength=0.5, **settings)[0]),
