@@ -517,8 +517,10 @@ class Pipeline:
     def vae_tile(self, tiles: int | str, height: int, width: int) -> int | None:
         """The VAE tile side in latent pixels for a (height, width) latent, None for one piece.
         "auto" decodes in one piece up to vae_tile_size pixels a side and in tiles of that
-        size above it (also with low_memory: at 512x512 the UNet's phase holds more than a
-        one-piece decode, so smaller pieces would cost time for nothing; memory.py)."""
+        size above it (also with low_memory: at 512x512 a float32 UNet's phase holds far more
+        than a one-piece decode, and with int8 weights the two are close, 1.08 against 1.14 GB
+        for SD 1.5, where pieces of 256 cost 15% more decode time; tests/benchmarks/README.md
+        "Memory")."""
         return vae.tile_latent(vae.check_tiles(tiles), self.vae_tile_size // parts.VAE_SCALE, height, width)
 
     @property

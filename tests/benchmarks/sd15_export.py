@@ -1,6 +1,6 @@
 """Export a full-size SD 1.5-architecture model (random weights) and generate one image.
 
-Not a test: it takes minutes and about 11 GB of RAM. It builds the diffusers folder offline
+Not a test: it takes minutes and about 6 GB of RAM. It builds the diffusers folder offline
 from SD 1.5's architecture (cached under tests/benchmarks/cache/), exports it with sdonnx in
 a child process, and reports wall time and peak RSS of the export and of one generation.
 
