@@ -519,7 +519,7 @@ class Pipeline:
         "auto" decodes in one piece up to vae_tile_size pixels a side and in tiles of that
         size above it (also with low_memory: at 512x512 a float32 UNet's phase holds far more
         than a one-piece decode, and with int8 weights the two are close, 1.08 against 1.14 GB
-        for SD 1.5, where pieces of 256 cost 15% more decode time; tests/benchmarks/README.md
+        for SD 1.5, where pieces of 256 cost 13-22% more decode time; tests/benchmarks/README.md
         "Memory")."""
         return vae.tile_latent(vae.check_tiles(tiles), self.vae_tile_size // parts.VAE_SCALE, height, width)
 
