@@ -29,6 +29,7 @@ from typing import Callable, Iterator
 
 from sdonnx.export.attention import fuse_attention
 from sdonnx.export.parity import PartParity, check_parts
+from sdonnx.export.torch_memory import weights_released_after_export
 from sdonnx.runtime import parts
 from sdonnx.runtime.pipeline import LCM_DEFAULTS, Defaults
 from sdonnx.runtime.schedules import PREDICTION_TYPES
@@ -220,53 +221,10 @@ def quiet_libraries() -> None:
     transformers_logging.set_verbosity_error()
 
 
-def _release(module) -> None:
-    """Replace every parameter and buffer of a torch module by an empty tensor of its dtype,
-    freeing the weights' memory while the module object stays valid (its dtype and config can
-    still be read; it can no longer be run)."""
-    import torch
-
-    for sub in module.modules():
-        for name, param in sub._parameters.items():
-            if param is not None:
-                param.data = torch.empty(0, dtype=param.dtype)
-        for name, buffer in sub._buffers.items():
-            if buffer is not None:
-                sub._buffers[name] = torch.empty(0, dtype=buffer.dtype)
-
-
-@contextmanager
-def _weights_released_after_export() -> Iterator[None]:
-    """Free each part's torch weights as soon as torch.onnx.export has written its graph.
-
-    optimum exports the parts of a pipeline it holds whole, and after a part larger than 2 GB
-    (SD 1.5's UNet, 3.4 GB) it loads that part's ONNX file with all its weights to gather them
-    into one file, while the torch weights are still held: the export's peak (8.5 GB for SD
-    1.5). optimum runs nothing of a module after its export (sdonnx turns its validation off
-    and checks the parts itself), so the weights can go as soon as each export returns.
-    torch.onnx.export is replaced only for the duration of the block (optimum imports it
-    at each call)."""
-    import torch.onnx
-
-    original = torch.onnx.export
-
-    def export_then_release(model, *args, **kwargs):
-        try:
-            return original(model, *args, **kwargs)
-        finally:
-            _release(model)
-
-    torch.onnx.export = export_then_release
-    try:
-        yield
-    finally:
-        torch.onnx.export = original
-
-
 def _run_optimum(source: Path, tmp: Path, opset: int | None) -> None:
     from optimum.exporters.onnx import main_export
 
-    with warnings.catch_warnings(), _weights_released_after_export():
+    with warnings.catch_warnings(), weights_released_after_export():
         warnings.simplefilter("ignore")
         main_export(
             str(source),

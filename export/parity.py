@@ -63,12 +63,10 @@ def _run(session, **inputs) -> np.ndarray:
 def _free(model) -> None:
     """Drop a torch part's weights before the ONNX Runtime session of the same part opens, so
     the check never holds both (SD 1.5's UNet: 3.4 GB each)."""
-    from sdonnx.export.exporter import _release
-    from sdonnx.runtime.memory import trim_heap
+    from sdonnx.export.torch_memory import release_weights
 
-    _release(model)
+    release_weights(model)
     gc.collect()
-    trim_heap()
 
 
 def check_parts(source: Path, exported: Path, seed: int = 0) -> list[PartParity]:
@@ -114,8 +112,10 @@ def check_parts(source: Path, exported: Path, seed: int = 0) -> list[PartParity]
         decoded = vae.decode(torch.from_numpy(latent)).sample.numpy()
         encoder_path = exported / parts.VAE_ENCODER.onnx_path
         image = rng.uniform(-1, 1, size=(1, 3, side * parts.VAE_SCALE, side * parts.VAE_SCALE)).astype(np.float32)
-        moments = (vae.quant_conv(vae.encoder(torch.from_numpy(image))) if vae.config.use_quant_conv
-                   else vae.encoder(torch.from_numpy(image))).numpy() if encoder_path.is_file() else None
+        moments = None
+        if encoder_path.is_file():
+            moments = vae.encoder(torch.from_numpy(image))
+            moments = (vae.quant_conv(moments) if vae.config.use_quant_conv else moments).numpy()
         _free(vae)
         session = _session(exported / parts.VAE_DECODER.onnx_path)
         results.append(_compare("vae_decoder", decoded, _run(session, latent_sample=latent), latent.shape))

@@ -68,9 +68,13 @@ class _SafetensorsReader:
         self.header = {k: v for k, v in check_safetensors(path).items() if k != "__metadata__"}
         with open(path, "rb") as f:
             self.start = 8 + struct.unpack("<Q", f.read(8))[0]
-        self.names = set(self.header)
+
+    def readable(self, name: str) -> bool:
+        """Whether the file holds `name` in a dtype read here (floats: F64, F32, F16, BF16)."""
+        return self.header.get(name, {}).get("dtype") in ("F64", "F32", "F16", "BF16")
 
     def read(self, name: str) -> np.ndarray:
+        """The tensor `name` as float32 in its stored shape (bf16 and fp16 widened exactly)."""
         from sdonnx.runtime.tensorfiles import _SAFETENSORS_DTYPES, _widen
 
         spec = self.header[name]
@@ -96,7 +100,7 @@ def write_weight_map(path: Path, source_weights: Path | None = None) -> int:
         return 0
     if source_weights is not None and source_weights.is_file():
         torch_weights = _SafetensorsReader(source_weights)
-        wrong = [m for m in weight_map.modules if f"{m}.weight" in torch_weights.names and not np.array_equal(
+        wrong = [m for m in weight_map.modules if torch_weights.readable(f"{m}.weight") and not np.array_equal(
             weight_map.read(m), torch_weights.read(f"{m}.weight"))]
         for module in wrong:
             del weight_map.modules[module]

@@ -49,8 +49,11 @@ class Denoiser:
         unet = self.precise_unet if sigma in self.precise_sigmas else self.unet
         sample, t = sample.astype(np.float32), self.sigma_to_t(sigma)
         rows = self.max_batch or len(sample)
-        out = np.concatenate([unet(sample[i:i + rows], t, self.context[i:i + rows])
-                              for i in range(0, len(sample), rows)])
+        if rows >= len(sample):  # (the context object itself: a bound device keeps it across steps)
+            out = unet(sample, t, self.context)
+        else:
+            out = np.concatenate([unet(sample[i:i + rows], t, self.context[i:i + rows])
+                                  for i in range(0, len(sample), rows)])
         if self.uses_guidance:
             uncond, cond = np.split(out, 2)
             out = uncond + self.guidance * (cond - uncond)

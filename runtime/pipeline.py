@@ -501,7 +501,8 @@ class Pipeline:
         inputs = {
             "sample": sample.astype(self.unet.dtype("sample")),
             "timestep": timestep,
-            # copy=False: the same context object every step, which a bound device keeps.
+            # copy=False: the same context object every step (all rows in one call), which a bound
+            # device keeps; one-row calls (low_memory) pass slices, bound at each call.
             "encoder_hidden_states": context.astype(self.unet.dtype("encoder_hidden_states"), copy=False),
         }
         if timestep_cond is not None:
@@ -518,9 +519,9 @@ class Pipeline:
         """The VAE tile side in latent pixels for a (height, width) latent, None for one piece.
         "auto" decodes in one piece up to vae_tile_size pixels a side and in tiles of that
         size above it (also with low_memory: at 512x512 a float32 UNet's phase holds far more
-        than a one-piece decode, and with int8 weights the two are close, 1.08 against 1.14 GB
-        for SD 1.5, where pieces of 256 cost 13-22% more decode time; tests/benchmarks/README.md
-        "Memory")."""
+        than a one-piece decode; with int8 weights the one-piece decode, 0.9-1.16 GB for SD 1.5,
+        can pass the UNet's call, 1.08 GB, and pieces of 256 pixels keep it below at 22-27% more
+        decode time; tests/benchmarks/README.md "Memory")."""
         return vae.tile_latent(vae.check_tiles(tiles), self.vae_tile_size // parts.VAE_SCALE, height, width)
 
     @property

@@ -111,3 +111,32 @@ def test_large_once_per_generation_parts_are_released_by_default(tiny_onnx, tiny
     image = pipe.generate("a red circle", **settings)[0]
     assert np.array_equal(np.asarray(image), np.asarray(tiny_pipeline.generate("a red circle", **settings)[0]))
     assert set(pipe._models) == {"unet", "vae_decoder"}
+
+
+@pytest.mark.parametrize("guidance", [7.5, 1.0])
+@pytest.mark.parametrize("inpainting", [False, True])
+def test_one_row_per_unet_call_pairs_each_sample_with_its_own_context(guidance, inpainting):
+    """Denoiser.max_batch=1 (low_memory) gives what one call of all rows gives, for two images,
+    with and without guidance, with an inpainting UNet's extra channels: each row's sample meets
+    its own context row. A UNet that mixes rows (a batch mean) shows the check can fail."""
+    from sdonnx.runtime.denoiser import Denoiser
+
+    rng = np.random.default_rng(0)
+    images, channels = 2, 9 if inpainting else 4
+    rows = images * (2 if guidance > 1 else 1)
+    context = rng.standard_normal((rows, 77, 8)).astype(np.float32)
+    conditioning = rng.standard_normal((images, 5, 8, 8)).astype(np.float32) if inpainting else None
+    weights = rng.standard_normal((channels, 4)).astype(np.float32)
+
+    def unet(sample, t, ctx):  # per row: a function of that row's sample and context only
+        assert len(sample) == len(ctx) and sample.shape[1] == channels
+        return np.einsum("bchw,cd->bdhw", sample, weights) * t + ctx.mean(axis=(1, 2))[:, None, None, None]
+
+    def mixing(sample, t, ctx):
+        return unet(sample, t, ctx) + sample.mean()
+
+    x = rng.standard_normal((images, 4, 8, 8)).astype(np.float32)
+    for fn, same in ((unet, True), (mixing, False)):
+        whole, split = (Denoiser(fn, context, guidance, "epsilon", lambda s: s * 10, conditioning, max_batch=m)
+                        for m in (None, 1))
+        assert np.allclose(whole(x, 2.0), split(x, 2.0), rtol=1e-6, atol=1e-6) is same

@@ -5,6 +5,11 @@ with Retry-After), that none was lost, their latencies, and the server's peak RS
 plain `sdonnx generate` of the same request measured in the same run (the server's overhead).
 
     python tests/benchmarks/serve_load.py [--model DIR] [--clients 20] [--queue 4] [--steps 20] [--rounds 3]
+
+With `--hold N` it measures instead whether the server holds its memory: N requests one after
+another, cycling through four sizes (HOLD_SIZES) and both the OpenAI and the AUTOMATIC1111
+endpoint, and the server's resident set after the first 10 (which have seen every size) against
+after all N (issue 20: within 10%; tests/test_server.py checks the same on the embedded model).
 """
 
 from __future__ import annotations
@@ -45,6 +50,45 @@ def generate_rss_mb(model: list[str], steps: int, provider: str) -> float:
     return float(re.search(r"peak_rss_mb (\S+)", done.stdout).group(1))
 
 
+HOLD_SIZES = ("512x512", "256x256", "384x256", "256x384")
+
+
+def rss_mb(server: Server) -> float:
+    status = Path(f"/proc/{server.process.pid}/status").read_text()
+    return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) / 1024
+
+
+def hold(server: Server, requests: int, steps: int) -> dict[int, float]:
+    """The server's RSS in MB after request 1, 10, 25, 50 ... and `requests`."""
+    after = {}
+    marks = {1, 10, 25, 50, 75, requests}
+    for i in range(requests):
+        size = HOLD_SIZES[i % len(HOLD_SIZES)]
+        width, height = (int(v) for v in size.split("x"))
+        if i % 2:
+            reply = server.post("/v1/images/generations", {"prompt": PROMPT, "size": size, "steps": steps, "seed": i})
+        else:
+            reply = server.post("/sdapi/v1/txt2img", {"prompt": PROMPT, "width": width, "height": height,
+                                                      "steps": steps, "seed": i})
+        if reply.status != 200:
+            raise RuntimeError(f"request {i + 1} failed: {reply.status} {reply.message}")
+        if i + 1 in marks:
+            after[i + 1] = rss_mb(server)
+            print(f"after {i + 1} requests: RSS {after[i + 1]:.0f} MB", flush=True)
+    return after
+
+
+def hold_report(args, after: dict[int, float]) -> str:
+    rows = [f"# sdonnx serve holds its memory ({date.today()}, {machine()})", "",
+            f"{args.hold} requests one after another, cycling through {', '.join(HOLD_SIZES)} and both "
+            f"endpoints, {args.steps} step(s) each, provider {args.provider}, model {args.model or 'embedded default'}"
+            f"{', --low-memory' if args.low_memory else ''}.", "",
+            "| after requests | server RSS MB |", "|---|---|"]
+    rows += [f"| {n} | {mb:.0f} |" for n, mb in sorted(after.items())]
+    rows += ["", f"After {args.hold} against after 10: {after[args.hold] / after[10]:.3f}x (issue 20: at most 1.10x)."]
+    return "\n".join(rows) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", type=Path)
@@ -54,8 +98,22 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--provider", default="cpu")
     parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--hold", type=int, help="measure RSS over this many sequential requests of mixed sizes")
+    parser.add_argument("--low-memory", action="store_true", help="serve with --low-memory")
     args = parser.parse_args()
     model = ["--model", str(args.model)] if args.model else []
+    if args.hold:
+        if args.hold < 10:
+            parser.error("--hold needs at least 10 requests")
+        server = Server(*model, "--provider", args.provider, *(["--low-memory"] if args.low_memory else []))
+        try:
+            text = hold_report(args, hold(server, args.hold, args.steps))
+        finally:
+            server.stop()
+        print(text)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "serve-hold.md").write_text(text)
+        return
     server = Server(*model, "--provider", args.provider, "--queue", str(args.queue))
     try:
         size = server.get("/health").body["native_size"]
