@@ -89,9 +89,9 @@ def generate(
     threads: Optional[int] = typer.Option(None, "--threads", min=1, max=MAX_THREADS,
                                           help="CPU threads (default: all physical cores)."),
     low_memory: bool = typer.Option(
-        False, "--low-memory", help="Load each part only while it runs (peak: the largest part's, not the sum) and run the UNet one image at a time."),
+        False, "--low-memory", help="Load each part only while it runs, the UNet in stages of a few hundred MB where the export cut it (peak: one stage, not the sum), one image at a time."),
     vae_tiles: str = typer.Option(
-        "auto", "--vae-tiles", help="VAE in pieces of about this side (the one-piece picture on folders sdonnx exported): auto (one piece up to the VAE's size, 512 pixels for SD 1.x), off, or a side in pixels (multiple of 32)."),
+        "auto", "--vae-tiles", help="VAE in pieces of about this side (the one-piece picture on folders sdonnx exported): auto (256-pixel pieces where the VAE has stages on onnxruntime, else one piece up to the VAE's size, 512 pixels for SD 1.x), off, or a side in pixels (multiple of 32)."),
     lora: Optional[list[str]] = typer.Option(
         None, "--lora", help="A LoRA to apply: FILE[:SCALE], or a name in --lora-dir (repeatable; SCALE default 1)."),
     lora_dir: Optional[str] = typer.Option(

@@ -31,7 +31,7 @@ from typing import Callable
 
 import numpy as np
 
-from sdonnx.export import vae_stages, weights
+from sdonnx.export import unet_stages, vae_stages, weights
 from sdonnx.export.exporter import check_out, staged_folder
 from sdonnx.export.quality import compare
 from sdonnx.runtime import parts
@@ -304,6 +304,10 @@ def _quantize_part(part: parts.Part, source: Path, tmp: Path, config: QuantizeCo
     report = _quantize_weights(part, source, tmp, config, calls, log)
     if part in (parts.VAE_DECODER, parts.VAE_ENCODER) and (tmp / part.onnx_path).is_file():
         vae_stages.try_write_stages(tmp / part.onnx_path, log)  # the copied ones point into the old weights
+    if part is parts.UNET:
+        unet_stages.remove_stages(tmp / part.name)  # (IR has none: int8-openvino loads it whole)
+        if (tmp / part.onnx_path).is_file():
+            unet_stages.try_write_stages(tmp / part.onnx_path, log)
     return report
 
 

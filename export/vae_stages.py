@@ -175,16 +175,18 @@ def _radius(nodes: list, rows: dict[str, float], graph: _Graph) -> float:
 
 
 def _stage_model(model: onnx.ModelProto, graph: _Graph, nodes: list, inputs: list[str], outputs: list[str],
-                 shapes: dict[str, tuple]) -> onnx.ModelProto:
-    """A model of `nodes` with those inputs and outputs; its initializers are copies of the
-    part's, external ones as references into the same data file."""
+                 shapes: dict[str, tuple], channels: bool = True) -> onnx.ModelProto:
+    """A model of `nodes` with those inputs and outputs, declared with the dtype and rank of
+    `shapes` {name: (shape, dtype)}, every axis dynamic but the channels (axis 1) when
+    `channels`; its initializers are copies of the part's, external ones as references into
+    the same data file."""
     used = {i for n in nodes for i in n.input}
     initializers = [graph.initializers[name] for name in sorted(used & set(graph.initializers))]
 
     def info(name: str) -> onnx.ValueInfoProto:
         shape, dtype = shapes[name]
         dims = [None] * len(shape)
-        if len(shape) >= 2:
+        if channels and len(shape) >= 2:
             dims[1] = shape[1]
         return onnx.helper.make_tensor_value_info(name, onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), dims)
 

@@ -93,6 +93,8 @@ def _describe(path: Path, record: dict) -> str:
             lines.append("    LoRAs/embeddings: " + _adapter_support(model_file, recorded))
         if part in (parts.VAE_DECODER, parts.VAE_ENCODER):
             lines.append("    tiles: " + _tiling(model_file.parent))
+        if part is parts.UNET:
+            lines.append("    --low-memory: " + _unet_stages(model_file))
         checked = record.get("quantization", {}).get("parts", {}).get(part.name)
         if checked:
             verdict = " -> kept in fp32" if checked.get("kept_float") else ""
@@ -125,6 +127,19 @@ def _tiling(folder: Path) -> str:
     if (folder / parts.VAE_STAGES).is_file():
         return "blended (its stages were cut from other weights: export again)"
     return "blended, as diffusers' enable_tiling() (no stages: export with sdonnx for them)"
+
+
+def _unet_stages(model_file: Path) -> str:
+    """How low_memory runs the UNet (runtime/unet_stages.py): its stages one at a time, or whole."""
+    from sdonnx.runtime.unet_stages import read_plan
+
+    plan = read_plan(model_file.parent) if model_file.name == parts.ONNX_FILE else None
+    if plan is not None:
+        return (f"{len(plan['stages'])} stages of about {_human(plan['weight_bytes'] // len(plan['stages']))} "
+                "of weights, loaded one at a time")
+    if (model_file.parent / parts.UNET_STAGES).is_file():
+        return "the whole UNet (its stages do not match its weights: export or quantize again)"
+    return "the whole UNet (no stages: it fits in one, or was not exported by this sdonnx)"
 
 
 def _adapter_support(model_file: Path, recorded: dict) -> str:

@@ -26,6 +26,11 @@ IR_FILE = "openvino_model.xml"
 # that lets runtime/vae.py decode in tiles that equal the untiled decode.
 VAE_STAGES = "stages.json"
 VAE_STAGE_NORMS = "stages.npz"  # the group norms' parameters (numpy arrays)
+# A UNet cut into stages of a few hundred MB of weights (export/unet_stages.py), which
+# low_memory runs loaded one at a time (runtime/unet_stages.py): the plan, beside stage_NN.onnx.
+UNET_STAGES = "stages.json"
+# Stage files keep their weights in the part's external data file (one copy on disk).
+STAGE_PREFIX = "stage_"
 # Models over ONNX's 2 GB protobuf limit keep their weights in this external data file.
 EXTERNAL_DATA_FILE = "model.onnx_data"
 
@@ -73,8 +78,10 @@ TINY_PARTS = (TINY_VAE_DECODER, TINY_VAE_ENCODER)
 
 def model_files(path: Path) -> list[Path]:
     """A part's model file and the weight files beside it: ONNX external data (model.onnx_data,
-    as the exporter writes it) or OpenVINO IR's .bin."""
+    as the exporter writes it, also for a stage_NN.onnx) or OpenVINO IR's .bin."""
     siblings = sorted(p for p in path.parent.iterdir() if p != path and p.name.startswith(path.name))
+    if path.name.startswith(STAGE_PREFIX) and (path.parent / EXTERNAL_DATA_FILE).is_file():
+        siblings.append(path.parent / EXTERNAL_DATA_FILE)
     return [path, *siblings, *([path.with_suffix(".bin")] if path.suffix == ".xml" else [])]
 
 

@@ -26,7 +26,7 @@ from sdonnx.runtime.infotext import infotext
 from sdonnx.runtime.memory import trim_heap
 from sdonnx.runtime.onnx_model import OnnxModel, PartModel
 from sdonnx.runtime.precision import precise_sigmas
-from sdonnx.runtime import samplers, vae
+from sdonnx.runtime import samplers, unet_stages, vae
 from sdonnx.runtime.schedules import (
     Schedule,
     SchedulerConfig,
@@ -75,6 +75,9 @@ DECODERS = ("full", "tiny")
 # larger (SD 2's 768), the fastest way; tiles of that side above it. Blended tiles (folders
 # without stages) change the picture a little, so sizes a model was made for stay in one piece.
 AUTO_TILE = 512
+# vae_tiles="auto" on onnxruntime where the VAE has stages: pieces of this side (pixels), the
+# one-piece picture in half the memory (Pipeline.vae_tile).
+STAGED_AUTO_TILE = 256
 # A part run once per generation (text encoder, VAE encoder) stays loaded below this size
 # (model file and weights): reloading a small one costs more than it holds.
 KEEP_BYTES = 64 * 2**20
@@ -369,10 +372,20 @@ class Pipeline:
         overrides = self.adapters.overrides(part.name)
         if self._openvino:
             model = self._open(part.file(path), part, overrides=overrides.tensors)
+        elif part is parts.UNET and self.config.low_memory and not overrides.tensors and (
+                plan := unet_stages.read_plan(path / part.name)) is not None:
+            # Its stages, one loaded at a time (a UNet carrying LoRAs loads whole: the patched
+            # weights are the whole UNet's).
+            model = unet_stages.StagedUnet(path / part.name, plan, lambda file, stage: self._open(file, stage),
+                                           max_rows=1)
         else:
             # The VAE runs once per image on the largest activations (0.75-1 GB at 512x512 for
-            # SD 1.5): without the arena's rounding-up they peak 0.25 GB lower.
-            model = self._open(path / part.onnx_path, part, arena=part not in (parts.VAE_DECODER, parts.VAE_ENCODER),
+            # SD 1.5): without the arena's rounding-up they peak 0.25 GB lower. The text encoder
+            # runs once per generation: onnxruntime's arena kept 0.16 GB of its call (SD 1.5
+            # int8, from the cache), malloc 0.03. The UNet keeps the arena: without it an SD 1.5 int8
+            # call took 50-80% longer and peaked 0.9 GB higher.
+            model = self._open(path / part.onnx_path, part,
+                               arena=part not in (parts.VAE_DECODER, parts.VAE_ENCODER, parts.TEXT_ENCODER),
                                overrides=overrides.tensors, resized=overrides.resized, inline=overrides.inline)
         self._models[part.name] = model
         self._carried[part.name] = self.adapters.wanted(part.name)
@@ -425,7 +438,10 @@ class Pipeline:
         `low_memory`: load each part only while it runs and release it after (the peak is the
         largest part's instead of their sum, at the cost of loading them for every generation),
         and run the UNet one image at a time (the negative prompt's and the prompt's rows of
-        guidance in two calls: half its activations).
+        guidance in two calls: half its activations). On onnxruntime a UNet that the export
+        cut into stages (export/unet_stages.py; not one carrying LoRAs) runs as those stages,
+        each loaded for its turn in every step (runtime/unet_stages.py): one stage's weights in
+        memory instead of the whole UNet's, for a session load per stage per step.
         `lora_dir`, `embeddings_dir`: where `<lora:NAME>` and embedding names in prompts are
         looked up (default $SDONNX_LORA_DIR / $SDONNX_EMBEDDINGS_DIR, else
         ~/.local/share/sdonnx/loras and .../embeddings; adapters.default_dir).
@@ -515,14 +531,25 @@ class Pipeline:
                       timestep_cond: np.ndarray | None = None) -> np.ndarray:
         return self._unet(sample, t, context, precise=True, timestep_cond=timestep_cond)
 
-    def vae_tile(self, tiles: int | str, height: int, width: int) -> int | None:
-        """The VAE tile side in latent pixels for a (height, width) latent, None for one piece.
-        "auto" decodes in one piece up to vae_tile_size pixels a side and in tiles of that
-        size above it (also with low_memory: at 512x512 a float32 UNet's phase holds far more
-        than a one-piece decode; with int8 weights the one-piece decode, 0.9-1.16 GB for SD 1.5,
-        can pass the UNet's call, 1.08 GB, and pieces of 256 pixels keep it below at 22-27% more
-        decode time; tests/benchmarks/README.md "Memory")."""
-        return vae.tile_latent(vae.check_tiles(tiles), self.vae_tile_size // parts.VAE_SCALE, height, width)
+    def vae_tile(self, tiles: int | str, height: int, width: int, part: parts.Part = parts.VAE_DECODER) -> int | None:
+        """The tile side in latent pixels for running the VAE `part` on a (height, width)
+        latent, None for one piece. "auto": on onnxruntime, where the part has stages (the
+        one-piece picture), pieces of STAGED_AUTO_TILE pixels above that side; elsewhere one
+        piece up to vae_tile_size pixels a side and tiles of that size above it, since blended
+        tiles change the picture a little (and OpenVINO compiles every stage: 256-pixel pieces
+        took it 35% longer at 512x512). At 512x512 the decode is the generation's memory peak on
+        every sdonnx variant: in 256-pixel pieces the SD 1.5 int8 decode takes +0.40 GB
+        instead of +0.80 GB, 12.7 s instead of 9.8 s, and at 1024x1024 they are faster than
+        512-pixel ones (tests/benchmarks/README.md "Memory")."""
+        tiles = vae.check_tiles(tiles)
+        if tiles == "auto" and not self._openvino and part.name not in self._assigned:
+            try:
+                staged = vae.StagedVae.read_plan(self.config.path / part.name) is not None
+            except ModelFolderError:
+                staged = False  # (a damaged plan: the whole part, as before stages existed)
+            if staged:
+                return vae.tile_latent(STAGED_AUTO_TILE, 0, height, width)
+        return vae.tile_latent(tiles, self.vae_tile_size // parts.VAE_SCALE, height, width)
 
     @property
     def has_tiny_vae(self) -> bool:
@@ -584,7 +611,7 @@ class Pipeline:
         images = []
         part = self._decoder_part(decoder)
         scale = 1.0 if part is parts.TINY_VAE_DECODER else self.vae_scaling_factor
-        with self._vae(part, self.vae_tile(tiles, *latents.shape[2:])) as run:
+        with self._vae(part, self.vae_tile(tiles, *latents.shape[2:], part)) as run:
             for latent in latents:
                 pixels = run(latent[None] / scale)[0]
                 pixels = np.clip(pixels.astype(np.float32) / 2 + 0.5, 0, 1)
@@ -633,7 +660,7 @@ class Pipeline:
                 f"img2img and inpainting need {parts.VAE_ENCODER.onnx_path} (or its OpenVINO IR), which "
                 f"{self.config.path} lacks; export the model again with `sdonnx export`"
             )
-        tile = self.vae_tile(tiles, pixels.shape[2] // parts.VAE_SCALE, pixels.shape[3] // parts.VAE_SCALE)
+        tile = self.vae_tile(tiles, pixels.shape[2] // parts.VAE_SCALE, pixels.shape[3] // parts.VAE_SCALE, part)
         with self._vae(part, tile) as run:
             moments = run(pixels)
         # The full VAE gives mean and log-variance, unscaled; TAESD its scaled latents.
@@ -672,11 +699,12 @@ class Pipeline:
         `callback(step, total_steps)` is called after every sampler step; `on_step(step,
         total_steps, denoised)` too, with the current estimate of the clean latents (n, 4, H/8,
         W/8) for previews (`decode` turns them into images). An exception raised by either
-        stops the generation there. `vae_tiles` "auto" (default) VAE-decodes and encodes in one
-        piece up to `vae_tile_size` pixels a side (512 for SD 1.x) and in pieces of that side
-        above it, "off" never tiles, a number of pixels sets the piece's side. Pieces draw the
-        one-piece picture where the VAE has stages (sdonnx's export); elsewhere they are
-        blended tiles as diffusers' enable_tiling() makes them (runtime/vae.py).
+        stops the generation there. `vae_tiles` "auto" (default) VAE-decodes and encodes in
+        pieces of 256 pixels where the VAE has stages (sdonnx's export) and the provider is
+        onnxruntime's, else in one piece up to `vae_tile_size` pixels a side (512 for SD 1.x) and
+        in pieces of that side above it (vae_tile); "off" never tiles, a number of pixels sets
+        the piece's side. Pieces draw the one-piece picture where the VAE has stages; elsewhere
+        they are blended tiles as diffusers' enable_tiling() makes them (runtime/vae.py).
 
         Prompts take AUTOMATIC1111's syntax (runtime/prompts.py): `(word:1.3)`, `((word))`,
         `[word]`, `BREAK`, `<lora:NAME:SCALE>` (NAME looked up in the load's `lora_dir`), and
@@ -748,16 +776,20 @@ class Pipeline:
         if distilled:
             cond = guidance_embedding(config.guidance, self.guidance_embedding_dim)
             unet, precise_unet = partial(unet, timestep_cond=cond), partial(precise_unet, timestep_cond=cond)
-        denoise = Denoiser(unet, context, steering.guidance, self.scheduler.prediction_type,
-                           schedule_.sigma_to_t, conditioning, precise_unet, precise,
-                           max_batch=1 if self.config.low_memory else None)
+
         def step(i: int, x: np.ndarray, denoised: np.ndarray) -> None:
             if callback:
                 callback(i + 1, schedule_.steps)
             if on_step:
                 on_step(i + 1, schedule_.steps, denoised)
 
-        with self.using(parts.UNET):
+        with self.using(parts.UNET) as loaded:
+            # low_memory: one image per UNet call; a staged UNet takes the batch and runs each
+            # stage over its images in turn (each stage opened once per step).
+            staged = isinstance(loaded, unet_stages.StagedUnet)
+            denoise = Denoiser(unet, context, steering.guidance, self.scheduler.prediction_type,
+                               schedule_.sigma_to_t, conditioning, precise_unet, precise,
+                               max_batch=1 if self.config.low_memory and not staged else None)
             x = chosen.sample(denoise, x, schedule_.sigmas, callback=step, **options)
         images = self.decode(schedule_.to_latents(x), config.vae_tiles, config.decoder)
         recorded = replace(config, prompt=" ".join([config.prompt, *(u.tag for u in uses[:len(loras)])]))

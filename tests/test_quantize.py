@@ -303,3 +303,28 @@ def test_calibration_sees_every_call(tiny_onnx, tmp_path, monkeypatch):
     q.quantize_unet_int8(tiny_onnx / parts.UNET.onnx_path, tmp_path / "unet.onnx", calls)
     low, high = seen[-1]["sample"]
     assert high >= float(calls[0]["sample"].max()) * 0.999 and low <= float(calls[0]["sample"].min()) * 0.999
+
+
+def test_an_int8_unet_in_stages_draws_the_whole_int8_unets_picture(int8_default, tmp_path):
+    """--low-memory on an int8 folder runs the UNet's stages (quantize writes them for a UNet over
+    unet_stages.STAGE_BYTES; here smaller stages of the embedded model's): cuts avoid quantized
+    tensors, so every stage keeps onnxruntime's int8 kernels and the picture is the whole int8
+    UNet's."""
+    import shutil
+
+    from sdonnx.export import unet_stages
+
+    folder = tmp_path / "int8"
+    shutil.copytree(int8_default[0], folder)
+    path = folder / parts.UNET.onnx_path
+    plan = unet_stages.write_stages(path, stage_bytes=sum(f.stat().st_size for f in parts.model_files(path)) // 3)
+    assert len(plan["stages"]) >= 2 and plan["difference"] <= 1e-5
+    for stage in plan["stages"]:
+        ops = {n.op_type for n in onnx.load(str(folder / "unet" / stage["file"]), load_external_data=False).graph.node}
+        assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
+    settings = dict(steps=4, seed=3)
+    whole = Pipeline.load(folder, provider="cpu").generate("a blue square", **settings)[0]
+    staged = Pipeline.load(folder, provider="cpu", low_memory=True)
+    with staged.using(parts.UNET) as unet:
+        assert type(unet).__name__ == "StagedUnet"
+    assert psnr(np.asarray(staged.generate("a blue square", **settings)[0]), np.asarray(whole)) >= 45

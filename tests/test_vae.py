@@ -186,13 +186,35 @@ def test_the_embedded_models_vae_tiles_at_512_equal_one_piece(provider):
     assert psnr(tiled, whole) >= (60 if pipe.config.precision == "fp32" else 40)
 
 
-def test_auto_tiles_only_above_the_vae_size(tiny_pipeline):
-    assert tiny_pipeline.vae_tile_size == 512
-    assert tiny_pipeline.vae_tile("auto", 64, 64) is None
-    assert tiny_pipeline.vae_tile("auto", 64, 65) == 64
-    assert tiny_pipeline.vae_tile("off", 1000, 1000) is None
-    assert tiny_pipeline.vae_tile(128, 64, 64) == 16
-    assert tiny_pipeline.vae_tile(128, 16, 16) is None
+def test_auto_tiles_in_256_pixel_stages_on_onnxruntime_else_only_above_the_vae_size(tiny_onnx, tmp_path):
+    """auto: a VAE with stages on onnxruntime runs in 256-pixel pieces above 256 pixels (the
+    one-piece picture, half the memory); without stages (or on OpenVINO, or TAESD) in one piece
+    up to the VAE's size and in pieces of that size above it."""
+    import shutil
+
+    from sdonnx.export import vae_stages
+    from sdonnx.runtime import pipeline as pipeline_module
+    from sdonnx.runtime.pipeline import Pipeline
+
+    staged = Pipeline.load(tiny_onnx, provider="cpu")
+    assert staged.vae_tile_size == 512
+    assert staged.vae_tile("auto", 32, 32) is None
+    assert staged.vae_tile("auto", 64, 64) == staged.vae_tile("auto", 33, 20) == 32
+    assert staged.vae_tile("auto", 64, 64, parts.VAE_ENCODER) == 32
+    assert staged.vae_tile("auto", 64, 64, parts.TINY_VAE_DECODER) is None  # (TAESD has no stages)
+    folder = tmp_path / "onnx"
+    shutil.copytree(tiny_onnx, folder)
+    vae_stages.remove_stages(folder / "vae_decoder")
+    plain = Pipeline.load(folder, provider="cpu")
+    assert plain.vae_tile("auto", 64, 64) is None
+    assert plain.vae_tile("auto", 64, 65) == 64
+    assert plain.vae_tile("auto", 64, 64, parts.VAE_ENCODER) == 32  # (the encoder kept its stages)
+    if pipeline_module.providers.PROVIDERS["openvino"].available():
+        assert Pipeline.load(tiny_onnx, provider="openvino").vae_tile("auto", 64, 64) is None
+    for pipe in (staged, plain):
+        assert pipe.vae_tile("off", 1000, 1000) is None
+        assert pipe.vae_tile(128, 64, 64) == 16
+        assert pipe.vae_tile(128, 16, 16) is None
 
 
 @pytest.mark.parametrize("bad", [0, 7, 100, -8, "big", 2.5, True])

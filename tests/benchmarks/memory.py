@@ -144,11 +144,13 @@ def openvino_ir() -> Path:
 
 
 def warm_up(provider: str, variant: str, size: int) -> None:
-    """Fill the cache folder (optimized graphs, compiled models) as a first start would."""
+    """Fill the cache folder (optimized graphs, compiled models) as a first start would, for
+    the whole UNet and for its stages (--low-memory)."""
     from sdonnx import Pipeline
 
-    Pipeline.load(FOLDERS[variant], provider=provider, precision="fp32").generate(
-        PROMPT, steps=1, width=size, height=size, seed=0)
+    for low_memory in (False, True):
+        Pipeline.load(FOLDERS[variant], provider=provider, precision="fp32", low_memory=low_memory).generate(
+            PROMPT, steps=1, width=size, height=size, seed=0)
 
 
 def vae_decode(size: int, way: str = "staged", tiles: int | str = "auto", provider: str = "cpu",
