@@ -31,8 +31,8 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
+from sdonnx.export.graph_stages import Graph, constant_feeders, remove_stage_files, save_stage, stage_model
 from sdonnx.runtime import parts
 
 # Operations that compute an output pixel from a small neighbourhood of input pixels (or
@@ -59,45 +59,7 @@ class _Norm:
     position: int = 0  # the InstanceNormalization's index in the graph
 
 
-class _Graph:
-    def __init__(self, model: onnx.ModelProto, folder: Path):
-        self.model, self.folder = model, folder
-        self.nodes = list(model.graph.node)
-        self.initializers = {t.name: t for t in model.graph.initializer}
-        self.producer = {o: n for n in self.nodes for o in n.output}
-        self.consumers: dict[str, list] = {}
-        for n in self.nodes:
-            for i in n.input:
-                self.consumers.setdefault(i, []).append(n)
-        # Tensors computed from constants alone (weights, shapes of constants, F.pad's pads).
-        self.constant = set(self.initializers)
-        for n in self.nodes:
-            if all(i == "" or i in self.constant for i in n.input):
-                self.constant.update(n.output)
-
-    def value(self, name: str) -> np.ndarray | None:
-        """The value of a constant tensor that is an initializer, a Constant or an Identity of one."""
-        if name in self.initializers:
-            return numpy_helper.to_array(self.initializers[name], base_dir=str(self.folder))
-        node = self.producer.get(name)
-        if node is None:
-            return None
-        if node.op_type == "Constant":
-            return numpy_helper.to_array(node.attribute[0].t) if node.attribute[0].name == "value" else None
-        if node.op_type == "Identity":
-            return self.value(node.input[0])
-        if node.op_type == "Cast":  # float16 weights widened (quantize --mode fp16)
-            value = self.value(node.input[0])
-            to = next(a.i for a in node.attribute if a.name == "to")
-            return None if value is None else value.astype(onnx.helper.tensor_dtype_to_np_dtype(to))
-        return None
-
-    def only_consumer(self, name: str, op_type: str):
-        users = self.consumers.get(name, [])
-        return users[0] if len(users) == 1 and users[0].op_type == op_type else None
-
-
-def _norms(graph: _Graph, ranks: dict[str, int]) -> list[_Norm]:
+def _norms(graph: Graph, ranks: dict[str, int]) -> list[_Norm]:
     """The group norms of 4-D activations, in graph order."""
     found = []
     for position, node in enumerate(graph.nodes):
@@ -154,7 +116,7 @@ def _probe(model: onnx.ModelProto, input_name: str, side: int, constant: set[str
     return shapes
 
 
-def _radius(nodes: list, rows: dict[str, float], graph: _Graph) -> float:
+def _radius(nodes: list, rows: dict[str, float], graph: Graph) -> float:
     """How many latent rows away a stage's outputs can look, through its convolutions,
     upsampling and padding (counted generously: a kernel's whole extent, not half)."""
     reach: dict[str, float] = {}
@@ -174,33 +136,12 @@ def _radius(nodes: list, rows: dict[str, float], graph: _Graph) -> float:
     return max(reach.values(), default=0.0)
 
 
-def _stage_model(model: onnx.ModelProto, graph: _Graph, nodes: list, inputs: list[str], outputs: list[str],
-                 shapes: dict[str, tuple], channels: bool = True) -> onnx.ModelProto:
-    """A model of `nodes` with those inputs and outputs, declared with the dtype and rank of
-    `shapes` {name: (shape, dtype)}, every axis dynamic but the channels (axis 1) when
-    `channels`; its initializers are copies of the part's, external ones as references into
-    the same data file."""
-    used = {i for n in nodes for i in n.input}
-    initializers = [graph.initializers[name] for name in sorted(used & set(graph.initializers))]
-
-    def info(name: str) -> onnx.ValueInfoProto:
-        shape, dtype = shapes[name]
-        dims = [None] * len(shape)
-        if channels and len(shape) >= 2:
-            dims[1] = shape[1]
-        return onnx.helper.make_tensor_value_info(name, onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), dims)
-
-    stage = onnx.helper.make_graph(nodes, "stage", [info(n) for n in inputs], [info(n) for n in outputs],
-                                   initializer=initializers)
-    return onnx.helper.make_model(stage, opset_imports=list(model.opset_import), ir_version=model.ir_version)
-
-
 def plan(path: Path) -> tuple[dict, dict[str, np.ndarray], list[onnx.ModelProto]] | None:
     """The stage plan of a VAE part (`path`: its model.onnx), the group norms' parameters and
     the stage models, or None when the graph has no group norm of an image tensor to cut at."""
     model = onnx.load(str(path), load_external_data=False)
     full = onnx.load(str(path))  # with weights, for the probe run
-    graph = _Graph(model, path.parent)
+    graph = Graph(model, path.parent)
     input_name = model.graph.input[0].name
     output_name = model.graph.output[0].name
     # A decoder takes latents (8x8 here), an encoder images (64x64: latents of 8x8).
@@ -242,20 +183,7 @@ def plan(path: Path) -> tuple[dict, dict[str, np.ndarray], list[onnx.ModelProto]
     for k, nodes in enumerate(groups):
         if not nodes:
             continue
-        # Nodes computing constants (shapes of weights, F.pad's pads) go into every stage using them.
-        pulled, seen = [], set()
-
-        def pull(name: str) -> None:
-            node = graph.producer.get(name)
-            if name in graph.constant and node is not None and id(node) not in seen:
-                seen.add(id(node))
-                for i in node.input:
-                    pull(i)
-                pulled.append(node)
-
-        for n in nodes:
-            for i in n.input:
-                pull(i)
+        pulled = constant_feeders(graph, nodes)  # (each stage gets the constant nodes it reads)
         inputs = list(dict.fromkeys(i for n in nodes for i in n.input
                                     if i and i not in graph.constant and stage_of.get(i) != k))
         outputs = [o for n in nodes for o in n.output
@@ -271,7 +199,7 @@ def plan(path: Path) -> tuple[dict, dict[str, np.ndarray], list[onnx.ModelProto]
     # of rows per latent row: that is what the runtime stores and cuts into bands.
     if len(stages) < 2 or any(name not in factors for s in stages for name in s["inputs"] + s["outputs"]):
         return None
-    models = [_stage_model(model, graph, *m, shapes) for m in models]
+    models = [stage_model(model, graph, *m, shapes) for m in models]
     tensors = {name for s in stages for name in s["inputs"] + s["outputs"]}
     record = {
         "format": 1,
@@ -295,8 +223,7 @@ def plan(path: Path) -> tuple[dict, dict[str, np.ndarray], list[onnx.ModelProto]
 
 def remove_stages(folder: Path) -> None:
     """Remove the stages of a part folder (plan first: a half-removed set is never used)."""
-    for old in [folder / parts.VAE_STAGES, folder / parts.VAE_STAGE_NORMS, *folder.glob("stage_*.onnx")]:
-        old.unlink(missing_ok=True)
+    remove_stage_files(folder, parts.VAE_STAGES, (parts.VAE_STAGE_NORMS,))
 
 
 def write_stages(path: Path) -> int:
@@ -309,9 +236,7 @@ def write_stages(path: Path) -> int:
         return 0
     record, arrays, models = made
     for stage, model in zip(record["stages"], models):
-        tmp = folder / f".{stage['file']}.partial"
-        onnx.save(model, str(tmp))
-        tmp.replace(folder / stage["file"])
+        save_stage(model, folder, stage["file"])
     with open(folder / f".{parts.VAE_STAGE_NORMS}.partial", "wb") as f:
         np.savez(f, **arrays)
     (folder / f".{parts.VAE_STAGE_NORMS}.partial").replace(folder / parts.VAE_STAGE_NORMS)

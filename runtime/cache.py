@@ -8,9 +8,10 @@
   optimization switched off takes 2.3 s. The saved graph is specific to the onnxruntime
   version, the provider and the CPU (onnxruntime warns that NCHWc graphs are
   hardware-specific), so all three are part of the stamp that must match; one entry per source
-  file, rebuilt when the file changes. Writing an entry also removes the entries of model files
-  that no longer exist (a deleted or moved folder: each UNet entry is as large as the UNet) and
-  the half-written folders of processes that died.
+  file, rebuilt when the file changes (a UNet's stages, which --low-memory opens at every step,
+  have one entry each: together a second copy of the UNet's weights). Writing an entry also
+  removes the entries of model files that no longer exist (a deleted or moved folder: each UNet
+  entry is as large as the UNet) and the half-written folders of processes that died.
 """
 
 from __future__ import annotations

@@ -135,10 +135,12 @@ def _unet_stages(model_file: Path) -> str:
 
     plan = read_plan(model_file.parent) if model_file.name == parts.ONNX_FILE else None
     if plan is not None:
-        return (f"{len(plan['stages'])} stages of about {_human(plan['weight_bytes'] // len(plan['stages']))} "
-                "of weights, loaded one at a time")
+        largest = max((stage.get("weight_bytes", 0) for stage in plan["stages"]), default=0)
+        return (f"{len(plan['stages'])} stages of at most {_human(largest)} of weights, loaded one at a time "
+                "(on cpu with a cache folder, without LoRAs)")
     if (model_file.parent / parts.UNET_STAGES).is_file():
-        return "the whole UNet (its stages do not match its weights: export or quantize again)"
+        return ("the whole UNet (its stage plan is damaged or was cut from another graph: export or "
+                "quantize again)")
     return "the whole UNet (no stages: it fits in one, or was not exported by this sdonnx)"
 
 

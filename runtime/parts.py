@@ -27,8 +27,9 @@ IR_FILE = "openvino_model.xml"
 VAE_STAGES = "stages.json"
 VAE_STAGE_NORMS = "stages.npz"  # the group norms' parameters (numpy arrays)
 # A UNet cut into stages of a few hundred MB of weights (export/unet_stages.py), which
-# low_memory runs loaded one at a time (runtime/unet_stages.py): the plan, beside stage_NN.onnx.
-UNET_STAGES = "stages.json"
+# low_memory runs loaded one at a time (runtime/unet_stages.py): the plan, beside stage_NN.onnx
+# (the VAE's plan has the same name; "kind" tells them apart).
+UNET_STAGES = VAE_STAGES
 # Stage files keep their weights in the part's external data file (one copy on disk).
 STAGE_PREFIX = "stage_"
 # Models over ONNX's 2 GB protobuf limit keep their weights in this external data file.
@@ -100,6 +101,17 @@ def weights_digest(path: Path) -> str:
     files = model_files(path)
     return hashlib.sha256("".join(
         _file_digest(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files).encode()).hexdigest()
+
+
+def graph_digest(path: Path) -> str:
+    """SHA-256 over an ONNX file's bytes (its graph and where each weight lies in the data file)
+    and the sizes of its weight files: what a plan of stages cut from its graph depends on, not
+    the weights' values (a UNet's stage plan, runtime/unet_stages.py). Reads the graph file
+    only (an SD 1.5 UNet's: 1-3 MB), where weights_digest reads the 3.4 GB beside it."""
+    digest = hashlib.sha256(path.read_bytes())
+    for weights in model_files(path)[1:]:
+        digest.update(f"{weights.name}:{weights.stat().st_size}".encode())
+    return digest.hexdigest()
 
 
 def ir_parts(folder: Path) -> list[str]:

@@ -372,12 +372,8 @@ class Pipeline:
         overrides = self.adapters.overrides(part.name)
         if self._openvino:
             model = self._open(part.file(path), part, overrides=overrides.tensors)
-        elif part is parts.UNET and self.config.low_memory and not overrides.tensors and (
-                plan := unet_stages.read_plan(path / part.name)) is not None:
-            # Its stages, one loaded at a time (a UNet carrying LoRAs loads whole: the patched
-            # weights are the whole UNet's).
-            model = unet_stages.StagedUnet(path / part.name, plan, lambda file, stage: self._open(file, stage),
-                                           max_rows=1)
+        elif part is parts.UNET and (staged := self._staged_unet(overrides)) is not None:
+            model = staged
         else:
             # The VAE runs once per image on the largest activations (0.75-1 GB at 512x512 for
             # SD 1.5): without the arena's rounding-up they peak 0.25 GB lower. The text encoder
@@ -393,6 +389,25 @@ class Pipeline:
             # The patched weights live on in the loaded model only, and go with it.
             self.adapters.forget(part.name)
         return model
+
+    def _staged_unet(self, overrides) -> unet_stages.StagedUnet | None:
+        """low_memory's UNet as its stages, one loaded at a time (runtime/unet_stages.py), where
+        the folder has a plan for its graph, the provider runs stages (the CPU) and a cache folder
+        keeps each stage's optimized graph (without one every stage would be optimized again at
+        every step); None: the whole UNet. A UNet carrying LoRAs loads whole: the patched
+        weights are the whole UNet's."""
+        config = self.config
+        if not (config.low_memory and providers.PROVIDERS[config.provider].stages and config.cache_root
+                and not overrides.tensors):
+            return None
+        plan = unet_stages.read_plan(config.path / parts.UNET.name)
+        if plan is None:
+            return None
+        try:
+            return unet_stages.StagedUnet(config.path / parts.UNET.name, plan,
+                                          lambda file, stage: self._open(file, stage), max_batch=1)
+        except ModelFolderError:  # a plan whose inputs are not a UNet's: the whole part says what is wrong
+            return None
 
     def _model(self, part: parts.Part) -> PartModel | None:
         """The loaded part (loading it now if it is not, or again when the LoRAs and embeddings
@@ -438,10 +453,11 @@ class Pipeline:
         `low_memory`: load each part only while it runs and release it after (the peak is the
         largest part's instead of their sum, at the cost of loading them for every generation),
         and run the UNet one image at a time (the negative prompt's and the prompt's rows of
-        guidance in two calls: half its activations). On onnxruntime a UNet that the export
-        cut into stages (export/unet_stages.py; not one carrying LoRAs) runs as those stages,
-        each loaded for its turn in every step (runtime/unet_stages.py): one stage's weights in
-        memory instead of the whole UNet's, for a session load per stage per step.
+        guidance in two calls: half its activations). On the CPU provider with a cache folder,
+        a UNet that the export cut into stages (export/unet_stages.py; not one carrying LoRAs)
+        runs as those stages, each loaded for its turn in every step (runtime/unet_stages.py):
+        one stage's weights in memory instead of the whole UNet's, for a session load per stage
+        per step.
         `lora_dir`, `embeddings_dir`: where `<lora:NAME>` and embedding names in prompts are
         looked up (default $SDONNX_LORA_DIR / $SDONNX_EMBEDDINGS_DIR, else
         ~/.local/share/sdonnx/loras and .../embeddings; adapters.default_dir).
@@ -533,20 +549,21 @@ class Pipeline:
 
     def vae_tile(self, tiles: int | str, height: int, width: int, part: parts.Part = parts.VAE_DECODER) -> int | None:
         """The tile side in latent pixels for running the VAE `part` on a (height, width)
-        latent, None for one piece. "auto": on onnxruntime, where the part has stages (the
-        one-piece picture), pieces of STAGED_AUTO_TILE pixels above that side; elsewhere one
+        latent, None for one piece. "auto": on the CPU provider (providers.Provider.stages), where
+        the part has stages (the one-piece picture), pieces of STAGED_AUTO_TILE pixels above
+        that side; elsewhere one
         piece up to vae_tile_size pixels a side and tiles of that size above it, since blended
         tiles change the picture a little (and OpenVINO compiles every stage: 256-pixel pieces
-        took it 35% longer at 512x512). At 512x512 the decode is the generation's memory peak on
+        took it 35% longer at 512x512; a GPU builds every stage's session). At 512x512 the decode is the generation's memory peak on
         every sdonnx variant: in 256-pixel pieces the SD 1.5 int8 decode takes +0.40 GB
         instead of +0.80 GB, 12.7 s instead of 9.8 s, and at 1024x1024 they are faster than
         512-pixel ones (tests/benchmarks/README.md "Memory")."""
         tiles = vae.check_tiles(tiles)
-        if tiles == "auto" and not self._openvino and part.name not in self._assigned:
+        if tiles == "auto" and providers.PROVIDERS[self.config.provider].stages and part.name not in self._assigned:
             try:
                 staged = vae.StagedVae.read_plan(self.config.path / part.name) is not None
             except ModelFolderError:
-                staged = False  # (a damaged plan: the whole part, as before stages existed)
+                staged = False  # (a damaged plan: the rule below, and _vae names the damage if it tiles)
             if staged:
                 return vae.tile_latent(STAGED_AUTO_TILE, 0, height, width)
         return vae.tile_latent(tiles, self.vae_tile_size // parts.VAE_SCALE, height, width)
@@ -701,7 +718,7 @@ class Pipeline:
         W/8) for previews (`decode` turns them into images). An exception raised by either
         stops the generation there. `vae_tiles` "auto" (default) VAE-decodes and encodes in
         pieces of 256 pixels where the VAE has stages (sdonnx's export) and the provider is
-        onnxruntime's, else in one piece up to `vae_tile_size` pixels a side (512 for SD 1.x) and
+        "cpu", else in one piece up to `vae_tile_size` pixels a side (512 for SD 1.x) and
         in pieces of that side above it (vae_tile); "off" never tiles, a number of pixels sets
         the piece's side. Pieces draw the one-piece picture where the VAE has stages; elsewhere
         they are blended tiles as diffusers' enable_tiling() makes them (runtime/vae.py).
@@ -784,12 +801,13 @@ class Pipeline:
                 on_step(i + 1, schedule_.steps, denoised)
 
         with self.using(parts.UNET) as loaded:
-            # low_memory: one image per UNet call; a staged UNet takes the batch and runs each
-            # stage over its images in turn (each stage opened once per step).
-            staged = isinstance(loaded, unet_stages.StagedUnet)
+            # low_memory: one image per UNet call; a staged UNet that splits the batch itself
+            # takes all of it and runs each stage over its images in turn (each stage opened
+            # once per evaluation).
+            whole_batch = isinstance(loaded, unet_stages.StagedUnet) and loaded.splits_batch
             denoise = Denoiser(unet, context, steering.guidance, self.scheduler.prediction_type,
                                schedule_.sigma_to_t, conditioning, precise_unet, precise,
-                               max_batch=1 if self.config.low_memory and not staged else None)
+                               max_batch=1 if self.config.low_memory and not whole_batch else None)
             x = chosen.sample(denoise, x, schedule_.sigmas, callback=step, **options)
         images = self.decode(schedule_.to_latents(x), config.vae_tiles, config.decoder)
         recorded = replace(config, prompt=" ".join([config.prompt, *(u.tag for u in uses[:len(loras)])]))

@@ -31,6 +31,10 @@ class Provider:
     # Where onnxruntime's IO binding keeps inputs and outputs ("cuda": on the GPU, so the text
     # context is uploaded once per generation); None runs plain numpy in, numpy out.
     bind_device: str | None = None
+    # Whether parts cut into stages run as stages here (the UNet's under low_memory, the VAE's
+    # 256-pixel pieces by default): opening a small session per stage is cheap on the CPU with
+    # the cache of optimized graphs; a GPU or OpenVINO builds or compiles each one again.
+    stages: bool = False
 
     def available(self) -> bool:
         if self.backend == "openvino":
@@ -39,7 +43,7 @@ class Provider:
 
 
 PROVIDERS = {p.name: p for p in (
-    Provider("cpu", "onnxruntime", ("CPUExecutionProvider",)),
+    Provider("cpu", "onnxruntime", ("CPUExecutionProvider",), stages=True),
     Provider("cuda", "onnxruntime", ("CUDAExecutionProvider", "CPUExecutionProvider"),
              install="pip install 'onnxruntime-gpu[cuda,cudnn]' (in place of onnxruntime) on a machine with "
                      "an NVIDIA GPU",
