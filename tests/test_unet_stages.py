@@ -57,7 +57,7 @@ def _spy_calls(monkeypatch) -> list[tuple[str, int]]:
 
 def test_stages_chain_to_the_whole_unet_and_hold_its_weights_once(staged_onnx):
     folder, plan = staged_onnx
-    assert len(plan["stages"]) >= 3 and plan["difference"] <= 1e-6
+    assert len(plan["stages"]) >= 3 and plan["difference"] <= 1e-5
     assert {"sample", "encoder_hidden_states"} <= set(plan["batch_major"])
     assert all(stage["splits_batch"] for stage in plan["stages"])
     assert sum(stage["weight_bytes"] for stage in plan["stages"]) >= plan["weight_bytes"] * 0.99
@@ -151,7 +151,7 @@ def test_an_inpainting_unet_in_stages_repaints_as_the_whole_one(inpaint_pipeline
 
     folder = _copy(inpaint_pipeline.config.path, tmp_path / "inpaint")
     plan = _stage(folder)
-    assert plan["inputs"]["sample"]["shape"][1] == 9 and plan["difference"] <= 1e-6
+    assert plan["inputs"]["sample"]["shape"][1] == 9 and plan["difference"] <= 1e-5
     init = Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8))
     mask = Image.new("L", (64, 64), 0)
     mask.paste(255, (16, 16, 48, 48))
@@ -221,7 +221,7 @@ def test_the_check_fails_when_a_stage_computes_something_else(staged_onnx, tmp_p
     path = folder / parts.UNET.onnx_path
     record = json.loads((folder / "unet" / parts.UNET_STAGES).read_text())
     runs = unet_stages._probe(path, record)
-    assert unet_stages.verify(folder / "unet", record, runs) <= 1e-6
+    assert unet_stages.verify(folder / "unet", record, runs) <= 1e-5
     stage = record["stages"][1]
     model = onnx.load(str(folder / "unet" / stage["file"]), load_external_data=False)
     name = stage["outputs"][0]
