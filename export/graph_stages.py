@@ -71,6 +71,26 @@ def constant_feeders(graph: Graph, nodes: list) -> list:
     return pulled
 
 
+def cross_reads(graph: Graph, groups: list[list]) -> tuple[dict[str, int], dict[str, set[int]]]:
+    """For stages `groups` (each a list of nodes, in order): the stage computing each tensor,
+    and for each tensor some stage reads from elsewhere (an earlier stage, or the graph's
+    inputs) the stages that read it. Constants are left out: every stage has its own."""
+    stage_of = {o: k for k, nodes in enumerate(groups) for n in nodes for o in n.output}
+    read_by: dict[str, set[int]] = {}
+    for k, nodes in enumerate(groups):
+        for n in nodes:
+            for i in n.input:
+                if i and i not in graph.constant and stage_of.get(i) != k:
+                    read_by.setdefault(i, set()).add(k)
+    return stage_of, read_by
+
+
+def stage_inputs(graph: Graph, nodes: list, k: int, stage_of: dict[str, int]) -> list[str]:
+    """The tensors stage `k` (its `nodes`) reads from elsewhere, in order of first use."""
+    return list(dict.fromkeys(i for n in nodes for i in n.input
+                              if i and i not in graph.constant and stage_of.get(i) != k))
+
+
 def stage_model(model: onnx.ModelProto, graph: Graph, nodes: list, inputs: list[str], outputs: list[str],
                  shapes: dict[str, tuple], channels: bool = True) -> onnx.ModelProto:
     """A model of `nodes` with those inputs and outputs, declared with the dtype and rank of

@@ -38,7 +38,8 @@ from typing import Callable
 import numpy as np
 import onnx
 
-from sdonnx.export.graph_stages import Graph, constant_feeders, remove_stage_files, save_stage, stage_model
+from sdonnx.export.graph_stages import (Graph, constant_feeders, cross_reads, remove_stage_files, save_stage,
+                                        stage_inputs, stage_model)
 from sdonnx.runtime import parts
 
 # About this much weight per stage (bytes, as stored): an SD 1.5 int8 UNet (0.83 GB) in 4
@@ -145,17 +146,10 @@ def plan(path: Path, stage_bytes: int | None = None) -> tuple[dict, _Cut] | None
         return None
     groups = [body[a:b] for a, b in spans]
     outputs_of_graph = [o.name for o in model.graph.output]
-    stage_of = {o: k for k, nodes in enumerate(groups) for n in nodes for o in n.output}
-    read_by: dict[str, set[int]] = {}
-    for k, nodes in enumerate(groups):
-        for n in nodes:
-            for i in n.input:
-                if i and i not in graph.constant and stage_of.get(i) != k:
-                    read_by.setdefault(i, set()).add(k)
+    stage_of, read_by = cross_reads(graph, groups)
     stages, bodies = [], []
     for k, (nodes, (a, b)) in enumerate(zip(groups, spans)):
-        inputs = list(dict.fromkeys(i for n in nodes for i in n.input
-                                    if i and i not in graph.constant and stage_of.get(i) != k))
+        inputs = stage_inputs(graph, nodes, k, stage_of)
         outputs = [o for n in nodes for o in n.output
                    if o in outputs_of_graph or any(j > k for j in read_by.get(o, ()))]
         stages.append({"file": f"stage_{k:02d}.onnx", "inputs": inputs, "outputs": outputs,

@@ -32,7 +32,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from sdonnx.export.graph_stages import Graph, constant_feeders, remove_stage_files, save_stage, stage_model
+from sdonnx.export.graph_stages import (Graph, constant_feeders, cross_reads, remove_stage_files, save_stage,
+                                        stage_inputs, stage_model)
 from sdonnx.runtime import parts
 
 # Operations that compute an output pixel from a small neighbourhood of input pixels (or
@@ -167,16 +168,11 @@ def plan(path: Path) -> tuple[dict, dict[str, np.ndarray], list[onnx.ModelProto]
         groups.append([n for n in graph.nodes[start:cut] if id(n) not in replaced and not
                        all(i == "" or i in graph.constant for i in n.input)])
         start = cut
-    stage_of = {o: k for k, nodes in enumerate(groups) for n in nodes for o in n.output}
+    stage_of, needed_by = cross_reads(graph, groups)
     # A group norm's output is read where its input is: the input must outlive its readers.
-    needed_by: dict[str, set[int]] = {}
-    for k, nodes in enumerate(groups):
-        for n in nodes:
-            for i in n.input:
-                if i and i not in graph.constant and stage_of.get(i) != k:
-                    needed_by.setdefault(i, set()).add(k)
-                    if i in by_output:
-                        needed_by.setdefault(by_output[i].x, set()).add(k)
+    for name, readers in list(needed_by.items()):
+        if name in by_output:
+            needed_by.setdefault(by_output[name].x, set()).update(readers)
     for norm in norms:
         needed_by.setdefault(norm.x, set()).add(len(groups))  # its statistics, after its stage
     stages, models = [], []
@@ -184,8 +180,7 @@ def plan(path: Path) -> tuple[dict, dict[str, np.ndarray], list[onnx.ModelProto]
         if not nodes:
             continue
         pulled = constant_feeders(graph, nodes)  # (each stage gets the constant nodes it reads)
-        inputs = list(dict.fromkeys(i for n in nodes for i in n.input
-                                    if i and i not in graph.constant and stage_of.get(i) != k))
+        inputs = stage_inputs(graph, nodes, k, stage_of)
         outputs = [o for n in nodes for o in n.output
                    if o == output_name or any(j > k for j in needed_by.get(o, ()))]
         body = pulled + nodes

@@ -805,6 +805,7 @@ class Pipeline:
             # takes all of it and runs each stage over its images in turn (each stage opened
             # once per evaluation).
             whole_batch = isinstance(loaded, unet_stages.StagedUnet) and loaded.splits_batch
+            del loaded  # (no reference may outlive the block: low_memory releases the UNet at its end)
             denoise = Denoiser(unet, context, steering.guidance, self.scheduler.prediction_type,
                                schedule_.sigma_to_t, conditioning, precise_unet, precise,
                                max_batch=1 if self.config.low_memory and not whole_batch else None)
