@@ -75,8 +75,8 @@ DECODERS = ("full", "tiny")
 # larger (SD 2's 768), the fastest way; tiles of that side above it. Blended tiles (folders
 # without stages) change the picture a little, so sizes a model was made for stay in one piece.
 AUTO_TILE = 512
-# vae_tiles="auto" on onnxruntime where the VAE has stages: pieces of this side (pixels), the
-# one-piece picture in half the memory (Pipeline.vae_tile).
+# vae_tiles="auto" on the cpu provider where the VAE has stages: pieces of this side (pixels),
+# the one-piece picture in half the memory (Pipeline.vae_tile).
 STAGED_AUTO_TILE = 256
 # A part run once per generation (text encoder, VAE encoder) stays loaded below this size
 # (model file and weights): reloading a small one costs more than it holds.
@@ -549,15 +549,16 @@ class Pipeline:
 
     def vae_tile(self, tiles: int | str, height: int, width: int, part: parts.Part = parts.VAE_DECODER) -> int | None:
         """The tile side in latent pixels for running the VAE `part` on a (height, width)
-        latent, None for one piece. "auto": on the CPU provider (providers.Provider.stages), where
-        the part has stages (the one-piece picture), pieces of STAGED_AUTO_TILE pixels above
-        that side; elsewhere one
-        piece up to vae_tile_size pixels a side and tiles of that size above it, since blended
-        tiles change the picture a little (and OpenVINO compiles every stage: 256-pixel pieces
-        took it 35% longer at 512x512; a GPU builds every stage's session). At 512x512 the decode is the generation's memory peak on
-        every sdonnx variant: in 256-pixel pieces the SD 1.5 int8 decode takes +0.40 GB
-        instead of +0.80 GB, 12.7 s instead of 9.8 s, and at 1024x1024 they are faster than
-        512-pixel ones (tests/benchmarks/README.md "Memory")."""
+        latent, None for one piece. "auto": where the provider runs stages (cpu:
+        providers.Provider.stages) and the part has them (the one-piece picture), pieces of
+        STAGED_AUTO_TILE pixels above that side; elsewhere one piece up to vae_tile_size pixels a
+        side and tiles of that size above it, since blended tiles change the picture a little,
+        OpenVINO compiles every stage (256-pixel pieces took it 35% longer at 512x512) and a GPU
+        builds every stage's session. At 512x512 the decode is the generation's memory peak on
+        every sdonnx variant: in 256-pixel pieces the SD 1.5 int8 decode takes +0.40 GB instead
+        of +0.80 GB, 12.7 s instead of 9.8 s, and at 1024x1024 such pieces are faster than
+        512-pixel ones (tests/benchmarks/README.md "Memory"). `tiles`: "auto", "off" or a side in
+        pixels (vae.check_tiles raises InputError otherwise)."""
         tiles = vae.check_tiles(tiles)
         if tiles == "auto" and providers.PROVIDERS[self.config.provider].stages and part.name not in self._assigned:
             try:
