@@ -233,9 +233,9 @@ def _stage_models(record: dict, cut: _Cut, runs: list) -> list[onnx.ModelProto]:
 
 def _classify(record: dict, runs: list) -> None:
     """Mark in the plan the boundary tensors whose first axis is the batch ("batch_major") and
-    each stage that may run one image at a time ("splits_batch": it reads at least one such
-    tensor and otherwise only tensors that do not depend on the batch, and writes only such
-    tensors)."""
+    each stage that may run one image at a time ("splits_batch": it reads at least one
+    batch-first tensor and otherwise only tensors that do not depend on the batch, and writes
+    batch-first tensors only). `runs`: _probe's, at PROBE_BATCHES."""
     first, second = ({**feed, **values} for feed, values in runs)
     boundary = sorted({n for s in record["stages"] for n in s["inputs"] + s["outputs"]})
     major = {name for name in boundary
