@@ -457,7 +457,7 @@ class Pipeline:
         a UNet that the export cut into stages (export/unet_stages.py; not one carrying LoRAs)
         runs as those stages, each loaded for its turn in every step (runtime/unet_stages.py):
         one stage's weights in memory instead of the whole UNet's, for a session load per stage
-        per step.
+        per step; `provider` "auto", which would choose OpenVINO, then chooses the cpu provider.
         `lora_dir`, `embeddings_dir`: where `<lora:NAME>` and embedding names in prompts are
         looked up (default $SDONNX_LORA_DIR / $SDONNX_EMBEDDINGS_DIR, else
         ~/.local/share/sdonnx/loras and .../embeddings; adapters.default_dir).
@@ -471,6 +471,12 @@ class Pipeline:
                 )
         if threads is not None and (not is_int(threads) or not 1 <= threads <= MAX_THREADS):
             raise InputError(f"threads must be a whole number from 1 to {MAX_THREADS}, got {shown(threads)}")
+        if (provider == "auto" and low_memory and providers.resolve("auto") == "openvino"
+                and cache.resolve_root(cache_dir) is not None
+                and unet_stages.read_plan(Path(path) / parts.UNET.name) is not None):
+            # low_memory's small path is the UNet's stages, which run on the cpu provider
+            # (SD 1.5 int8, 512x512: 0.64 GB there, 2.55 GB on OpenVINO with its bf16 default).
+            provider = "cpu"
         provider = providers.resolve(provider)
         threads = None if threads is None else int(threads)
         return cls(LoadConfig(Path(path), provider, threads, providers.resolve_precision(provider, precision),

@@ -213,6 +213,10 @@ def test_stages_run_only_on_the_cpu_with_a_cache_folder_and_not_without_low_memo
         with Pipeline.load(folder, provider="cpu", **options).using(parts.UNET) as unet:
             assert isinstance(unet, StagedUnet) is staged, options
     assert [name for name, p in providers.PROVIDERS.items() if p.stages] == ["cpu"]
+    if providers.resolve("auto") == "openvino":  # auto + low_memory takes the small path: the stages on cpu
+        assert Pipeline.load(folder, low_memory=True).config.provider == "cpu"
+        assert Pipeline.load(folder).config.provider == "openvino"
+        assert Pipeline.load(folder, low_memory=True, cache_dir=False).config.provider == "openvino"
 
 
 def test_the_check_fails_when_a_stage_computes_something_else(staged_onnx, tmp_path):
