@@ -91,7 +91,7 @@ def generate(
     low_memory: bool = typer.Option(
         False, "--low-memory", help="Load each part only while it runs, one image at a time; on cpu the UNet as the stages the export cut it into (a few hundred MB of weights each; not with LoRAs), so the peak is one stage's or the VAE's, not the sum (--provider auto then picks cpu over openvino)."),
     vae_tiles: str = typer.Option(
-        "auto", "--vae-tiles", help="VAE in pieces of about this side (the one-piece picture on folders sdonnx exported): auto (256-pixel pieces where the VAE has stages on onnxruntime, else one piece up to the VAE's size, 512 pixels for SD 1.x), off, or a side in pixels (multiple of 32)."),
+        "auto", "--vae-tiles", help="VAE in pieces of about this side (the one-piece picture on folders sdonnx exported): auto (256-pixel pieces where the VAE has stages and the provider is cpu, else one piece up to the VAE's size, 512 pixels for SD 1.x), off, or a side in pixels (multiple of 32)."),
     lora: Optional[list[str]] = typer.Option(
         None, "--lora", help="A LoRA to apply: FILE[:SCALE], or a name in --lora-dir (repeatable; SCALE default 1)."),
     lora_dir: Optional[str] = typer.Option(

@@ -80,7 +80,7 @@ class _SafetensorsReader:
         spec = self.header[name]
         begin, end = spec["data_offsets"]
         raw = np.fromfile(self.path, dtype=np.uint8, count=end - begin, offset=self.start + begin)
-        return _widen(raw, _SAFETENSORS_DTYPES[spec["dtype"]]).astype(np.float32).reshape(spec["shape"])
+        return _widen(raw, _SAFETENSORS_DTYPES[spec["dtype"]]).reshape(spec["shape"])  # (floats come out float32)
 
 
 def write_weight_map(path: Path, source_weights: Path | None = None) -> int:

@@ -107,8 +107,9 @@ def graph_digest(path: Path) -> str:
     """SHA-256 over an ONNX file's bytes (its graph and where each weight lies in the data file)
     and the sizes of its weight files: what a plan of stages cut from its graph depends on, not
     the weights' values (a UNet's stage plan, runtime/unet_stages.py). Reads the graph file
-    only (an SD 1.5 UNet's: 1-3 MB), where weights_digest reads the 3.4 GB beside it."""
-    digest = hashlib.sha256(path.read_bytes())
+    only (an SD 1.5 UNet's: 1-3 MB; once per file version, as weights_digest), where
+    weights_digest reads the 3.4 GB beside it."""
+    digest = hashlib.sha256(_file_digest(str(path), path.stat().st_size, path.stat().st_mtime_ns).encode())
     for weights in model_files(path)[1:]:
         digest.update(f"{weights.name}:{weights.stat().st_size}".encode())
     return digest.hexdigest()

@@ -267,6 +267,14 @@ def image_sizes(path: Path) -> tuple[int, int]:
     return sample_size * parts.VAE_SCALE, parts.VAE_SCALE * 2 ** max(levels - 1, 0)
 
 
+def _unet_plan(path: Path, low_memory: bool, cache_root: Path | None) -> dict | None:
+    """The UNet stage plan low_memory would run from the folder `path` (runtime/unet_stages.py),
+    given a cache folder for the stages' optimized graphs; None: the whole UNet."""
+    if not low_memory or cache_root is None:
+        return None
+    return unet_stages.read_plan(path / parts.UNET.name)
+
+
 def _part_property(part: parts.Part) -> property:
     """pipe.unet and the like: the part's model, loaded on first access; assigning one puts
     it in place (it then stays until replaced)."""
@@ -397,10 +405,9 @@ class Pipeline:
         every step); None: the whole UNet. A UNet carrying LoRAs loads whole: the patched
         weights are the whole UNet's."""
         config = self.config
-        if not (config.low_memory and providers.PROVIDERS[config.provider].stages and config.cache_root
-                and not overrides.tensors):
+        if not providers.PROVIDERS[config.provider].stages or overrides.tensors:
             return None
-        plan = unet_stages.read_plan(config.path / parts.UNET.name)
+        plan = _unet_plan(config.path, config.low_memory, config.cache_root)
         if plan is None:
             return None
         try:
@@ -472,8 +479,7 @@ class Pipeline:
         if threads is not None and (not is_int(threads) or not 1 <= threads <= MAX_THREADS):
             raise InputError(f"threads must be a whole number from 1 to {MAX_THREADS}, got {shown(threads)}")
         if (provider == "auto" and low_memory and providers.resolve("auto") == "openvino"
-                and cache.resolve_root(cache_dir) is not None
-                and unet_stages.read_plan(Path(path) / parts.UNET.name) is not None):
+                and _unet_plan(Path(path), low_memory, cache.resolve_root(cache_dir)) is not None):
             # low_memory's small path is the UNet's stages, which run on the cpu provider
             # (SD 1.5 int8, 512x512: 0.64 GB there, 2.55 GB on OpenVINO with its bf16 default).
             provider = "cpu"
