@@ -102,6 +102,9 @@ def generate(
                                        "(default $SDONNX_EMBEDDINGS_DIR, else ~/.local/share/sdonnx/embeddings)."),
     decoder: str = typer.Option(
         "full", "--decoder", help="full (the VAE) or tiny (TAESD: far faster, softer; `sdonnx export --tiny-vae`)."),
+    cache_interval: int = typer.Option(
+        1, "--cache-interval", min=1, max=20,
+        help="DeepCache: run the whole UNet every N-th step and only its shallow branch between (1 = off; 3 about halves an SD 1.5 image's UNet time at a small change to the picture, README \"Step caching\")."),
     preview: Optional[str] = typer.Option(
         None, "--preview", help="Write a cheap preview of the current estimate to this image file while sampling "
                                 "(TAESD when the model has it, else a linear latent-to-RGB map)."),
@@ -128,7 +131,7 @@ def generate(
                             fallback.guidance if guidance is None else guidance, seed, width, height,
                             fallback.sampler if sampler is None else sampler, n, schedule=schedule,
                             eta=eta if sampler else None, strength=strength, vae_tiles=vae_tiles,
-                            decoder=decoder).validate().seed
+                            decoder=decoder, cache_interval=cache_interval).validate().seed
     preview_file = output.preview_path(preview) if preview is not None else None
     if preview_file is not None and Path(out).suffix and preview_file.resolve() == Path(out).expanduser().resolve():
         raise InputError(f"--preview {preview} is also --out: name another file for the preview")
@@ -183,7 +186,8 @@ def generate(
             images = pipe.generate(prompt, negative_prompt=negative, steps=steps, guidance=guidance,
                                    seed=seed + batch * n, width=width, height=height, sampler=sampler,
                                    n=n, callback=on_step, schedule=schedule, eta=eta, vae_tiles=vae_tiles,
-                                   loras=loras, decoder=decoder, on_step=show, **image_options)
+                                   loras=loras, decoder=decoder, on_step=show, cache_interval=cache_interval,
+                                   **image_options)
         for i, image in enumerate(images):
             image_seed = image.info["seed"]
             written = output.save_image(image, paths[batch * n + i] if paths else None, folder, image_seed)
@@ -333,6 +337,9 @@ def serve(
                               help="Requests that may wait behind the running one; more get 503."),
     low_memory: bool = typer.Option(
         False, "--low-memory", help="Load each part only while a request runs it (slower requests, lower peak)."),
+    cache_interval: int = typer.Option(
+        1, "--cache-interval", min=1, max=20,
+        help="DeepCache: run the whole UNet every N-th step of every request and only its shallow branch between (1 = off; 3 about halves an SD 1.5 image's UNet time at a small change to the picture, README \"Step caching\")."),
     lora_dir: Optional[str] = typer.Option(
         None, "--lora-dir", help="Where <lora:NAME:SCALE> in a request's prompt is looked up "
                                  "(default $SDONNX_LORA_DIR, else ~/.local/share/sdonnx/loras)."),
@@ -369,7 +376,13 @@ def serve(
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         typer.secho("warning: listening beyond this machine without --api-key: anyone who can reach "
                     "the port can generate", err=True, fg=typer.colors.YELLOW)
-    server.serve(pipe, sock, api_key, queue)
+    try:
+        if cache_interval > 1:
+            pipe.use_deep_cache()
+    except BaseException:
+        sock.close()
+        raise
+    server.serve(pipe, sock, api_key, queue, cache_interval)
 
 
 @app.command()

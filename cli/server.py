@@ -372,8 +372,8 @@ class Worker:
     a linear map, never the full VAE), so no execution provider is ever entered from two threads.
     """
 
-    def __init__(self, pipe: Pipeline, max_queue: int = MAX_QUEUE):
-        self.pipe = pipe
+    def __init__(self, pipe: Pipeline, max_queue: int = MAX_QUEUE, cache_interval: int = 1):
+        self.pipe, self.cache_interval = pipe, cache_interval
         self.jobs: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
         self.lock = threading.Lock()
         self.step = self.total = 0
@@ -409,7 +409,8 @@ class Worker:
                     with self.lock:
                         self.batch, self.step = batch, 0
                     seed = job.settings["seed"] + batch * job.settings["n"]
-                    job.images += self.pipe.generate(**{**job.settings, "seed": seed}, on_step=self._on_step)
+                    job.images += self.pipe.generate(**{**job.settings, "seed": seed}, on_step=self._on_step,
+                                                     cache_interval=self.cache_interval)
             except Exception as e:  # reported to the waiting request
                 job.error = e
             finally:
@@ -640,7 +641,11 @@ class Guard:
 
 
 def create_app(pipe: Pipeline, api_key: str | None = None, max_queue: int = MAX_QUEUE,
-               max_body: int = MAX_BODY_BYTES):
+               max_body: int = MAX_BODY_BYTES, cache_interval: int = 1):
+    """The ASGI app serving `pipe`; `cache_interval` > 1: every request runs DeepCache
+    (Pipeline.generate), the folder checked here (InputError when it cannot)."""
+    if cache_interval > 1:
+        pipe.use_deep_cache()
     if not importlib.util.find_spec("python_multipart"):
         raise InputError(f"sdonnx serve needs python-multipart (for /v1/images/edits): {install_hint('serve')}")
     app = FastAPI(title="sdonnx", version="0.1.0", redoc_url=None,
@@ -649,7 +654,7 @@ def create_app(pipe: Pipeline, api_key: str | None = None, max_queue: int = MAX_
                               f"{max_body // 2**20} MB, 503 queue full (Retry-After), 409 interrupted.",
                   responses=ERRORS)
     app.add_middleware(Guard, api_key=api_key, max_body=max_body)
-    worker = Worker(pipe, max_queue)
+    worker = Worker(pipe, max_queue, cache_interval)
     app.state.worker = worker
 
     async def run(settings: dict, runs: int = 1) -> list[Image.Image]:
@@ -845,8 +850,9 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(pipe: Pipeline, sock: socket.socket, api_key: str | None, max_queue: int) -> None:
+def serve(pipe: Pipeline, sock: socket.socket, api_key: str | None, max_queue: int, cache_interval: int = 1) -> None:
     import uvicorn
 
-    config = uvicorn.Config(create_app(pipe, api_key, max_queue), log_level="warning", timeout_graceful_shutdown=5)
+    config = uvicorn.Config(create_app(pipe, api_key, max_queue, cache_interval=cache_interval), log_level="warning",
+                            timeout_graceful_shutdown=5)
     uvicorn.Server(config).run(sockets=[sock])

@@ -422,13 +422,14 @@ def _export_into(tmp: Path, config: ExportConfig, start: float, log: Callable[[s
     for part in (parts.UNET, parts.TEXT_ENCODER):
         if (tmp / part.onnx_path).is_file():
             mapped[part.name] = write_weight_map(tmp / part.onnx_path, _torch_weights(source / part.name))
-    from sdonnx.export import unet_stages, vae_stages
+    from sdonnx.export import deep_cache, unet_stages, vae_stages
 
     for part in (parts.VAE_DECODER, parts.VAE_ENCODER):  # tiles that equal the whole decode (runtime/vae.py)
         if (tmp / part.onnx_path).is_file():
             vae_stages.try_write_stages(tmp / part.onnx_path, log)
     if (tmp / parts.UNET.onnx_path).is_file():  # for --low-memory (runtime/unet_stages.py)
         unet_stages.try_write_stages(tmp / parts.UNET.onnx_path, log)
+        deep_cache.try_write_deep_cache(tmp / parts.UNET.onnx_path, log)  # for --cache-interval
     parity = []
     if config.check:
         log("checking each part against torch on the same inputs")

@@ -4,11 +4,17 @@ in the part's data file (export/vae_stages.py, export/unet_stages.py)."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
+
+
+def tensor_bytes(tensor: onnx.TensorProto) -> int:
+    """A weight's size in bytes as stored (its dims and dtype)."""
+    return math.prod(tensor.dims) * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
 
 
 class Graph:

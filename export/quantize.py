@@ -31,7 +31,7 @@ from typing import Callable
 
 import numpy as np
 
-from sdonnx.export import unet_stages, vae_stages, weights
+from sdonnx.export import deep_cache, unet_stages, vae_stages, weights
 from sdonnx.export.exporter import check_out, staged_folder
 from sdonnx.export.quality import compare
 from sdonnx.runtime import parts
@@ -306,8 +306,10 @@ def _quantize_part(part: parts.Part, source: Path, tmp: Path, config: QuantizeCo
         vae_stages.try_write_stages(tmp / part.onnx_path, log)  # the copied ones point into the old weights
     if part is parts.UNET:
         unet_stages.remove_stages(tmp / part.name)  # (IR has none: int8-openvino loads it whole)
+        deep_cache.remove_deep_cache(tmp / part.name)
         if (tmp / part.onnx_path).is_file():
             unet_stages.try_write_stages(tmp / part.onnx_path, log)
+            deep_cache.try_write_deep_cache(tmp / part.onnx_path, log)
     return report
 
 

@@ -39,7 +39,7 @@ import numpy as np
 import onnx
 
 from sdonnx.export.graph_stages import (Graph, constant_feeders, cross_reads, remove_stage_files, save_stage,
-                                        stage_inputs, stage_model)
+                                        stage_inputs, stage_model, tensor_bytes)
 from sdonnx.runtime import parts
 
 # About this much weight per stage (bytes, as stored): an SD 1.5 int8 UNet (0.83 GB) in 4
@@ -54,10 +54,6 @@ TOLERANCE = 1e-3
 # cannot type what follows a contrib operator such as the fused attention).
 INTEGER_OPS = ("QuantizeLinear", "Shape", "Gather", "Concat", "Unsqueeze", "Slice", "Squeeze", "Range",
                "ConstantOfShape")
-
-
-def _tensor_bytes(tensor: onnx.TensorProto) -> int:
-    return math.prod(tensor.dims) * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
 
 
 @dataclass
@@ -79,7 +75,7 @@ def _weights_by_node(graph: Graph, body: list) -> list[int]:
             return 0
         seen.add(name)
         if name in graph.initializers:
-            return _tensor_bytes(graph.initializers[name])
+            return tensor_bytes(graph.initializers[name])
         node = graph.producer.get(name)
         return sum(weights_of(i) for i in node.input if i) if node is not None else 0
 
@@ -134,7 +130,7 @@ def plan(path: Path, stage_bytes: int | None = None) -> tuple[dict, _Cut] | None
     stage files are built from; None when the weights fit in one stage."""
     model = onnx.load(str(path), load_external_data=False)
     graph = Graph(model, path.parent)
-    total = sum(_tensor_bytes(t) for t in model.graph.initializer)
+    total = sum(tensor_bytes(t) for t in model.graph.initializer)
     count = math.ceil(total / (stage_bytes or STAGE_BYTES))
     if count < 2:
         return None
@@ -155,17 +151,10 @@ def plan(path: Path, stage_bytes: int | None = None) -> tuple[dict, _Cut] | None
         stages.append({"file": f"stage_{k:02d}.onnx", "inputs": inputs, "outputs": outputs,
                        "weight_bytes": sum(weights[a:b])})
         bodies.append(constant_feeders(graph, nodes) + nodes)
-    inputs = {}
-    for value in model.graph.input:
-        tensor = value.type.tensor_type
-        inputs[value.name] = {
-            "dtype": np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type)).name,
-            "shape": [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor.shape.dim],
-        }
     record = {
         "format": 1,
         "kind": "unet",
-        "inputs": inputs,
+        "inputs": declared_inputs(model),
         "output": outputs_of_graph[0],
         "stages": stages,
         "weight_bytes": total,
@@ -176,12 +165,26 @@ def plan(path: Path, stage_bytes: int | None = None) -> tuple[dict, _Cut] | None
     return record, _Cut(model, graph, bodies)
 
 
-def _probe_inputs(record: dict, batch: int) -> dict[str, np.ndarray]:
-    """Inputs of a `batch`-image call at 8x8 latents (8 tokens of context); the timestep is
-    500 at every batch (tensors computed from it alone are the same at both batches)."""
+def declared_inputs(model: onnx.ModelProto) -> dict[str, dict]:
+    """The graph's inputs as {name: {"dtype": numpy dtype name, "shape": [int, or a name or
+    None for a dynamic axis]}}."""
+    inputs = {}
+    for value in model.graph.input:
+        tensor = value.type.tensor_type
+        inputs[value.name] = {
+            "dtype": np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type)).name,
+            "shape": [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor.shape.dim],
+        }
+    return inputs
+
+
+def probe_inputs(inputs: dict[str, dict], batch: int) -> dict[str, np.ndarray]:
+    """Inputs (`inputs` as declared_inputs gives them) of a `batch`-image call at 8x8 latents
+    (8 tokens of context); the timestep is 500 at every batch (tensors computed from it alone
+    are the same at both batches)."""
     rng = np.random.default_rng(batch)
     feed = {}
-    for name, declared in record["inputs"].items():
+    for name, declared in inputs.items():
         shape = [d if isinstance(d, int) and d > 0 else (batch if axis == 0 else 8)
                  for axis, d in enumerate(declared["shape"])]
         dtype = np.dtype(declared["dtype"])
@@ -215,7 +218,7 @@ def _probe(path: Path, record: dict) -> list[tuple[dict, dict]]:
         names = [o.name for o in session.get_outputs()]
         runs = []
         for batch in PROBE_BATCHES:
-            feed = _probe_inputs(record, batch)
+            feed = probe_inputs(record["inputs"], batch)
             runs.append((feed, dict(zip(names, session.run(names, feed)))))
         return runs
     finally:

@@ -32,6 +32,8 @@ class Denoiser:
     # call at 512x512: 0.13 GB against 0.25), the same arithmetic per row, and on a CPU
     # about the same time (tests/benchmarks/README.md "Memory").
     max_batch: int | None = None
+    # Called before each evaluation's UNet calls: DeepCache counts evaluations (deep_cache.py).
+    before_evaluation: Callable[[], None] | None = None
 
     @property
     def uses_guidance(self) -> bool:
@@ -48,6 +50,8 @@ class Denoiser:
             sample = np.concatenate([sample, sample])
         unet = self.precise_unet if sigma in self.precise_sigmas else self.unet
         sample, t = sample.astype(np.float32), self.sigma_to_t(sigma)
+        if self.before_evaluation is not None:
+            self.before_evaluation()
         rows = self.max_batch or len(sample)
         if rows >= len(sample):  # (the context object itself: a bound device keeps it across steps)
             out = unet(sample, t, self.context)

@@ -95,6 +95,7 @@ def _describe(path: Path, record: dict) -> str:
             lines.append("    tiles: " + _tiling(model_file.parent))
         if part is parts.UNET:
             lines.append("    --low-memory: " + _unet_stages(model_file))
+            lines.append("    --cache-interval: " + _deep_cache(model_file))
         checked = record.get("quantization", {}).get("parts", {}).get(part.name)
         if checked:
             verdict = " -> kept in fp32" if checked.get("kept_float") else ""
@@ -142,6 +143,19 @@ def _unet_stages(model_file: Path) -> str:
         return ("the whole UNet (its stage plan is damaged or was cut from another graph: export or "
                 "quantize again)")
     return "the whole UNet (no stages: it fits in one, or was not exported by this sdonnx)"
+
+
+def _deep_cache(model_file: Path) -> str:
+    """Whether --cache-interval can run on this UNet (runtime/deep_cache.py), and its shallow share."""
+    from sdonnx.runtime.deep_cache import read_plan
+
+    plan = read_plan(model_file.parent) if model_file.name == parts.ONNX_FILE else None
+    if plan is not None:
+        share = plan.get("shallow_weight_bytes", 0) / max(plan.get("weight_bytes", 1), 1)
+        return f"yes (DeepCache graphs; the shallow branch holds {share:.1%} of the weights)"
+    if (model_file.parent / parts.DEEP_CACHE_PLAN).is_file():
+        return "no (its DeepCache plan is damaged or was cut from another graph: export or quantize again)"
+    return "no (no DeepCache graphs: export or quantize with this sdonnx)"
 
 
 def _adapter_support(model_file: Path, recorded: dict) -> str:

@@ -30,6 +30,13 @@ VAE_STAGE_NORMS = "stages.npz"  # the group norms' parameters (numpy arrays)
 # low_memory runs loaded one at a time (runtime/unet_stages.py): the plan, beside stage_NN.onnx
 # (the VAE's plan has the same name; "kind" tells them apart).
 UNET_STAGES = VAE_STAGES
+# DeepCache (export/deep_cache.py, runtime/deep_cache.py): the UNet's graph again with its deep
+# feature as a second output, and the shallow graph that takes that feature as an input; the
+# plan names the cut. Both graphs keep their weights in the UNet's model.onnx_data.
+DEEP_CACHE_PLAN = "deep_cache.json"
+DEEP_CACHE_FULL = "deep_cache_full.onnx"
+DEEP_CACHE_SHALLOW = "deep_cache_shallow.onnx"
+DEEP_CACHE_FEATURE = "deep_cache_feature"
 # Stage files keep their weights in the part's external data file (one copy on disk).
 STAGE_PREFIX = "stage_"
 # Models over ONNX's 2 GB protobuf limit keep their weights in this external data file.
@@ -79,9 +86,11 @@ TINY_PARTS = (TINY_VAE_DECODER, TINY_VAE_ENCODER)
 
 def model_files(path: Path) -> list[Path]:
     """A part's model file and the weight files beside it: ONNX external data (model.onnx_data,
-    as the exporter writes it, also for a stage_NN.onnx) or OpenVINO IR's .bin."""
+    as the exporter writes it, also for a graph cut from model.onnx: stage_NN.onnx, the
+    DeepCache graphs) or OpenVINO IR's .bin."""
     siblings = sorted(p for p in path.parent.iterdir() if p != path and p.name.startswith(path.name))
-    if path.name.startswith(STAGE_PREFIX) and (path.parent / EXTERNAL_DATA_FILE).is_file():
+    cut = path.name.startswith(STAGE_PREFIX) or path.name in (DEEP_CACHE_FULL, DEEP_CACHE_SHALLOW)
+    if cut and (path.parent / EXTERNAL_DATA_FILE).is_file():
         siblings.append(path.parent / EXTERNAL_DATA_FILE)
     return [path, *siblings, *([path.with_suffix(".bin")] if path.suffix == ".xml" else [])]
 

@@ -26,7 +26,7 @@ from sdonnx.runtime.infotext import infotext
 from sdonnx.runtime.memory import trim_heap
 from sdonnx.runtime.onnx_model import OnnxModel, PartModel
 from sdonnx.runtime.precision import precise_sigmas
-from sdonnx.runtime import samplers, unet_stages, vae
+from sdonnx.runtime import deep_cache, samplers, unet_stages, vae
 from sdonnx.runtime.schedules import (
     Schedule,
     SchedulerConfig,
@@ -83,6 +83,8 @@ STAGED_AUTO_TILE = 256
 KEEP_BYTES = 64 * 2**20
 # A model recommending this many steps or fewer (Turbo, LCM) keeps its text encoder loaded.
 FEW_STEPS = 8
+# The largest DeepCache interval (runtime/deep_cache.py) a generation takes: the paper goes to 20.
+MAX_CACHE_INTERVAL = 20
 
 
 def guidance_embedding(guidance: float, dim: int) -> np.ndarray:
@@ -140,6 +142,9 @@ class GenerationConfig:
     strength: float | None = None  # img2img and inpainting only
     vae_tiles: int | str = "auto"  # "auto", "off" or a tile side in pixels (runtime/vae.py)
     decoder: str = "full"  # "full" VAE or "tiny" (TAESD, when the folder has it)
+    # DeepCache (runtime/deep_cache.py): every cache_interval-th UNet evaluation runs whole,
+    # those between only its shallow branch; 1 = off.
+    cache_interval: int = 1
 
     def validate(self) -> "GenerationConfig":
         if not isinstance(self.prompt, str) or not isinstance(self.negative_prompt, str):
@@ -163,6 +168,9 @@ class GenerationConfig:
         vae.check_tiles(self.vae_tiles)
         if self.decoder not in DECODERS:
             raise InputError(f"unknown decoder {self.decoder!r}; choose one of: {', '.join(DECODERS)}")
+        if not is_int(self.cache_interval) or not 1 <= self.cache_interval <= MAX_CACHE_INTERVAL:
+            raise InputError(f"cache interval must be a whole number from 1 (off) to {MAX_CACHE_INTERVAL}, "
+                             f"got {shown(self.cache_interval)}")
         if not is_int(self.n) or self.n < 1:
             raise InputError(f"n (images per call) must be at least 1, got {shown(self.n)}")
         if self.seed is not None and (not is_int(self.seed) or not -1 <= self.seed < 2**63):
@@ -336,6 +344,9 @@ class Pipeline:
         self._unet_channels = parts.config_field(
             parts.read_json(path / parts.UNET.name / "config.json"), "in_channels", None,
             lambda v: is_int(v) and v > 0, path / parts.UNET.name / "config.json", "a whole number")
+        # The UNet loads as DeepCache's two graphs once a generation asked for a cache interval
+        # (they serve every generation after it: the full graph is the whole UNet).
+        self._deep_cache = False
         # Parts that stay are loaded now, except the VAE decoder: on its first untiled decode (a
         # tiled one runs the VAE's stages, one at a time, and never needs it whole).
         for part in parts.PARTS:
@@ -378,7 +389,9 @@ class Pipeline:
     def _load(self, part: parts.Part) -> PartModel:
         path = self.config.path
         overrides = self.adapters.overrides(part.name)
-        if self._openvino:
+        if part is parts.UNET and self._deep_cache:
+            model = self._deep_cache_unet(overrides)
+        elif self._openvino:
             model = self._open(part.file(path), part, overrides=overrides.tensors)
         elif part is parts.UNET and (staged := self._staged_unet(overrides)) is not None:
             model = staged
@@ -397,6 +410,48 @@ class Pipeline:
             # The patched weights live on in the loaded model only, and go with it.
             self.adapters.forget(part.name)
         return model
+
+    def _deep_cache_unet(self, overrides) -> deep_cache.DeepCacheUnet:
+        """The UNet as DeepCache's full and shallow graphs (runtime/deep_cache.py); the shallow
+        one takes the LoRA patches of the weights it holds. Raises ModelFolderError when the
+        folder's plan is gone or out of date."""
+        folder = self.config.path / parts.UNET.name
+        plan = deep_cache.read_plan(folder)
+        if plan is None:
+            raise ModelFolderError(f"{folder}: its DeepCache graphs ({parts.DEEP_CACHE_PLAN}) are missing or were cut "
+                                   "from another graph; export or quantize the model again")
+
+        def opened(file: Path, part: parts.Part, names: set[str]) -> PartModel:
+            tensors = {n: v for n, v in overrides.tensors.items() if n in names}
+            if self._openvino:
+                return self._open(file, part, overrides=tensors)
+            return self._open(file, part, overrides=tensors, resized=overrides.resized & names,
+                              inline=overrides.inline & names)
+
+        full = opened(folder / plan["full"], parts.UNET, set(overrides.tensors))
+        return deep_cache.DeepCacheUnet(full, opened(folder / plan["shallow"], deep_cache.SHALLOW,
+                                                     set(plan["shallow_initializers"])))
+
+    def use_deep_cache(self) -> None:
+        """Switch the UNet to DeepCache's graphs (generate does it for a cache interval above
+        1; a server calls it at start), or raise InputError saying why this folder or load
+        cannot run them."""
+        folder = self.config.path / parts.UNET.name
+        if parts.UNET.name in self._assigned:
+            raise InputError("a cache interval above 1 needs the folder's own UNet, not one assigned to pipe.unet")
+        if deep_cache.read_plan(folder) is None and self.config.path == default_model_path():
+            raise InputError("the embedded model ships without DeepCache graphs (its UNet takes milliseconds a "
+                             "step); a cache interval above 1 is for models exported with sdonnx export")
+        if deep_cache.read_plan(folder) is None:
+            raise InputError(
+                f"{self.name} has no DeepCache graphs (unet/{parts.DEEP_CACHE_PLAN}, which sdonnx export and "
+                "sdonnx quantize --mode int8/fp16 write): export or quantize it again to use a cache interval above 1")
+        config = self.config
+        if providers.PROVIDERS[config.provider].stages and _unet_plan(config.path, config.low_memory,
+                                                                       config.cache_root) is not None:
+            raise InputError("a cache interval above 1 loads the whole UNet, which --low-memory runs as stages "
+                             "here; use one or the other")
+        self._deep_cache = True
 
     def _staged_unet(self, overrides) -> unet_stages.StagedUnet | None:
         """low_memory's UNet as its stages, one loaded at a time (runtime/unet_stages.py), where
@@ -421,7 +476,9 @@ class Pipeline:
         it should carry changed); None for an absent optional part."""
         if part.name not in self._models and not part.required and part.file(self.config.path) is None:
             return None
-        if part.name in self._models and self._carried.get(part.name, ()) != self.adapters.wanted(part.name):
+        stale = part is parts.UNET and part.name not in self._assigned and part.name in self._models and \
+            isinstance(self._models[part.name], deep_cache.DeepCacheUnet) != self._deep_cache
+        if part.name in self._models and (stale or self._carried.get(part.name, ()) != self.adapters.wanted(part.name)):
             del self._models[part.name]
             gc.collect()
             trim_heap()  # the old session's buffers, before the new one takes as much again
@@ -535,9 +592,10 @@ class Pipeline:
         return np.concatenate([negative, context])
 
     def _unet(self, sample: np.ndarray, t: float, context: np.ndarray, precise: bool = False,
-              timestep_cond: np.ndarray | None = None) -> np.ndarray:
+              timestep_cond: np.ndarray | None = None, step_cache: deep_cache.StepCache | None = None) -> np.ndarray:
         """The UNet's raw output, float32; `precise`: in fp32 whatever the loaded precision;
-        `timestep_cond` (1, d): an LCM-distilled UNet's guidance embedding, for every row."""
+        `timestep_cond` (1, d): an LCM-distilled UNet's guidance embedding, for every row;
+        `step_cache`: the generation's DeepCache state (the UNet loaded as DeepCacheUnet)."""
         dtype = self.unet.dtype("timestep")
         t = round(t) if np.issubdtype(dtype, np.integer) else t
         rank = len(self.unet.shape("timestep"))
@@ -552,12 +610,14 @@ class Pipeline:
         if timestep_cond is not None:
             inputs["timestep_cond"] = np.repeat(timestep_cond, len(sample), axis=0).astype(
                 self.unet.dtype("timestep_cond"))
-        out = self.unet.run(inputs, "fp32" if precise else None)
+        precision = "fp32" if precise else None
+        out = self.unet.run(inputs, precision) if step_cache is None else step_cache.run(self.unet, inputs, precision)
         return out[parts.UNET.output].astype(np.float32)
 
     def _precise_unet(self, sample: np.ndarray, t: float, context: np.ndarray,
-                      timestep_cond: np.ndarray | None = None) -> np.ndarray:
-        return self._unet(sample, t, context, precise=True, timestep_cond=timestep_cond)
+                      timestep_cond: np.ndarray | None = None,
+                      step_cache: deep_cache.StepCache | None = None) -> np.ndarray:
+        return self._unet(sample, t, context, precise=True, timestep_cond=timestep_cond, step_cache=step_cache)
 
     def vae_tile(self, tiles: int | str, height: int, width: int, part: parts.Part = parts.VAE_DECODER) -> int | None:
         """The tile side in latent pixels for running the VAE `part` on a (height, width)
@@ -710,7 +770,8 @@ class Pipeline:
                  init_image: Image.Image | str | Path | None = None, strength: float = 0.75,
                  mask_image: Image.Image | str | Path | None = None,
                  on_step: Callable[[int, int, np.ndarray], None] | None = None,
-                 vae_tiles: int | str = "auto", loras: Sequence = (), decoder: str = "full") -> list[Image.Image]:
+                 vae_tiles: int | str = "auto", loras: Sequence = (), decoder: str = "full",
+                 cache_interval: int = 1) -> list[Image.Image]:
         """Generate `n` images; `latents` (n, 4, H/8, W/8) of unit noise replaces the seeded noise.
 
         Steps, guidance and sampler default to the model's `defaults` (20, 7.5, euler unless
@@ -740,7 +801,11 @@ class Pipeline:
         `[word]`, `BREAK`, `<lora:NAME:SCALE>` (NAME looked up in the load's `lora_dir`), and
         the names of the embeddings in its `embeddings_dir`. `decoder` "tiny" decodes with
         TAESD (the folder's tiny_vae_decoder: a fraction of the full VAE's time, softer
-        detail). `loras` adds LoRAs by path or name,
+        detail). `cache_interval` N > 1 runs DeepCache (Ma et al. 2023; runtime/deep_cache.py):
+        every N-th UNet evaluation whole, those between only its shallow branch on the kept deep
+        feature (SD 1.5 int8 at 512x512, 20 steps, N = 3: see the README for the time saved and
+        the change in the picture); the folder needs its DeepCache graphs (sdonnx export writes
+        them), and it does not combine with --low-memory's staged UNet. `loras` adds LoRAs by path or name,
         each alone or as a (path, scale) pair; they are applied to the loaded model's weights
         (runtime/adapters.py) and recorded in the PNG parameters as the web UI records them.
         """
@@ -765,7 +830,7 @@ class Pipeline:
         sampler = sampler or self.defaults.sampler
         config = GenerationConfig(
             prompt, negative_prompt, steps, guidance, seed, width, height, sampler, n, schedule, eta,
-            None if init_image is None else strength, vae_tiles, decoder,
+            None if init_image is None else strength, vae_tiles, decoder, cache_interval,
         ).validate()
         if width % self.size_multiple or height % self.size_multiple:
             raise InputError(
@@ -779,6 +844,8 @@ class Pipeline:
                 f"latents must have shape {config.latent_shape} for n={n}, {width}x{height}; "
                 f"got {np.shape(latents)}"
             )
+        if config.cache_interval > 1:
+            self.use_deep_cache()
         if isinstance(loras, (str, Path, adapters.LoraUse)):
             loras = [loras]
         uses = self.adapters.prepare(prompt, negative_prompt, loras)
@@ -802,7 +869,8 @@ class Pipeline:
         if self.config.precision != "fp32":
             precise = precise_sigmas(chosen.sample, schedule_.sigmas, options, self.scheduler.prediction_type,
                                      steering.guidance)
-        unet, precise_unet = self._unet, self._precise_unet
+        step_cache = deep_cache.StepCache(config.cache_interval) if config.cache_interval > 1 else None
+        unet, precise_unet = partial(self._unet, step_cache=step_cache), partial(self._precise_unet, step_cache=step_cache)
         if distilled:
             cond = guidance_embedding(config.guidance, self.guidance_embedding_dim)
             unet, precise_unet = partial(unet, timestep_cond=cond), partial(precise_unet, timestep_cond=cond)
@@ -821,13 +889,16 @@ class Pipeline:
             del loaded  # (no reference may outlive the block: low_memory releases the UNet at its end)
             denoise = Denoiser(unet, context, steering.guidance, self.scheduler.prediction_type,
                                schedule_.sigma_to_t, conditioning, precise_unet, precise,
-                               max_batch=1 if self.config.low_memory and not whole_batch else None)
+                               max_batch=1 if self.config.low_memory and not whole_batch else None,
+                               before_evaluation=step_cache.begin if step_cache else None)
             x = chosen.sample(denoise, x, schedule_.sigmas, callback=step, **options)
         images = self.decode(schedule_.to_latents(x), config.vae_tiles, config.decoder)
         recorded = replace(config, prompt=" ".join([config.prompt, *(u.tag for u in uses[:len(loras)])]))
         extra = {}
         if uses:
             extra["Lora hashes"] = ", ".join(f"{u.lora.name}: {u.lora.short_hash}" for u in uses)
+        if config.cache_interval > 1:
+            extra["DeepCache interval"] = str(config.cache_interval)
         if config.decoder == "tiny":
             extra["VAE"] = "TAESD"  # as the web UI names the VAE a picture was decoded with
         if self.adapters.embeddings:
