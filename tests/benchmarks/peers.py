@@ -2,12 +2,22 @@
 cold start and peak RSS. Not a test: at SD 1.5 size it takes tens of minutes.
 
 Contestants, each in a fresh process, in turn (round-robin over --rounds, medians reported):
-  diffusers     StableDiffusionPipeline, torch fp32
-  optimum-ort   optimum's ORTStableDiffusionPipeline on the same ONNX files sdonnx uses
-  optimum-ov    optimum-intel's OVStableDiffusionPipeline (static shapes, compiled), on OpenVINO
-                IR written from those ONNX files (optimum-cli's own OpenVINO export fails with
-                torch 2.13), fp32 and, where the CPU computes it, bf16
-  sdonnx:P:Q    sdonnx on every provider P and precision Q available here
+  diffusers       StableDiffusionPipeline, torch fp32
+  optimum-ort     optimum's ORTStableDiffusionPipeline on the same ONNX files sdonnx uses
+  optimum-ov:Q    optimum-intel's OVStableDiffusionPipeline (static shapes, compiled), on OpenVINO
+                  IR written from those ONNX files (optimum-cli's own OpenVINO export fails with
+                  torch 2.13): fp32, bf16 (where the CPU computes it), and int8: the UNet IR
+                  that `sdonnx quantize --mode int8-openvino` writes with NNCF as optimum-intel's
+                  hybrid mode does (int8 convolutions and matmuls), the rest in bf16 where the
+                  CPU has it (OpenVINO's default there), else fp32
+  genai:Q         openvino.genai's Text2ImagePipeline (torch-free, C++; reshape + compile for
+                  static shapes) on the same IR: fp32, bf16, int8 as above
+  sdonnx:P:Q:F    sdonnx on provider P in precision Q on folder F: fp32 (the export), int8 (`sdonnx
+                  quantize --mode int8`, onnxruntime QDQ), int8-openvino (the NNCF IR); a
+                  fourth field dcN runs DeepCache with --cache-interval N
+
+Fp32 contestants are the slow ones (4-15 s per UNet step here): `--slow-rounds` (default 1)
+limits their rounds so that a 3-round run of the rest fits in an hour.
 
 The model is SD 1.5's architecture with random weights (speed does not depend on the values),
 built offline from diffusers' configs and cached under tests/benchmarks/cache/ with its sdonnx
@@ -16,15 +26,17 @@ A "UNet step" is one sampler step: the UNet on a CFG pair plus the sampler arith
 Each sdonnx run starts with an empty cache folder (a first start, as for the peers);
 second_start.py measures what the cache saves.
 
-    python tests/benchmarks/peers.py [--preset sd15|tiny] [--steps 20] [--size 512] [--rounds 1]
+    python tests/benchmarks/peers.py [--preset sd15|tiny] [--steps 20] [--size 512] [--rounds 3]
 
-Writes peers.md (the table, with date and machine) and peers.png (a bar chart of seconds per
-UNet step) to --out (default tests/benchmarks/results/).
+Writes peers.md (the table, with date, CPU and its flags) and peers.png (a bar chart of seconds
+per image) to --out (default tests/benchmarks/results/). "s per image" is prompt to PNG: the
+generation and the PNG's encoding, after a 2-step warm-up image in the same process.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import platform
@@ -44,11 +56,17 @@ PROMPT, NEGATIVE = "a photo of an astronaut riding a horse on mars", "blurry, lo
 
 
 def paths(preset: str) -> dict[str, Path]:
-    return {kind: CACHE / f"{preset}-random-{kind}" for kind in ("diffusers", "onnx", "openvino")}
+    """The folders: diffusers, the sdonnx export (onnx), its IR for the peers (openvino), the
+    sdonnx quantized folders (int8, int8-openvino) and the peers' IR with the int8 UNet."""
+    found = {kind: CACHE / f"{preset}-random-{kind}" for kind in ("diffusers", "onnx", "openvino", "openvino-int8")}
+    return found | {"fp32": found["onnx"], "int8": CACHE / f"{preset}-int8",
+                    "int8-openvino": CACHE / f"{preset}-int8-openvino"}
 
 
-def prepare(preset: str) -> dict[str, Path]:
-    """The cached diffusers model, its sdonnx export and OpenVINO IR of that export."""
+def prepare(preset: str, quantized: bool = False) -> dict[str, Path]:
+    """The cached diffusers model, its sdonnx export, OpenVINO IR of that export, and with
+    `quantized` the quantized folders (`sdonnx quantize` at 256x256, one calibration prompt: the
+    speed does not depend on the calibration) and the peers' IR with the NNCF int8 UNet."""
     p = paths(preset)
     CACHE.mkdir(exist_ok=True)
     if not (p["diffusers"] / "model_index.json").is_file():
@@ -61,7 +79,56 @@ def prepare(preset: str) -> dict[str, Path]:
         export(ExportConfig(p["diffusers"], p["onnx"], force=True))
     if not (p["openvino"] / "model_index.json").is_file():
         write_openvino_ir(p["onnx"], p["openvino"])
+    for mode in ("int8", "int8-openvino") if quantized else ():
+        if not (p[mode] / "model_index.json").is_file():
+            from sdonnx.export.quantize import QuantizeConfig, quantize
+
+            quantize(QuantizeConfig(p["onnx"], p[mode], mode=mode, size=256 if preset == "sd15" else 64,
+                                    calibration_prompts=1, check_prompts=1, check_steps=4, force=True))
+    if quantized and not (p["openvino-int8"] / "model_index.json").is_file():
+        write_int8_ir(p["openvino"], p["int8-openvino"], p["openvino-int8"])
     return p
+
+
+def genai_timestep(model) -> None:
+    """Give an OpenVINO UNet model the `timestep` input openvino.genai sets, int64 of shape [1]
+    (its stable_diffusion_pipeline.hpp), in place of optimum's float scalar: a new parameter,
+    a Convert and a Squeeze feeding the old consumers (optimum-intel's pipeline reads the same
+    IR: OpenVINO converts its float timestep at the call; fractional timesteps would be
+    truncated, which the whole-number Euler-trailing and LCM schedules here never have)."""
+    import numpy as np
+    import openvino as ov
+
+    old = next(p for p in model.get_parameters() if "timestep" in p.output(0).get_names())
+    old.output(0).set_names(set())
+    new = ov.opset13.parameter([1], ov.Type.i64, name="timestep")
+    new.output(0).set_names({"timestep"})
+    scalar = ov.opset13.squeeze(ov.opset13.convert(new, old.get_element_type()),
+                                ov.opset13.constant(np.array([0], np.int64)))
+    for target in list(old.output(0).get_target_inputs()):
+        target.replace_source_output(scalar.output(0))
+    model.remove_parameter(old)
+    model.add_parameters([new])
+    model.validate_nodes_and_infer_types()
+
+
+def write_int8_ir(ir: Path, int8_openvino: Path, out: Path) -> None:
+    """The peers' IR folder `ir` (links) with the UNet of the sdonnx int8-openvino folder (NNCF's
+    int8 IR) in its place, its timestep rewritten for openvino.genai."""
+    import openvino as ov
+
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    for entry in ir.iterdir():
+        if entry.name != "unet":
+            (tmp / entry.name).symlink_to(entry)
+    (tmp / "unet").mkdir()
+    shutil.copy(ir / "unet" / "config.json", tmp / "unet" / "config.json")
+    model = ov.Core().read_model(str(int8_openvino / "unet" / "openvino_model.xml"))
+    genai_timestep(model)
+    ov.save_model(model, str(tmp / "unet" / "openvino_model.xml"), compress_to_fp16=False)
+    tmp.rename(out)
 
 
 def write_openvino_ir(onnx_dir: Path, out: Path, scheduler: dict | None = None) -> None:
@@ -69,18 +136,12 @@ def write_openvino_ir(onnx_dir: Path, out: Path, scheduler: dict | None = None) 
     part's config.json, tokenizer/openvino_tokenizer.xml, and (when the folder has TAESD) a
     tiny_vae_decoder/ in the vae_decoder layout, which `taesd_root` swaps in.
 
-    openvino.genai sets the UNet's `timestep` as int64 of shape [1] (its
-    stable_diffusion_pipeline.hpp); optimum's ONNX export has a float scalar, so the IR gets a new
-    int64 [1] parameter, a Convert and a Squeeze feeding the old consumers (optimum-intel's
-    pipeline reads the same IR: OpenVINO converts its float timestep at the call; fractional
-    timesteps would be truncated, which the whole-number Euler-trailing and LCM schedules here
-    never have). `scheduler`,
+    The UNet's timestep becomes openvino.genai's int64 [1] input (genai_timestep). `scheduler`,
     when given, replaces scheduler_config.json (the peers' own scheduler for the model, e.g.
     SD-Turbo's EulerDiscreteScheduler with trailing timesteps). Weights are written as fp16
     (`ov.save_model`'s default, as optimum-cli writes them) and computed in the precision each
     contestant asks for.
     """
-    import numpy as np
     import openvino as ov
     from openvino_tokenizers import convert_tokenizer
     from transformers import CLIPTokenizerFast
@@ -94,17 +155,7 @@ def write_openvino_ir(onnx_dir: Path, out: Path, scheduler: dict | None = None) 
             continue
         model = core.read_model(str(onnx_dir / part / "model.onnx"))
         if part == "unet":
-            old = next(p for p in model.get_parameters() if "timestep" in p.output(0).get_names())
-            old.output(0).set_names(set())
-            new = ov.opset13.parameter([1], ov.Type.i64, name="timestep")
-            new.output(0).set_names({"timestep"})
-            scalar = ov.opset13.squeeze(ov.opset13.convert(new, old.get_element_type()),
-                                        ov.opset13.constant(np.array([0], np.int64)))
-            for target in list(old.output(0).get_target_inputs()):
-                target.replace_source_output(scalar.output(0))
-            model.remove_parameter(old)
-            model.add_parameters([new])
-            model.validate_nodes_and_infer_types()
+            genai_timestep(model)
         ov.save_model(model, str(tmp / part / "openvino_model.xml"))
     if (tmp / "tiny_vae_decoder").is_dir():
         # Read as an AutoencoderKL decoder: 8x upsampling (2^(len - 1)), latents taken as they are.
@@ -140,15 +191,34 @@ def taesd_root(ir: Path) -> Path:
     return root
 
 
-def contestants() -> list[str]:
-    from sdonnx.runtime.bench import combinations
+# Contestants computing in fp32: 4-15 s per UNet step at SD 1.5 size here (--slow-rounds).
+SLOW = ("diffusers", "optimum-ort", "optimum-ov:fp32", "genai:fp32", "sdonnx:cpu:fp32:fp32")
 
-    names = ["diffusers", "optimum-ort", "optimum-ov:fp32"]
+
+def contestants() -> list[str]:
+    """Every peer's float and int8 paths and sdonnx's, those needing bf16 where the CPU has it."""
     from sdonnx.runtime import providers
 
-    if providers.cpu_has_bf16():
-        names.append("optimum-ov:bf16")
-    return names + [f"sdonnx:{p}:{q}" for p, q in combinations()]
+    bf16 = providers.cpu_has_bf16()
+    names = ["diffusers", "optimum-ort", "optimum-ov:fp32", *(["optimum-ov:bf16"] if bf16 else []), "optimum-ov:int8",
+             "genai:fp32", *(["genai:bf16"] if bf16 else []), "genai:int8",
+             "sdonnx:cpu:fp32:fp32", "sdonnx:cpu:fp32:int8", "sdonnx:cpu:fp32:int8:dc3"]
+    if providers.PROVIDERS["openvino"].available():
+        names += ["sdonnx:openvino:fp32:int8"]
+        if bf16:
+            names += ["sdonnx:openvino:bf16:fp32", "sdonnx:openvino:bf16:int8", "sdonnx:openvino:bf16:int8-openvino",
+                      "sdonnx:openvino:bf16:int8:dc3"]
+    return names
+
+
+def ov_hint(precision: str) -> str:
+    """OpenVINO's INFERENCE_PRECISION_HINT for a peer's precision; int8: its float parts in bf16
+    where the CPU computes it (OpenVINO's default there), else f32."""
+    from sdonnx.runtime import providers
+
+    if precision == "int8":
+        return "bf16" if providers.cpu_has_bf16() else "f32"
+    return {"fp32": "f32", "bf16": "bf16"}[precision]
 
 
 class StepClock:
@@ -192,8 +262,8 @@ def run_contestant(name: str, preset: str, steps: int, size: int) -> dict:
         def generate(n_steps, clock=None):
             extra = diffusers_callback(clock) if clock else {}
             with torch.inference_mode():
-                pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=n_steps, width=size, height=size,
-                     generator=torch.Generator().manual_seed(0), **extra)
+                return pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=n_steps, width=size, height=size,
+                            generator=torch.Generator().manual_seed(0), **extra).images[0]
     elif name == "optimum-ort":
         from optimum.onnxruntime import ORTStableDiffusionPipeline
 
@@ -204,32 +274,52 @@ def run_contestant(name: str, preset: str, steps: int, size: int) -> dict:
 
         def generate(n_steps, clock=None):
             extra = diffusers_callback(clock) if clock else {}
-            pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=n_steps, width=size, height=size,
-                 generator=torch.Generator().manual_seed(0), **extra)
+            return pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=n_steps, width=size, height=size,
+                        generator=torch.Generator().manual_seed(0), **extra).images[0]
     elif name.startswith("optimum-ov"):
         from optimum.intel import OVStableDiffusionPipeline
 
-        hint = {"fp32": "f32", "bf16": "bf16"}[name.split(":")[1]]
-        pipe = OVStableDiffusionPipeline.from_pretrained(p["openvino"], compile=False,
-                                                         ov_config={"INFERENCE_PRECISION_HINT": hint})
+        precision = name.split(":")[1]
+        pipe = OVStableDiffusionPipeline.from_pretrained(
+            p["openvino-int8" if precision == "int8" else "openvino"], compile=False,
+            ov_config={"INFERENCE_PRECISION_HINT": ov_hint(precision), "INFERENCE_NUM_THREADS": threads})
         pipe.reshape(batch_size=1, height=size, width=size, num_images_per_prompt=1)
         pipe.compile()
         pipe.set_progress_bar_config(disable=True)
 
         def generate(n_steps, clock=None):
             extra = diffusers_callback(clock) if clock else {}
-            pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=n_steps, width=size, height=size,
-                 generator=np.random.RandomState(0), **extra)
+            return pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=n_steps, width=size, height=size,
+                        generator=np.random.RandomState(0), **extra).images[0]
+    elif name.startswith("genai"):
+        import openvino_genai
+        from PIL import Image
+
+        precision = name.split(":")[1]
+        pipe = openvino_genai.Text2ImagePipeline(str(p["openvino-int8" if precision == "int8" else "openvino"]))
+        pipe.reshape(1, size, size, 7.5)
+        pipe.compile("CPU", config={"INFERENCE_PRECISION_HINT": ov_hint(precision), "INFERENCE_NUM_THREADS": threads})
+
+        def generate(n_steps, clock=None):
+            def on_step(step, num_steps, latent):
+                clock.tick()
+                return False  # (True would stop the generation)
+
+            tensor = pipe.generate(PROMPT, negative_prompt=NEGATIVE, width=size, height=size,
+                                   num_inference_steps=n_steps, guidance_scale=7.5,
+                                   generator=openvino_genai.TorchGenerator(0), **({"callback": on_step} if clock else {}))
+            return Image.fromarray(tensor.data[0])
     else:
         from sdonnx import Pipeline
 
-        _, provider, precision = name.split(":")
-        pipe = Pipeline.load(p["onnx"], provider=provider, precision=precision, threads=threads)
+        _, provider, precision, folder, *cached = name.split(":")
+        interval = int(cached[0].removeprefix("dc")) if cached else 1
+        pipe = Pipeline.load(p[folder], provider=provider, precision=precision, threads=threads)
 
         def generate(n_steps, clock=None):
             callback = (lambda step, total: clock.tick()) if clock else None
-            pipe.generate(PROMPT, negative_prompt=NEGATIVE, steps=n_steps, width=size, height=size, seed=0,
-                          callback=callback)
+            return pipe.generate(PROMPT, negative_prompt=NEGATIVE, steps=n_steps, width=size, height=size, seed=0,
+                                 callback=callback, cache_interval=interval)[0]
     load_s = time.perf_counter() - load_start
     # Cold start: from process start to the end of the first step of the warm-up image.
     warm = StepClock()
@@ -238,7 +328,7 @@ def run_contestant(name: str, preset: str, steps: int, size: int) -> dict:
     cold_start_s = warm.times[0] - START
     timed = StepClock()
     start = time.perf_counter()
-    generate(steps, timed)
+    generate(steps, timed).save(io.BytesIO(), format="PNG")  # prompt to PNG
     image_s = time.perf_counter() - start
     step_times = timed.steps(start)
     return {
@@ -247,6 +337,7 @@ def run_contestant(name: str, preset: str, steps: int, size: int) -> dict:
         "cold_start_s": cold_start_s,
         "warm_up_s": start - warm_start,
         "step_s": statistics.median(step_times[1:] or step_times),
+        "mean_step_s": statistics.fmean(step_times),
         "image_s": image_s,
         "peak_rss_gb": peak_rss_gb(),
     }
@@ -285,48 +376,53 @@ def machine_flags() -> str:
 
 
 def report(results: dict[str, list[dict]], args) -> str:
-    baseline = statistics.median(r["step_s"] for r in results["diffusers"]) if "diffusers" in results and \
-        all("step_s" in r for r in results["diffusers"]) else None
-    lines = [f"{date.today()}, {machine()}; {args.preset} model, {args.size}x{args.size}, "
-             f"{args.steps} steps, {args.rounds} round(s), medians",
+    """The markdown table: medians over each contestant's rounds, image time against diffusers'."""
+    def med(runs, key):
+        return statistics.median(r[key] for r in runs)
+
+    good = {name: [r for r in runs if "error" not in r] for name, runs in results.items()}
+    baseline = med(good["diffusers"], "image_s") if good.get("diffusers") else None
+    lines = [f"{date.today()}, {machine_flags()}, Python {platform.python_version()}; {args.preset} model, "
+             f"{args.size}x{args.size}, {args.steps} steps (CFG, full VAE, prompt to PNG), contestants in turn, "
+             f"{args.rounds} round(s) ({args.slow_rounds} for the fp32 ones), medians",
              "",
-             "| contestant | s per UNet step | vs diffusers | s per image | cold start s | load s | peak RSS GB |",
-             "|---|---|---|---|---|---|---|"]
+             "| contestant | s per image | vs diffusers | s per UNet step (median) | s per step (mean) | "
+             "cold start s | load s | peak RSS GB | rounds |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, runs in results.items():
-        good = [r for r in runs if "error" not in r]
-        if not good:
-            lines.append(f"| {name} | failed: {runs[0]['error'][:80]} | | | | | |")
+        if not runs:
             continue
-
-        def med(key):
-            return statistics.median(r[key] for r in good)
-
-        speedup = f"{baseline / med('step_s'):.2f}x" if baseline else "-"
-        lines.append(f"| {name} | {med('step_s'):.3f} | {speedup} | {med('image_s'):.2f} | "
-                     f"{med('cold_start_s'):.2f} | {med('load_s'):.2f} | {med('peak_rss_gb'):.2f} |")
+        if not good[name]:
+            lines.append(f"| {name} | failed: {runs[0]['error'][:80]} | | | | | | | |")
+            continue
+        runs = good[name]
+        speedup = f"{baseline / med(runs, 'image_s'):.2f}x" if baseline else "-"
+        lines.append(f"| {name} | {med(runs, 'image_s'):.1f} | {speedup} | {med(runs, 'step_s'):.3f} | "
+                     f"{med(runs, 'mean_step_s'):.3f} | {med(runs, 'cold_start_s'):.1f} | {med(runs, 'load_s'):.1f} | "
+                     f"{med(runs, 'peak_rss_gb'):.2f} | {len(runs)} |")
     return "\n".join(lines)
 
 
 def chart(results: dict[str, list[dict]], out: Path) -> None:
-    """A horizontal bar chart of seconds per UNet step, drawn with PIL."""
+    """A horizontal bar chart of seconds per image (medians), sdonnx in blue, drawn with PIL."""
     from PIL import Image, ImageDraw
 
-    rows = [(name, statistics.median(r["step_s"] for r in runs if "error" not in r))
+    rows = [(name, statistics.median(r["image_s"] for r in runs if "error" not in r))
             for name, runs in results.items() if any("error" not in r for r in runs)]
     if not rows:
         return
-    width, bar, left = 760, 26, 170
+    width, bar, left = 820, 26, 250
     image = Image.new("RGB", (width, 50 + bar * len(rows)), "white")
     pen = ImageDraw.Draw(image)
-    pen.text((10, 10), "seconds per UNet step (lower is faster)", fill="black")
+    pen.text((10, 10), f"seconds per image, prompt to PNG (lower is faster); {machine_flags()}", fill="black")
     top = max(s for _, s in rows)
     for i, (name, seconds) in enumerate(rows):
         y = 36 + i * bar
-        length = int((width - left - 80) * seconds / top)
+        length = int((width - left - 70) * seconds / top)
         pen.text((10, y + 6), name, fill="black")
         pen.rectangle([left, y + 3, left + length, y + bar - 5],
                       fill=(40, 110, 200) if name.startswith("sdonnx") else (150, 150, 150))
-        pen.text((left + length + 6, y + 6), f"{seconds:.3f}", fill="black")
+        pen.text((left + length + 6, y + 6), f"{seconds:.1f}", fill="black")
     image.save(out)
 
 
@@ -335,7 +431,8 @@ def main() -> None:
     parser.add_argument("--preset", choices=["sd15", "tiny"], default="sd15")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--size", type=int, default=None, help="default 512 (sd15), 64 (tiny)")
-    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--slow-rounds", type=int, default=1, help="rounds of the fp32 contestants (SLOW)")
     parser.add_argument("--only", nargs="+", help="contestant names (default: all)")
     parser.add_argument("--threads", type=int, help="threads per contestant (default: all cores)")
     parser.add_argument("--out", type=Path, default=HERE / "results")
@@ -348,16 +445,21 @@ def main() -> None:
     args.size = args.size or (512 if args.preset == "sd15" else 64)
     if args.threads:
         os.environ["SDONNX_BENCH_THREADS"] = str(args.threads)
-    prepare(args.preset)
+    prepare(args.preset, quantized=True)
     names = args.only or contestants()
     results: dict[str, list[dict]] = {name: [] for name in names}
-    for _ in range(args.rounds):
+    for round_ in range(args.rounds):
         for name in names:
+            if name in SLOW and round_ >= args.slow_rounds:
+                continue
             with tempfile.TemporaryDirectory(prefix="sdonnx-cache-") as cache:
                 os.environ["SDONNX_CACHE_DIR"] = cache
                 result = in_child(name, args.preset, args.steps, args.size)
             results[name].append(result)
             print(json.dumps(result), flush=True)
+            partial = report(results, args)  # (after every contestant: a cut-off run keeps its table)
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "peers.md").write_text(partial + "\n")
     text = report(results, args)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "peers.md").write_text(text + "\n")
