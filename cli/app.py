@@ -366,6 +366,8 @@ def serve(
     try:
         pipe = Pipeline.load(model, provider=provider, threads=threads, precision=precision, low_memory=low_memory,
                              lora_dir=lora_dir, embeddings_dir=embeddings_dir)
+        if cache_interval > 1:
+            pipe.use_deep_cache()  # (a folder that cannot is refused before the server says it serves)
     except BaseException:
         sock.close()
         raise
@@ -376,12 +378,6 @@ def serve(
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         typer.secho("warning: listening beyond this machine without --api-key: anyone who can reach "
                     "the port can generate", err=True, fg=typer.colors.YELLOW)
-    try:
-        if cache_interval > 1:
-            pipe.use_deep_cache()
-    except BaseException:
-        sock.close()
-        raise
     server.serve(pipe, sock, api_key, queue, cache_interval)
 
 

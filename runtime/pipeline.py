@@ -439,10 +439,13 @@ class Pipeline:
         folder = self.config.path / parts.UNET.name
         if parts.UNET.name in self._assigned:
             raise InputError("a cache interval above 1 needs the folder's own UNet, not one assigned to pipe.unet")
-        if deep_cache.read_plan(folder) is None and self.config.path == default_model_path():
-            raise InputError("the embedded model ships without DeepCache graphs (its UNet takes milliseconds a "
-                             "step); a cache interval above 1 is for models exported with sdonnx export")
         if deep_cache.read_plan(folder) is None:
+            if self.config.path == default_model_path():
+                raise InputError("the embedded model ships without DeepCache graphs (its UNet takes milliseconds "
+                                 "a step); a cache interval above 1 is for models exported with sdonnx export")
+            if parts.UNET.name in parts.ir_parts(self.config.path):
+                raise InputError(f"{self.name}'s UNet is OpenVINO IR (sdonnx quantize --mode int8-openvino), which "
+                                 "has no DeepCache graphs; quantize with --mode int8 for a cache interval above 1")
             raise InputError(
                 f"{self.name} has no DeepCache graphs (unet/{parts.DEEP_CACHE_PLAN}, which sdonnx export and "
                 "sdonnx quantize --mode int8/fp16 write): export or quantize it again to use a cache interval above 1")

@@ -220,3 +220,47 @@ def test_the_graphs_keep_their_weights_in_the_unets_data_file(tiny_onnx):
         assert (folder / name).stat().st_size < 0.1 * (folder / parts.EXTERNAL_DATA_FILE).stat().st_size
     # The session of each opens (its weights read from model.onnx_data).
     OnnxModel(folder / parts.DEEP_CACHE_FULL, parts.UNET, "cpu")
+
+
+def _cli(*args):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "sdonnx.cli.app", *map(str, args)], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_the_command_line_runs_the_cached_image_and_refuses_what_cannot(tiny_onnx, tiny_pipeline, tmp_path):
+    from PIL import Image
+
+    done = _cli("generate", PROMPT, "--model", tiny_onnx, "--negative", NEGATIVE, "--steps", STEPS, "--seed", 3,
+                "--size", "64x64", "--provider", "cpu", "--cache-interval", 3, "--out", tmp_path / "a.png")
+    assert done.returncode == 0, done.stderr
+    with Image.open(tmp_path / "a.png") as image:
+        assert "DeepCache interval: 3" in image.text["parameters"]
+        assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(tiny_pipeline.generate(
+            PROMPT, negative_prompt=NEGATIVE, steps=STEPS, seed=3, width=64, height=64, cache_interval=3)[0]))
+    embedded = _cli("generate", PROMPT, "--steps", 2, "--cache-interval", 2, "--out", tmp_path / "b.png")
+    assert embedded.returncode == 2 and "the embedded model ships without DeepCache graphs" in embedded.stderr
+    bad = _cli("generate", PROMPT, "--model", tiny_onnx, "--cache-interval", 0, "--out", tmp_path / "c.png")
+    assert bad.returncode == 2 and "Invalid value for '--cache-interval'" in bad.stderr
+    assert "Traceback" not in embedded.stderr + bad.stderr
+
+
+def test_the_server_runs_every_request_cached(tiny_onnx, tiny_pipeline):
+    pytest.importorskip("fastapi")
+    from serving import Server, png
+
+    server = Server("--model", str(tiny_onnx), "--provider", "cpu", "--cache-interval", "3")
+    try:
+        reply = server.post("/v1/images/generations", {"prompt": PROMPT, "negative_prompt": NEGATIVE, "size": "64x64",
+                                                       "seed": 5, "steps": STEPS, "response_format": "b64_json"})
+        assert reply.status == 200, reply.message
+        served = np.asarray(png(reply.body["data"][0]["b64_json"]).convert("RGB"))
+    finally:
+        server.stop()
+    want = tiny_pipeline.generate(PROMPT, negative_prompt=NEGATIVE, steps=STEPS, seed=5, width=64, height=64,
+                                  cache_interval=3)[0]
+    assert np.array_equal(served, np.asarray(want))
+    with pytest.raises(RuntimeError, match="the embedded model ships without DeepCache graphs"):
+        Server("--provider", "cpu", "--cache-interval", "2")

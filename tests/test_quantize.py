@@ -329,3 +329,22 @@ def test_an_int8_unet_in_stages_draws_the_whole_int8_unets_picture(int8_default,
     with staged.using(parts.UNET) as unet:
         assert type(unet).__name__ == "StagedUnet"
     assert psnr(np.asarray(staged.generate("a blue square", **settings)[0]), np.asarray(whole)) >= 45
+
+
+def test_int8_writes_deep_cache_graphs_and_int8_openvino_says_it_has_none(int8_default, openvino_int8_default):
+    """quantize writes the int8 UNet's DeepCache graphs (the cut is a float tensor: the shallow
+    branch keeps onnxruntime's int8 kernels); the IR of int8-openvino has none and says so."""
+    from sdonnx.runtime.deep_cache import read_plan
+    from sdonnx.runtime.errors import InputError
+
+    folder = int8_default[0]
+    plan = read_plan(folder / "unet")
+    assert plan is not None and plan["difference"] <= 1e-5
+    shallow = onnx.load(str(folder / "unet" / parts.DEEP_CACHE_SHALLOW), load_external_data=False)
+    assert any(n.op_type == "QuantizeLinear" for n in shallow.graph.node)
+    pipe = Pipeline.load(folder, provider="cpu")
+    settings = dict(steps=9, seed=3)
+    cached = pipe.generate("a blue square", cache_interval=3, **settings)[0]
+    assert 20 <= psnr(np.asarray(cached), np.asarray(pipe.generate("a blue square", **settings)[0])) < 60
+    with pytest.raises(InputError, match="OpenVINO IR .* quantize with --mode int8"):
+        Pipeline.load(openvino_int8_default, provider="openvino").generate("a blue square", steps=2, cache_interval=2)

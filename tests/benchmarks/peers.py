@@ -248,13 +248,18 @@ def run_contestant(name: str, preset: str, steps: int, size: int) -> dict:
     import numpy as np
 
     p = paths(preset)
-    threads = int(os.environ.get("SDONNX_BENCH_THREADS") or 0) or os.cpu_count() or 1
+    # None: each library's own default (onnxruntime and OpenVINO: the physical cores; torch: its
+    # own). The 2026-11-26 Xeon run gave sdonnx os.cpu_count() threads and the peers their
+    # defaults: on a CPU with two threads per core that oversubscribes sdonnx alone.
+    threads = int(os.environ.get("SDONNX_BENCH_THREADS") or 0) or None
+    ov_threads = {"INFERENCE_NUM_THREADS": threads} if threads else {}
     load_start = time.perf_counter()
     if name == "diffusers":
         import torch
         from diffusers import StableDiffusionPipeline
 
-        torch.set_num_threads(threads)
+        if threads:
+            torch.set_num_threads(threads)
         pipe = StableDiffusionPipeline.from_pretrained(p["diffusers"], torch_dtype=torch.float32,
                                                        safety_checker=None)
         pipe.set_progress_bar_config(disable=True)
@@ -269,7 +274,13 @@ def run_contestant(name: str, preset: str, steps: int, size: int) -> dict:
 
         import torch
 
-        pipe = ORTStableDiffusionPipeline.from_pretrained(p["onnx"], provider="CPUExecutionProvider")
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        pipe = ORTStableDiffusionPipeline.from_pretrained(p["onnx"], provider="CPUExecutionProvider",
+                                                          session_options=options)
         pipe.set_progress_bar_config(disable=True)
 
         def generate(n_steps, clock=None):
@@ -282,7 +293,7 @@ def run_contestant(name: str, preset: str, steps: int, size: int) -> dict:
         precision = name.split(":")[1]
         pipe = OVStableDiffusionPipeline.from_pretrained(
             p["openvino-int8" if precision == "int8" else "openvino"], compile=False,
-            ov_config={"INFERENCE_PRECISION_HINT": ov_hint(precision), "INFERENCE_NUM_THREADS": threads})
+            ov_config={"INFERENCE_PRECISION_HINT": ov_hint(precision), **ov_threads})
         pipe.reshape(batch_size=1, height=size, width=size, num_images_per_prompt=1)
         pipe.compile()
         pipe.set_progress_bar_config(disable=True)
@@ -298,7 +309,7 @@ def run_contestant(name: str, preset: str, steps: int, size: int) -> dict:
         precision = name.split(":")[1]
         pipe = openvino_genai.Text2ImagePipeline(str(p["openvino-int8" if precision == "int8" else "openvino"]))
         pipe.reshape(1, size, size, 7.5)
-        pipe.compile("CPU", config={"INFERENCE_PRECISION_HINT": ov_hint(precision), "INFERENCE_NUM_THREADS": threads})
+        pipe.compile("CPU", config={"INFERENCE_PRECISION_HINT": ov_hint(precision), **ov_threads})
 
         def generate(n_steps, clock=None):
             def on_step(step, num_steps, latent):
@@ -434,7 +445,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--slow-rounds", type=int, default=1, help="rounds of the fp32 contestants (SLOW)")
     parser.add_argument("--only", nargs="+", help="contestant names (default: all)")
-    parser.add_argument("--threads", type=int, help="threads per contestant (default: all cores)")
+    parser.add_argument("--threads", type=int,
+                        help="threads for every contestant (default: each library's own, the physical cores)")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
