@@ -28,11 +28,24 @@ PROMPT, NEGATIVE = "a red circle on a white background", "blurry, low quality"
 
 
 @pytest.fixture(scope="module")
-def reference(reference_pipe):
+def reference(tiny_source):
+    """Its own diffusers pipeline (DeepCacheSDHelper patches its modules while enabled)."""
     import diffusers
 
-    reference_pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(reference_pipe.base_scheduler_config)
-    return reference_pipe
+    from conftest import _reference
+
+    pipe = _reference(tiny_source)
+    pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.base_scheduler_config)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def cached_pipe(tiny_onnx):
+    """Its own pipeline: a cached generation switches the UNet to DeepCache's graphs for good,
+    which the session's shared tiny_pipeline must not carry into other modules' tests."""
+    from sdonnx import Pipeline
+
+    return Pipeline.load(tiny_onnx, provider="cpu")
 
 
 def latents(seed: int = 0) -> np.ndarray:
@@ -70,15 +83,15 @@ def test_the_export_writes_a_shallow_branch_that_gives_the_full_output(tiny_onnx
 
 
 @pytest.mark.parametrize("interval", [2, 3])
-def test_cached_images_match_the_deepcache_package(tiny_pipeline, reference, interval):
+def test_cached_images_match_the_deepcache_package(cached_pipe, reference, interval):
     want = theirs(reference, interval)
     uncached = theirs(reference, 1)
     assert psnr(want, uncached) < 40, "caching changes too little on the test model to test"
-    assert psnr(ours(tiny_pipeline, interval), want) >= PARITY_DB
+    assert psnr(ours(cached_pipe, interval), want) >= PARITY_DB
     # Negative controls: the uncached picture, and the reference's next cache branch (a deeper
     # cut), miss the bar.
-    assert psnr(ours(tiny_pipeline, 1), want) < PARITY_DB
-    assert psnr(ours(tiny_pipeline, interval), theirs(reference, interval, branch=1)) < PARITY_DB
+    assert psnr(ours(cached_pipe, 1), want) < PARITY_DB
+    assert psnr(ours(cached_pipe, interval), theirs(reference, interval, branch=1)) < PARITY_DB
 
 
 def test_interval_one_is_the_uncached_image_and_is_recorded_only_when_on(tiny_onnx):
@@ -136,12 +149,12 @@ def test_step_cache_without_a_feature_of_the_batch_runs_whole():
         StepCache(0)
 
 
-def test_openvino_runs_the_same_cached_image(tiny_onnx, tiny_pipeline):
+def test_openvino_runs_the_same_cached_image(tiny_onnx, cached_pipe):
     pytest.importorskip("openvino")
     from sdonnx import Pipeline
 
     pipe = Pipeline.load(tiny_onnx, provider="openvino", precision="fp32")
-    assert psnr(ours(pipe, 3), ours(tiny_pipeline, 3)) >= PARITY_DB
+    assert psnr(ours(pipe, 3), ours(cached_pipe, 3)) >= PARITY_DB
 
 
 def test_folders_and_loads_that_cannot_cache_say_so(tiny_onnx, tmp_path):
@@ -230,7 +243,7 @@ def _cli(*args):
                           timeout=300)
 
 
-def test_the_command_line_runs_the_cached_image_and_refuses_what_cannot(tiny_onnx, tiny_pipeline, tmp_path):
+def test_the_command_line_runs_the_cached_image_and_refuses_what_cannot(tiny_onnx, cached_pipe, tmp_path):
     from PIL import Image
 
     done = _cli("generate", PROMPT, "--model", tiny_onnx, "--negative", NEGATIVE, "--steps", STEPS, "--seed", 3,
@@ -238,7 +251,7 @@ def test_the_command_line_runs_the_cached_image_and_refuses_what_cannot(tiny_onn
     assert done.returncode == 0, done.stderr
     with Image.open(tmp_path / "a.png") as image:
         assert "DeepCache interval: 3" in image.text["parameters"]
-        assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(tiny_pipeline.generate(
+        assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(cached_pipe.generate(
             PROMPT, negative_prompt=NEGATIVE, steps=STEPS, seed=3, width=64, height=64, cache_interval=3)[0]))
     embedded = _cli("generate", PROMPT, "--steps", 2, "--cache-interval", 2, "--out", tmp_path / "b.png")
     assert embedded.returncode == 2 and "the embedded model ships without DeepCache graphs" in embedded.stderr
@@ -247,7 +260,7 @@ def test_the_command_line_runs_the_cached_image_and_refuses_what_cannot(tiny_onn
     assert "Traceback" not in embedded.stderr + bad.stderr
 
 
-def test_the_server_runs_every_request_cached(tiny_onnx, tiny_pipeline):
+def test_the_server_runs_every_request_cached(tiny_onnx, cached_pipe):
     pytest.importorskip("fastapi")
     from serving import Server, png
 
@@ -259,7 +272,7 @@ def test_the_server_runs_every_request_cached(tiny_onnx, tiny_pipeline):
         served = np.asarray(png(reply.body["data"][0]["b64_json"]).convert("RGB"))
     finally:
         server.stop()
-    want = tiny_pipeline.generate(PROMPT, negative_prompt=NEGATIVE, steps=STEPS, seed=5, width=64, height=64,
+    want = cached_pipe.generate(PROMPT, negative_prompt=NEGATIVE, steps=STEPS, seed=5, width=64, height=64,
                                   cache_interval=3)[0]
     assert np.array_equal(served, np.asarray(want))
     with pytest.raises(RuntimeError, match="the embedded model ships without DeepCache graphs"):
