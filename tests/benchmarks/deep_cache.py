@@ -41,11 +41,6 @@ PROMPT, NEGATIVE = "a photo of an astronaut riding a horse on mars", "blurry, lo
 SPEED_PATHS = {"cpu int8": ("cpu", "fp32"), "openvino int8 + bf16": ("openvino", "bf16")}
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
-
-
 def embedded_copies(root: Path) -> dict[str, Path]:
     """The embedded model with DeepCache graphs, and its int8 quantization (which writes them)."""
     from sdonnx.export.deep_cache import write_deep_cache
@@ -71,6 +66,7 @@ def quality(intervals: list[int], seeds: int) -> list[str]:
     from judge import judge
 
     from sdonnx import Pipeline
+    from sdonnx.export.quality import psnr  # (identical images count as its MAX_PSNR, 100 dB)
     from sdonnx.models import shapes
     from sdonnx.runtime import providers
 
@@ -102,9 +98,7 @@ def quality(intervals: list[int], seeds: int) -> list[str]:
                         elif key in uncached:
                             values.append(psnr(pixels, uncached[key]))
                 total = len(scenes) * seeds
-                finite = [v for v in values if np.isfinite(v)]
-                shown = (f"{statistics.fmean(finite):.1f} | {min(finite):.1f}" if finite else
-                         ("identical | identical" if values else "- | -"))
+                shown = f"{statistics.fmean(values):.1f} | {min(values):.1f}" if values else "- | -"
                 row = (f"| {weights} | {provider}, {precision} | {interval} | {hits['colour'] / total:.0%} | {hits['shape'] / total:.0%} | "
                        f"{hits['both'] / total:.0%} | {shown} | {time.perf_counter() - start:.0f} |")
                 rows.append(row)
