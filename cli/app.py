@@ -105,6 +105,12 @@ def generate(
     cache_interval: int = typer.Option(
         1, "--cache-interval", min=1, max=20,
         help="DeepCache: run the whole UNet every N-th step and only its shallow branch between (1 = off; 3 takes an SD 1.5 image's UNet time down 1.5-2.3x and changes the picture: see the README's \"step caching\" figures)."),
+    watermark: bool = typer.Option(
+        False, "--watermark", help="Embed Stable Diffusion's invisible watermark (DWT, as the invisible-watermark package; "
+                                   "the reference scripts' text for the model's family; images of at least 256x256)."),
+    watermark_text: Optional[str] = typer.Option(
+        None, "--watermark-text", help="Embed this text as the invisible watermark instead (implies --watermark); "
+                                       "`sdonnx watermark decode IMAGE --length BITS` reads it."),
     preview: Optional[str] = typer.Option(
         None, "--preview", help="Write a cheap preview of the current estimate to this image file while sampling "
                                 "(TAESD when the model has it, else a linear latent-to-RGB map)."),
@@ -139,6 +145,11 @@ def generate(
         check_number("eta", eta, 0, 1)
     if init_image is None and (strength is not None or mask is not None):
         raise InputError(f"{'--strength' if strength is not None else '--mask'} needs --init-image")
+    mark = watermark_text if watermark_text is not None else watermark
+    if isinstance(mark, str):
+        from sdonnx.runtime.watermark import message_bits
+
+        message_bits(mark)  # an empty text, before the model loads
     paths = output.output_paths(out, n * n_iter)
     output.refuse_existing([*(paths or []), *([output.grid_path(out)] if grid and paths else [])])
     # Read once, before the model loads, so a bad file fails fast.
@@ -187,7 +198,7 @@ def generate(
                                    seed=seed + batch * n, width=width, height=height, sampler=sampler,
                                    n=n, callback=on_step, schedule=schedule, eta=eta, vae_tiles=vae_tiles,
                                    loras=loras, decoder=decoder, on_step=show, cache_interval=cache_interval,
-                                   **image_options)
+                                   watermark=mark, **image_options)
         for i, image in enumerate(images):
             image_seed = image.info["seed"]
             written = output.save_image(image, paths[batch * n + i] if paths else None, folder, image_seed)
@@ -340,6 +351,11 @@ def serve(
     cache_interval: int = typer.Option(
         1, "--cache-interval", min=1, max=20,
         help="DeepCache: run the whole UNet every N-th step of every request and only its shallow branch between (1 = off; 3 takes an SD 1.5 image's UNet time down 1.5-2.3x and changes the picture: see the README's \"step caching\" figures)."),
+    watermark: bool = typer.Option(
+        False, "--watermark", help="Every image carries Stable Diffusion's invisible watermark (the reference "
+                                   "scripts' text for the model's family); requests under 256x256 are refused."),
+    watermark_text: Optional[str] = typer.Option(
+        None, "--watermark-text", help="Every image carries this text as its invisible watermark (implies --watermark)."),
     lora_dir: Optional[str] = typer.Option(
         None, "--lora-dir", help="Where <lora:NAME:SCALE> in a request's prompt is looked up "
                                  "(default $SDONNX_LORA_DIR, else ~/.local/share/sdonnx/loras)."),
@@ -368,6 +384,12 @@ def serve(
                              lora_dir=lora_dir, embeddings_dir=embeddings_dir)
         if cache_interval > 1:
             pipe.use_deep_cache()  # (a folder that cannot is refused before the server says it serves)
+        mark = watermark_text if watermark_text is not None else watermark
+        if mark is not False:
+            from sdonnx.runtime.watermark import message_bits, require
+
+            require()
+            message_bits(pipe.watermark_message if mark is True else mark)
     except BaseException:
         sock.close()
         raise
@@ -378,7 +400,48 @@ def serve(
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         typer.secho("warning: listening beyond this machine without --api-key: anyone who can reach "
                     "the port can generate", err=True, fg=typer.colors.YELLOW)
-    server.serve(pipe, sock, api_key, queue, cache_interval)
+    server.serve(pipe, sock, api_key, queue, cache_interval, mark)
+
+
+watermark_app = typer.Typer(help="Stable Diffusion's invisible watermark (DWT, as the invisible-watermark package).",
+                            no_args_is_help=True)
+app.add_typer(watermark_app, name="watermark")
+
+
+@watermark_app.command("decode")
+def watermark_decode(
+    image: Path = typer.Argument(..., help="An image (PNG, JPEG, WebP ...) of at least 256x256."),
+    length: Optional[int] = typer.Option(
+        None, "--length", min=1, help="Bits of the mark (8 per byte of text; default: try the lengths of "
+                                       "Stable Diffusion's 'StableDiffusionV1' and 'SDV2')."),
+) -> None:
+    """Read an invisible watermark: its text (or bits) and how fully its blocks agree."""
+    from sdonnx.runtime import watermark
+    from sdonnx.runtime.images import load_image
+
+    found = watermark.find(load_image(image, "image"), length)
+    shown_bits = "".join(map(str, found.bits))
+    what = repr(found.text) if found.text is not None else f"bits {shown_bits}"
+    typer.echo(f"{what} ({len(found.bits)} bits, blocks agree {found.confidence:.0%})")
+
+
+@watermark_app.command("embed")
+def watermark_embed(
+    image: Path = typer.Argument(..., help="An image of at least 256x256."),
+    out: Path = typer.Argument(..., help="The image to write (.png, .jpg or .webp; never overwritten)."),
+    text: str = typer.Option("StableDiffusionV1", "--text",
+                             help="The text to embed (default: Stable Diffusion 1.x scripts' text)."),
+) -> None:
+    """Embed an invisible watermark into an existing image."""
+    from sdonnx.runtime import watermark
+    from sdonnx.runtime.images import load_image
+
+    output.refuse_existing([out])
+    if output.image_suffix(out) is None:
+        raise InputError(f"{out}: name an image file ending in .png, .jpg or .webp")
+    marked = watermark.embed(load_image(image, "image"), text)
+    written = output.save_image(marked, out, out.parent, 0)
+    typer.echo(f"wrote {written} ({8 * len(text.encode())} bits)")
 
 
 @app.command()

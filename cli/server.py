@@ -372,8 +372,9 @@ class Worker:
     a linear map, never the full VAE), so no execution provider is ever entered from two threads.
     """
 
-    def __init__(self, pipe: Pipeline, max_queue: int = MAX_QUEUE, cache_interval: int = 1):
-        self.pipe, self.cache_interval = pipe, cache_interval
+    def __init__(self, pipe: Pipeline, max_queue: int = MAX_QUEUE, options: dict | None = None):
+        # The server's own generate() options, the same for every request (cache_interval, watermark).
+        self.pipe, self.options = pipe, options or {}
         self.jobs: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
         self.lock = threading.Lock()
         self.step = self.total = 0
@@ -410,7 +411,7 @@ class Worker:
                         self.batch, self.step = batch, 0
                     seed = job.settings["seed"] + batch * job.settings["n"]
                     job.images += self.pipe.generate(**{**job.settings, "seed": seed}, on_step=self._on_step,
-                                                     cache_interval=self.cache_interval)
+                                                     **self.options)
             except Exception as e:  # reported to the waiting request
                 job.error = e
             finally:
@@ -641,11 +642,18 @@ class Guard:
 
 
 def create_app(pipe: Pipeline, api_key: str | None = None, max_queue: int = MAX_QUEUE,
-               max_body: int = MAX_BODY_BYTES, cache_interval: int = 1):
+               max_body: int = MAX_BODY_BYTES, cache_interval: int = 1, watermark: bool | str = False):
     """The ASGI app serving `pipe`; `cache_interval` > 1: every request runs DeepCache
-    (Pipeline.generate), the folder checked here (InputError when it cannot)."""
+    (Pipeline.generate), the folder checked here (InputError when it cannot); `watermark`
+    True or a text: every image carries the invisible watermark (Pipeline.generate), and a
+    request for an image under 256x256 gets 400."""
     if cache_interval > 1:
         pipe.use_deep_cache()
+    if watermark:
+        from sdonnx.runtime.watermark import message_bits, require
+
+        require()  # PyWavelets installed, before the server says it serves
+        message_bits(pipe.watermark_message if watermark is True else watermark)
     if not importlib.util.find_spec("python_multipart"):
         raise InputError(f"sdonnx serve needs python-multipart (for /v1/images/edits): {install_hint('serve')}")
     app = FastAPI(title="sdonnx", version="0.1.0", redoc_url=None,
@@ -654,7 +662,7 @@ def create_app(pipe: Pipeline, api_key: str | None = None, max_queue: int = MAX_
                               f"{max_body // 2**20} MB, 503 queue full (Retry-After), 409 interrupted.",
                   responses=ERRORS)
     app.add_middleware(Guard, api_key=api_key, max_body=max_body)
-    worker = Worker(pipe, max_queue, cache_interval)
+    worker = Worker(pipe, max_queue, {"cache_interval": cache_interval, "watermark": watermark})
     app.state.worker = worker
 
     async def run(settings: dict, runs: int = 1) -> list[Image.Image]:
@@ -850,9 +858,11 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(pipe: Pipeline, sock: socket.socket, api_key: str | None, max_queue: int, cache_interval: int = 1) -> None:
+def serve(pipe: Pipeline, sock: socket.socket, api_key: str | None, max_queue: int, cache_interval: int = 1,
+          watermark: bool | str = False) -> None:
     import uvicorn
 
-    config = uvicorn.Config(create_app(pipe, api_key, max_queue, cache_interval=cache_interval), log_level="warning",
+    config = uvicorn.Config(create_app(pipe, api_key, max_queue, cache_interval=cache_interval, watermark=watermark),
+                            log_level="warning",
                             timeout_graceful_shutdown=5)
     uvicorn.Server(config).run(sockets=[sock])

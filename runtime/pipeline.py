@@ -27,6 +27,7 @@ from sdonnx.runtime.memory import trim_heap
 from sdonnx.runtime.onnx_model import OnnxModel, PartModel
 from sdonnx.runtime.precision import precise_sigmas
 from sdonnx.runtime import deep_cache, samplers, unet_stages, vae
+from sdonnx.runtime import watermark as watermark_
 from sdonnx.runtime.schedules import (
     Schedule,
     SchedulerConfig,
@@ -732,6 +733,14 @@ class Pipeline:
         ])
 
     @property
+    def watermark_message(self) -> str:
+        """The invisible watermark text Stable Diffusion's reference scripts embed for this
+        model's family: "SDV2" for a UNet attending to 1024-wide text features (SD 2.x),
+        else "StableDiffusionV1"."""
+        unet = parts.read_json(self.config.path / parts.UNET.name / "config.json")
+        return watermark_.SD2_MESSAGE if unet.get("cross_attention_dim") == 1024 else watermark_.SD1_MESSAGE
+
+    @property
     def is_inpainting(self) -> bool:
         """Inpainting UNets take 9 channels: latents, mask, masked-image latents."""
         return self.unet_channels == parts.LATENT_CHANNELS * 2 + 1
@@ -774,7 +783,7 @@ class Pipeline:
                  mask_image: Image.Image | str | Path | None = None,
                  on_step: Callable[[int, int, np.ndarray], None] | None = None,
                  vae_tiles: int | str = "auto", loras: Sequence = (), decoder: str = "full",
-                 cache_interval: int = 1) -> list[Image.Image]:
+                 cache_interval: int = 1, watermark: bool | str = False) -> list[Image.Image]:
         """Generate `n` images; `latents` (n, 4, H/8, W/8) of unit noise replaces the seeded noise.
 
         Steps, guidance and sampler default to the model's `defaults` (20, 7.5, euler unless
@@ -811,6 +820,9 @@ class Pipeline:
         them), and it does not combine with --low-memory's staged UNet. `loras` adds LoRAs by path or name,
         each alone or as a (path, scale) pair; they are applied to the loaded model's weights
         (runtime/adapters.py) and recorded in the PNG parameters as the web UI records them.
+        `watermark` True embeds Stable Diffusion's invisible watermark (runtime/watermark.py: the
+        reference scripts' message for the model's family, `watermark_message`), a text embeds
+        that text instead; images under 256x256 cannot carry one (InputError, before sampling).
         """
         if mask_image is not None and init_image is None:
             raise InputError("mask_image needs an init_image to repaint")
@@ -849,6 +861,9 @@ class Pipeline:
             )
         if config.cache_interval > 1:
             self.use_deep_cache()
+        mark = self.watermark_message if watermark is True else None if watermark in (False, None) else watermark
+        if mark is not None:
+            watermark_.check_fits(mark, width, height)
         if isinstance(loras, (str, Path, adapters.LoraUse)):
             loras = [loras]
         uses = self.adapters.prepare(prompt, negative_prompt, loras)
@@ -896,6 +911,8 @@ class Pipeline:
                                before_evaluation=step_cache.begin if step_cache else None)
             x = chosen.sample(denoise, x, schedule_.sigmas, callback=step, **options)
         images = self.decode(schedule_.to_latents(x), config.vae_tiles, config.decoder)
+        if mark is not None:
+            images = [watermark_.embed(image, mark) for image in images]
         recorded = replace(config, prompt=" ".join([config.prompt, *(u.tag for u in uses[:len(loras)])]))
         extra = {}
         if uses:
