@@ -105,6 +105,9 @@ def generate(
     cache_interval: int = typer.Option(
         1, "--cache-interval", min=1, max=20,
         help="DeepCache: run the whole UNet every N-th step and only its shallow branch between (1 = off; 3 takes an SD 1.5 image's UNet time down 1.5-2.3x and changes the picture: see the README's \"step caching\" figures)."),
+    safety_checker: bool = typer.Option(
+        False, "--safety-checker", help="Run the model's safety checker (a filter, not a guarantee) and black out the "
+                                        "images it flags; the folder needs one (exported from a source that has it)."),
     watermark: bool = typer.Option(
         False, "--watermark", help="Embed Stable Diffusion's invisible watermark (DWT, as the invisible-watermark package; "
                                    "the reference scripts' text for the model's family; images of at least 256x256)."),
@@ -198,11 +201,14 @@ def generate(
                                    seed=seed + batch * n, width=width, height=height, sampler=sampler,
                                    n=n, callback=on_step, schedule=schedule, eta=eta, vae_tiles=vae_tiles,
                                    loras=loras, decoder=decoder, on_step=show, cache_interval=cache_interval,
-                                   watermark=mark, **image_options)
+                                   watermark=mark, safety_checker=safety_checker, **image_options)
         for i, image in enumerate(images):
             image_seed = image.info["seed"]
             written = output.save_image(image, paths[batch * n + i] if paths else None, folder, image_seed)
             typer.echo(f"wrote {written} (seed {image_seed})")
+            if image.info.get("nsfw_content_detected"):
+                typer.secho(f"the safety checker flagged {written} (seed {image_seed}): it was blacked out",
+                            err=True, fg=typer.colors.YELLOW)
         if grid:
             run += images
     if verbose and step_times:
@@ -351,6 +357,9 @@ def serve(
     cache_interval: int = typer.Option(
         1, "--cache-interval", min=1, max=20,
         help="DeepCache: run the whole UNet every N-th step of every request and only its shallow branch between (1 = off; 3 takes an SD 1.5 image's UNet time down 1.5-2.3x and changes the picture: see the README's \"step caching\" figures)."),
+    safety_checker: bool = typer.Option(
+        False, "--safety-checker", help="Run the model's safety checker on every image (a filter, not a guarantee): "
+                                        "flagged ones are blacked out and reported (nsfw_content_detected)."),
     watermark: bool = typer.Option(
         False, "--watermark", help="Every image carries Stable Diffusion's invisible watermark (the reference "
                                    "scripts' text for the model's family); requests under 256x256 are refused."),
@@ -384,6 +393,9 @@ def serve(
                              lora_dir=lora_dir, embeddings_dir=embeddings_dir)
         if cache_interval > 1:
             pipe.use_deep_cache()  # (a folder that cannot is refused before the server says it serves)
+        if safety_checker and not pipe.has_safety_checker:
+            raise InputError(f"--safety-checker: {pipe.name} has no safety checker; export it from a diffusers folder "
+                             "that has safety_checker/ and feature_extractor/")
         mark = watermark_text if watermark_text is not None else watermark
         if mark is not False:
             from sdonnx.runtime.watermark import message_bits, require
@@ -400,7 +412,7 @@ def serve(
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         typer.secho("warning: listening beyond this machine without --api-key: anyone who can reach "
                     "the port can generate", err=True, fg=typer.colors.YELLOW)
-    server.serve(pipe, sock, api_key, queue, cache_interval, mark)
+    server.serve(pipe, sock, api_key, queue, cache_interval, mark, safety_checker)
 
 
 watermark_app = typer.Typer(help="Stable Diffusion's invisible watermark (DWT, as the invisible-watermark package).",

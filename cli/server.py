@@ -642,11 +642,16 @@ class Guard:
 
 
 def create_app(pipe: Pipeline, api_key: str | None = None, max_queue: int = MAX_QUEUE,
-               max_body: int = MAX_BODY_BYTES, cache_interval: int = 1, watermark: bool | str = False):
+               max_body: int = MAX_BODY_BYTES, cache_interval: int = 1, watermark: bool | str = False,
+               safety_checker: bool = False):
     """The ASGI app serving `pipe`; `cache_interval` > 1: every request runs DeepCache
     (Pipeline.generate), the folder checked here (InputError when it cannot); `watermark`
     True or a text: every image carries the invisible watermark (Pipeline.generate), and a
-    request for an image under 256x256 gets 400."""
+    request for an image under 256x256 gets 400; `safety_checker`: every image is checked,
+    flagged ones blacked out, and answers carry `nsfw_content_detected` (a bool per image in
+    OpenAI's data items, a list in A1111's info), as diffusers names it."""
+    if safety_checker and not pipe.has_safety_checker:
+        raise InputError(f"{pipe.name} has no safety checker to serve with")
     if cache_interval > 1:
         pipe.use_deep_cache()
     if watermark:
@@ -662,7 +667,8 @@ def create_app(pipe: Pipeline, api_key: str | None = None, max_queue: int = MAX_
                               f"{max_body // 2**20} MB, 503 queue full (Retry-After), 409 interrupted.",
                   responses=ERRORS)
     app.add_middleware(Guard, api_key=api_key, max_body=max_body)
-    worker = Worker(pipe, max_queue, {"cache_interval": cache_interval, "watermark": watermark})
+    worker = Worker(pipe, max_queue, {"cache_interval": cache_interval, "watermark": watermark,
+                                      "safety_checker": safety_checker})
     app.state.worker = worker
 
     async def run(settings: dict, runs: int = 1) -> list[Image.Image]:
@@ -715,10 +721,13 @@ def create_app(pipe: Pipeline, api_key: str | None = None, max_queue: int = MAX_
         return {"object": "list", "data": [{"id": pipe.name, "object": "model", "owned_by": "sdonnx",
                                             "created": 0}]}
 
+    def checked(image: Image.Image) -> dict:
+        return {"nsfw_content_detected": image.info["nsfw_content_detected"]} if safety_checker else {}
+
     def openai_answer(settings: dict, images: list[Image.Image]) -> dict:
         return {"created": int(time.time()),
                 "data": [{"b64_json": _b64_png(im), "revised_prompt": settings["prompt"],
-                          "seed": im.info["seed"]} for im in images]}
+                          "seed": im.info["seed"], **checked(im)} for im in images]}
 
     @app.post("/v1/images/generations", responses=GENERATION_ERRORS)
     async def openai_generations(request: ImagesRequest):
@@ -757,6 +766,8 @@ def create_app(pipe: Pipeline, api_key: str | None = None, max_queue: int = MAX_
             "batch_size": request.batch_size, "n_iter": request.n_iter, "sd_model_name": pipe.name,
             "denoising_strength": settings.get("strength"),
             "infotexts": [im.info["parameters"] for im in images], "version": "sdonnx 0.1.0",
+            **({"nsfw_content_detected": [im.info["nsfw_content_detected"] for im in images]}
+               if safety_checker else {}),
         }
         parameters = request.model_dump(exclude={"init_images", "mask"})
         return {"images": [_b64_png(im) for im in images] if request.send_images else [],
@@ -859,10 +870,11 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def serve(pipe: Pipeline, sock: socket.socket, api_key: str | None, max_queue: int, cache_interval: int = 1,
-          watermark: bool | str = False) -> None:
+          watermark: bool | str = False, safety_checker: bool = False) -> None:
     import uvicorn
 
-    config = uvicorn.Config(create_app(pipe, api_key, max_queue, cache_interval=cache_interval, watermark=watermark),
+    config = uvicorn.Config(create_app(pipe, api_key, max_queue, cache_interval=cache_interval, watermark=watermark,
+                                       safety_checker=safety_checker),
                             log_level="warning",
                             timeout_graceful_shutdown=5)
     uvicorn.Server(config).run(sockets=[sock])

@@ -249,8 +249,8 @@ def _recommended(folder: Path, given: dict) -> dict:
 
 def _write_record(tmp: Path, config: ExportConfig, seconds: float, parity: list[PartParity],
                   source_record: dict | None = None, fused: dict[str, int] | None = None,
-                  mapped: dict[str, int] | None = None) -> None:
-    by_part = {p.part: p for p in parity}
+                  mapped: dict[str, int] | None = None, extra_parity: dict[str, dict] | None = None) -> None:
+    by_part = {p.part: p.as_dict() for p in parity} | (extra_parity or {})
     record = {
         "format": 1,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -266,9 +266,9 @@ def _write_record(tmp: Path, config: ExportConfig, seconds: float, parity: list[
                 "external_data": (tmp / part.name / parts.EXTERNAL_DATA_FILE).is_file(),
                 "fused_attention": (fused or {}).get(part.name, 0),
                 **({"weight_map": mapped[part.name]} if part.name in (mapped or {}) else {}),
-                **({"parity": by_part[part.name].as_dict()} if part.name in by_part else {}),
+                **({"parity": by_part[part.name]} if part.name in by_part else {}),
             }
-            for part in parts.PARTS
+            for part in (*parts.PARTS, parts.SAFETY_CHECKER)
             if (tmp / part.onnx_path).is_file()
         },
     }
@@ -403,6 +403,7 @@ def _export_into(tmp: Path, config: ExportConfig, start: float, log: Callable[[s
                  source_record: dict | None = None) -> ExportResult:
     """Export, check and record into `tmp` (renamed to OUT by `staged_folder`)."""
     source, out = config.source, config.out
+    extra_parity: dict[str, dict] = {}  # optional parts exported and checked by their own module
     gc.collect()  # what converting a single file left in reference cycles, before the peak
     trim_heap()
     log(f"exporting {source} with optimum's ONNX exporter")
@@ -436,6 +437,10 @@ def _export_into(tmp: Path, config: ExportConfig, start: float, log: Callable[[s
         parity = check_parts(source, tmp)
         for p in parity:
             log(f"  {p.part}: max abs diff {p.max_abs_diff:.2e} (tolerance {p.tolerance:.1e})")
+    from sdonnx.export import safety_checker
+
+    if safety_checker.has_safety_checker(source):  # optional (sdonnx generate --safety-checker)
+        extra_parity[parts.SAFETY_CHECKER.name] = safety_checker.export_safety_checker(source, tmp, config.opset, log)
         bad = [p for p in parity if not p.ok]
         if bad:
             raise ExportFailed(
@@ -444,5 +449,5 @@ def _export_into(tmp: Path, config: ExportConfig, start: float, log: Callable[[s
                 + ". The export was not written."
             )
     seconds = time.perf_counter() - start
-    _write_record(tmp, config, seconds, parity, source_record, fused, mapped)
+    _write_record(tmp, config, seconds, parity, source_record, fused, mapped, extra_parity)
     return ExportResult(out, seconds, parity)

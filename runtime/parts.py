@@ -82,6 +82,11 @@ PARTS = (TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER)
 TINY_VAE_DECODER = Part("tiny_vae_decoder", ("latent_sample",), "sample", required=False)
 TINY_VAE_ENCODER = Part("tiny_vae_encoder", ("sample",), "latent_sample", required=False)
 TINY_PARTS = (TINY_VAE_DECODER, TINY_VAE_ENCODER)
+# The safety checker (export/safety_checker.py, runtime/safety_checker.py), optional: CLIP's
+# preprocessed images in, a score per concept and a flag per image out; its folder also holds
+# the source's feature extractor settings (preprocessor_config.json).
+SAFETY_CHECKER = Part("safety_checker", ("clip_input",), "has_nsfw_concepts", required=False)
+SAFETY_CHECKER_OUTPUTS = ("concept_scores", "special_scores", "has_nsfw_concepts")
 
 
 def model_files(path: Path) -> list[Path]:

@@ -27,6 +27,7 @@ from sdonnx.runtime.memory import trim_heap
 from sdonnx.runtime.onnx_model import OnnxModel, PartModel
 from sdonnx.runtime.precision import precise_sigmas
 from sdonnx.runtime import deep_cache, samplers, unet_stages, vae
+from sdonnx.runtime import safety_checker as safety_checker_
 from sdonnx.runtime import watermark as watermark_
 from sdonnx.runtime.schedules import (
     Schedule,
@@ -733,6 +734,19 @@ class Pipeline:
         ])
 
     @property
+    def has_safety_checker(self) -> bool:
+        """Whether the folder has the safety checker part (export/safety_checker.py)."""
+        return parts.SAFETY_CHECKER.file(self.config.path) is not None
+
+    def check_safety(self, images: list[Image.Image]) -> safety_checker_.Verdict:
+        """The safety checker's verdict on `images` (PIL, any size): flags and concept scores
+        (runtime/safety_checker.py). ModelFolderError when the folder has no safety checker."""
+        if not self.has_safety_checker:
+            raise ModelFolderError(f"{self.name} has no safety checker ({parts.SAFETY_CHECKER.onnx_path})")
+        with self.using(parts.SAFETY_CHECKER) as model:
+            return safety_checker_.check(model, images, self.config.path / parts.SAFETY_CHECKER.name)
+
+    @property
     def watermark_message(self) -> str:
         """The invisible watermark text Stable Diffusion's reference scripts embed for this
         model's family: "SDV2" for a UNet attending to 1024-wide text features (SD 2.x),
@@ -783,7 +797,8 @@ class Pipeline:
                  mask_image: Image.Image | str | Path | None = None,
                  on_step: Callable[[int, int, np.ndarray], None] | None = None,
                  vae_tiles: int | str = "auto", loras: Sequence = (), decoder: str = "full",
-                 cache_interval: int = 1, watermark: bool | str = False) -> list[Image.Image]:
+                 cache_interval: int = 1, watermark: bool | str = False,
+                 safety_checker: bool = False) -> list[Image.Image]:
         """Generate `n` images; `latents` (n, 4, H/8, W/8) of unit noise replaces the seeded noise.
 
         Steps, guidance and sampler default to the model's `defaults` (20, 7.5, euler unless
@@ -823,6 +838,10 @@ class Pipeline:
         `watermark` True embeds Stable Diffusion's invisible watermark (runtime/watermark.py: the
         reference scripts' message for the model's family, `watermark_message`), a text embeds
         that text instead; images under 256x256 cannot carry one (InputError, before sampling).
+        `safety_checker` True runs the folder's safety checker (runtime/safety_checker.py; a
+        filter, not a guarantee) on every image, blacks out those it flags and sets each
+        image's info["nsfw_content_detected"] (bool, diffusers' name); ModelFolderError before
+        sampling when the folder has none. Marking follows checking, as in the reference script.
         """
         if mask_image is not None and init_image is None:
             raise InputError("mask_image needs an init_image to repaint")
@@ -861,6 +880,10 @@ class Pipeline:
             )
         if config.cache_interval > 1:
             self.use_deep_cache()
+        if safety_checker and not self.has_safety_checker:
+            raise ModelFolderError(
+                f"{self.name} has no safety checker ({parts.SAFETY_CHECKER.onnx_path}); sdonnx export writes one "
+                "when the source folder has safety_checker/ and feature_extractor/")
         mark = self.watermark_message if watermark is True else None if watermark in (False, None) else watermark
         if mark is not None:
             watermark_.check_fits(mark, width, height)
@@ -911,6 +934,11 @@ class Pipeline:
                                before_evaluation=step_cache.begin if step_cache else None)
             x = chosen.sample(denoise, x, schedule_.sigmas, callback=step, **options)
         images = self.decode(schedule_.to_latents(x), config.vae_tiles, config.decoder)
+        if safety_checker:
+            flagged = self.check_safety(images).flagged
+            images = [safety_checker_.blacked_out(im) if bad else im for im, bad in zip(images, flagged)]
+            for image, bad in zip(images, flagged):
+                image.info["nsfw_content_detected"] = bool(bad)
         if mark is not None:
             images = [watermark_.embed(image, mark) for image in images]
         recorded = replace(config, prompt=" ".join([config.prompt, *(u.tag for u in uses[:len(loras)])]))
