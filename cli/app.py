@@ -222,6 +222,63 @@ def generate(
 
 
 @app.command()
+def upscale(
+    image: Path = typer.Argument(..., help="The image to enlarge 4x (PNG, JPEG, WebP ...)."),
+    model: Path = typer.Option(..., "--model", "-m", help="An x4 upscaler folder (sdonnx export of "
+                                                          "stabilityai/stable-diffusion-x4-upscaler or alike)."),
+    prompt: str = typer.Option("", "--prompt", "-p", help="What the picture shows (guides the detail drawn)."),
+    negative: str = typer.Option("", "--negative", help="Negative prompt."),
+    noise_level: int = typer.Option(20, "--noise-level", min=0, max=1000,
+                                    help="Noise added to the input, 0 to the model's max (350): higher lets the "
+                                         "model redraw more of the input's detail."),
+    steps: int = typer.Option(20, "--steps", help="Sampler steps (diffusers defaults to 75)."),
+    guidance: float = typer.Option(9.0, "--guidance", "-g", help="Classifier-free guidance scale; <= 1 disables it."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed; -1 or omitted: a random one."),
+    sampler: str = typer.Option("ddim", "--sampler", help=f"One of: {', '.join(SAMPLERS)}."),
+    tile: str = typer.Option("128", "--tile", help="UNet tile side in input pixels (multiple of 8), or off: "
+                                                   "larger inputs run in overlapping tiles of this side, blended."),
+    vae_tiles: str = typer.Option("auto", "--vae-tiles", help="VAE in pieces: auto, off, or a side in pixels."),
+    out: str = typer.Option(str(DEFAULT_OUT), "--out", "-o", help="Output folder, or a file name ending in .png, .jpg "
+                                                                   "or .webp (never overwritten)."),
+    provider: str = typer.Option("auto", "--provider", help=f"One of: {', '.join(PROVIDER_CHOICES)}."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, max=MAX_THREADS,
+                                          help="CPU threads (default: all physical cores)."),
+) -> None:
+    """Enlarge an image 4x with Stable Diffusion's x4 upscaler, in tiles when it is large."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from sdonnx.runtime import Pipeline
+    from sdonnx.runtime.images import load_image
+    from sdonnx.runtime.pipeline import check_model_folder, random_seed
+    from sdonnx.runtime.upscale import UpscaleConfig, is_upscaler
+
+    if tile != "off" and not (tile.isascii() and tile.isdecimal()):
+        raise InputError(f"--tile must be a side in input pixels (a multiple of 8) or off, got {tile!r}")
+    tile_side = None if tile == "off" else int(tile)
+    seed = random_seed() if seed is None or seed == -1 else seed
+    UpscaleConfig(prompt, negative, noise_level, steps, guidance, seed, sampler, tile_side, vae_tiles).validate(1000)
+    out = output.out_path(out)
+    paths = output.output_paths(out, 1)
+    output.refuse_existing(paths)
+    check_model_folder(model)
+    if not is_upscaler(model):
+        raise InputError(f"{model} is not an x4 upscaler (its model_index.json does not name "
+                         "StableDiffusionUpscalePipeline); export stabilityai/stable-diffusion-x4-upscaler with "
+                         "`sdonnx export` and pass that folder")
+    picture = load_image(image, "image")
+    folder = output.prepare_folder(out)
+    pipe = Pipeline.load(model, provider=provider, threads=threads)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  transient=True, console=Console(stderr=True), disable=not sys.stderr.isatty()) as progress:
+        task = progress.add_task(f"upscaling {picture.width}x{picture.height}", total=None)
+        result = pipe.upscale(picture, prompt, negative, noise_level, steps, guidance, seed, sampler, tile_side,
+                              vae_tiles, callback=lambda step, total: progress.update(task, completed=step, total=total))
+    written = output.save_image(result, paths[0] if paths else None, folder, seed, suffix="-x4")
+    typer.echo(f"wrote {written} ({result.width}x{result.height}, seed {seed})")
+
+
+@app.command()
 def export(
     source: Path = typer.Argument(..., help="A single-file checkpoint (.safetensors, .ckpt) or a diffusers folder; "
                                             "with --tiny-vae alone, an exported folder to add TAESD to."),

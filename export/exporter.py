@@ -406,9 +406,16 @@ def _export_into(tmp: Path, config: ExportConfig, start: float, log: Callable[[s
     extra_parity: dict[str, dict] = {}  # optional parts exported and checked by their own module
     gc.collect()  # what converting a single file left in reference cycles, before the peak
     trim_heap()
-    log(f"exporting {source} with optimum's ONNX exporter")
-    _run_optimum(source, tmp, config.opset)
-    missing = [p.onnx_path for p in parts.PARTS if not (tmp / p.onnx_path).is_file()]
+    from sdonnx.export import upscaler
+
+    upscale = upscaler.is_upscaler(source)
+    if upscale:  # optimum has no exporter for it; its parts are checked as they are written
+        log(f"exporting the x4 upscaler {source} with torch's ONNX exporter")
+        upscaler.export_upscaler(source, tmp, config.opset, log)
+    else:
+        log(f"exporting {source} with optimum's ONNX exporter")
+        _run_optimum(source, tmp, config.opset)
+    missing = [p.onnx_path for p in parts.PARTS if p.required and not (tmp / p.onnx_path).is_file()]
     if missing:
         raise ExportFailed(f"the exporter did not write {', '.join(missing)}")
     fused = {part.name: fuse_attention(tmp / part.onnx_path) for part in parts.PARTS if (tmp / part.onnx_path).is_file()}
@@ -420,7 +427,7 @@ def _export_into(tmp: Path, config: ExportConfig, start: float, log: Callable[[s
     for part in parts.PARTS:
         if (tmp / part.onnx_path).is_file():
             store_externally(tmp / part.onnx_path)
-    for part in (parts.UNET, parts.TEXT_ENCODER):
+    for part in (parts.UNET, parts.TEXT_ENCODER) if not upscale else ():  # (LoRAs do not target upscalers)
         if (tmp / part.onnx_path).is_file():
             mapped[part.name] = write_weight_map(tmp / part.onnx_path, _torch_weights(source / part.name))
     from sdonnx.export import deep_cache, unet_stages, vae_stages
@@ -428,26 +435,26 @@ def _export_into(tmp: Path, config: ExportConfig, start: float, log: Callable[[s
     for part in (parts.VAE_DECODER, parts.VAE_ENCODER):  # tiles that equal the whole decode (runtime/vae.py)
         if (tmp / part.onnx_path).is_file():
             vae_stages.try_write_stages(tmp / part.onnx_path, log)
-    if (tmp / parts.UNET.onnx_path).is_file():  # for --low-memory (runtime/unet_stages.py)
+    if (tmp / parts.UNET.onnx_path).is_file() and not upscale:  # for --low-memory (runtime/unet_stages.py)
         unet_stages.try_write_stages(tmp / parts.UNET.onnx_path, log)
         deep_cache.try_write_deep_cache(tmp / parts.UNET.onnx_path, log)  # for --cache-interval
     parity = []
     if config.check:
         log("checking each part against torch on the same inputs")
-        parity = check_parts(source, tmp)
+        parity = upscaler.check_upscaler(source, tmp) if upscale else check_parts(source, tmp)
         for p in parity:
             log(f"  {p.part}: max abs diff {p.max_abs_diff:.2e} (tolerance {p.tolerance:.1e})")
+    bad = [p for p in parity if not p.ok]
+    if bad:
+        raise ExportFailed(
+            "ONNX output disagrees with torch: "
+            + "; ".join(f"{p.part} max abs diff {p.max_abs_diff:.3g} > {p.tolerance:.3g}" for p in bad)
+            + ". The export was not written."
+        )
     from sdonnx.export import safety_checker
 
     if safety_checker.has_safety_checker(source):  # optional (sdonnx generate --safety-checker)
         extra_parity[parts.SAFETY_CHECKER.name] = safety_checker.export_safety_checker(source, tmp, config.opset, log)
-        bad = [p for p in parity if not p.ok]
-        if bad:
-            raise ExportFailed(
-                "ONNX output disagrees with torch: "
-                + "; ".join(f"{p.part} max abs diff {p.max_abs_diff:.3g} > {p.tolerance:.3g}" for p in bad)
-                + ". The export was not written."
-            )
     seconds = time.perf_counter() - start
     _write_record(tmp, config, seconds, parity, source_record, fused, mapped, extra_parity)
     return ExportResult(out, seconds, parity)

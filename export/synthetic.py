@@ -178,17 +178,86 @@ def build_random_pipeline(
     return out_dir
 
 
+# stabilityai/stable-diffusion-x4-upscaler's architecture, and a tiny one of the same shape
+# (7 input channels: latents + the noised low-resolution image; the noise level as a class
+# label; a VAE of three levels, 4x, scaling factor 0.08333): (UNet, VAE, text encoder).
+UPSCALER_PRESETS = {
+    "tiny": (
+        dict(block_out_channels=(32, 32, 64), layers_per_block=1,
+             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+             cross_attention_dim=32, attention_head_dim=8, use_linear_projection=True,
+             only_cross_attention=(True, True, False), num_class_embeds=100, norm_num_groups=16),
+        dict(block_out_channels=(16, 16, 32), layers_per_block=1, norm_num_groups=8),
+        PRESETS["tiny"][2],
+    ),
+    "x4": (
+        dict(block_out_channels=(256, 512, 512, 1024), layers_per_block=2,
+             down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 3,
+             up_block_types=("CrossAttnUpBlock2D",) * 3 + ("UpBlock2D",),
+             cross_attention_dim=1024, attention_head_dim=8, use_linear_projection=True,
+             only_cross_attention=(True, True, True, False), num_class_embeds=1000, norm_num_groups=32),
+        dict(block_out_channels=(128, 256, 512), layers_per_block=2, norm_num_groups=32),
+        PRESETS["sd21"][2],
+    ),
+}
+# Its schedulers: DDIM on v-prediction for sampling, and the DDPM schedule whose noise level
+# (0 to max_noise_level) noises the low-resolution image.
+UPSCALER_SCHEDULER = dict(beta_start=0.0001, beta_end=0.02, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                          clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="v_prediction")
+UPSCALER_LOW_RES_SCHEDULER = dict(beta_start=0.0001, beta_end=0.02, beta_schedule="scaled_linear",
+                                  num_train_timesteps=1000, clip_sample=False)
+
+
+def build_random_upscaler(out_dir: str | Path, preset: str = "tiny", seed: int = 0, output_gain: float = 1.0) -> Path:
+    """Write a randomly initialised StableDiffusionUpscalePipeline (diffusers format) with the
+    architecture of `preset` (UPSCALER_PRESETS), the real CLIP vocabulary, max_noise_level
+    350; `output_gain` scales the UNet's output (test models: see build_random_pipeline)."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionUpscalePipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    out_dir = Path(out_dir)
+    torch.manual_seed(seed)
+    unet_args, vae_args, text_args = UPSCALER_PRESETS[preset]
+    unet = UNet2DConditionModel(sample_size=128 if preset == "x4" else 32, in_channels=7, out_channels=4, **unet_args)
+    with torch.no_grad():
+        unet.conv_out.weight.mul_(output_gain)
+        unet.conv_out.bias.mul_(output_gain)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, scaling_factor=0.08333,
+                        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                        sample_size=256 if preset == "x4" else 64, **vae_args)
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406,
+                                                eos_token_id=49407, pad_token_id=49407,
+                                                **{"hidden_act": "quick_gelu", **text_args}))
+    tokenizer_dir = out_dir / "tokenizer"
+    write_tokenizer_files(tokenizer_dir)
+    tokenizer = CLIPTokenizer(tokenizer_dir / "vocab.json", tokenizer_dir / "merges.txt",
+                              pad_token="<|endoftext|>", model_max_length=77)
+    pipe = StableDiffusionUpscalePipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+        low_res_scheduler=DDPMScheduler(**UPSCALER_LOW_RES_SCHEDULER), scheduler=DDIMScheduler(**UPSCALER_SCHEDULER),
+        max_noise_level=350)
+    pipe.save_pretrained(out_dir)
+    return out_dir
+
+
 def main() -> None:
     import argparse
 
     parser = argparse.ArgumentParser(description="Write a randomly initialised SD pipeline (diffusers format).")
     parser.add_argument("out", type=Path)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    parser.add_argument("--upscaler", choices=sorted(UPSCALER_PRESETS),
+                        help="Write an x4 upscaler (StableDiffusionUpscalePipeline) of this architecture instead.")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if args.out.exists():
         parser.error(f"{args.out} already exists")
-    build_random_pipeline(args.out, preset=args.preset, seed=args.seed)
+    if args.upscaler:
+        build_random_upscaler(args.out, preset=args.upscaler, seed=args.seed)
+    else:
+        build_random_pipeline(args.out, preset=args.preset, seed=args.seed)
     print(f"wrote {args.out}")
 
 

@@ -28,6 +28,7 @@ from sdonnx.runtime.onnx_model import OnnxModel, PartModel
 from sdonnx.runtime.precision import precise_sigmas
 from sdonnx.runtime import deep_cache, samplers, unet_stages, vae
 from sdonnx.runtime import safety_checker as safety_checker_
+from sdonnx.runtime import upscale as upscale_
 from sdonnx.runtime import watermark as watermark_
 from sdonnx.runtime.schedules import (
     Schedule,
@@ -315,6 +316,10 @@ class Pipeline:
             vae_config, "scaling_factor", parts.DEFAULT_VAE_SCALING_FACTOR,
             lambda v: is_number(v) and v > 0, vae_file, "a positive number"))
         self.native_size, self.size_multiple = image_sizes(path)
+        # Pixels per latent pixel: 2 per VAE level after the first (8 for SD, 4 for the x4 upscaler's).
+        levels = parts.config_field(vae_config, "block_out_channels", (0,) * 4,
+                                    lambda v: isinstance(v, list) and 1 <= len(v) <= 8, vae_file, "a list of widths")
+        self.vae_scale = 2 ** (len(levels) - 1)
         vae_size = parts.config_field(vae_config, "sample_size", 0,
                                       lambda v: is_int(v) and 0 <= v <= 8192, vae_file, "a whole number of pixels")
         # Pixels per side decoded in one piece by vae_tiles="auto" (above: tiles of this side).
@@ -597,10 +602,12 @@ class Pipeline:
         return np.concatenate([negative, context])
 
     def _unet(self, sample: np.ndarray, t: float, context: np.ndarray, precise: bool = False,
-              timestep_cond: np.ndarray | None = None, step_cache: deep_cache.StepCache | None = None) -> np.ndarray:
+              timestep_cond: np.ndarray | None = None, step_cache: deep_cache.StepCache | None = None,
+              class_labels: int | None = None) -> np.ndarray:
         """The UNet's raw output, float32; `precise`: in fp32 whatever the loaded precision;
         `timestep_cond` (1, d): an LCM-distilled UNet's guidance embedding, for every row;
-        `step_cache`: the generation's DeepCache state (the UNet loaded as DeepCacheUnet)."""
+        `step_cache`: the generation's DeepCache state (the UNet loaded as DeepCacheUnet);
+        `class_labels`: the x4 upscaler's noise level, for every row (runtime/upscale.py)."""
         dtype = self.unet.dtype("timestep")
         t = round(t) if np.issubdtype(dtype, np.integer) else t
         rank = len(self.unet.shape("timestep"))
@@ -615,6 +622,8 @@ class Pipeline:
         if timestep_cond is not None:
             inputs["timestep_cond"] = np.repeat(timestep_cond, len(sample), axis=0).astype(
                 self.unet.dtype("timestep_cond"))
+        if class_labels is not None:
+            inputs["class_labels"] = np.full((len(sample),), class_labels, dtype=self.unet.dtype("class_labels"))
         precision = "fp32" if precise else None
         out = self.unet.run(inputs, precision) if step_cache is None else step_cache.run(self.unet, inputs, precision)
         return out[parts.UNET.output].astype(np.float32)
@@ -696,7 +705,7 @@ class Pipeline:
             def run(x: np.ndarray) -> np.ndarray:
                 return model(**{name: x.astype(dtype)})[part.output]
 
-            scale = parts.VAE_SCALE if per_latent == 1 else 1 / parts.VAE_SCALE
+            scale = self.vae_scale if per_latent == 1 else 1 / self.vae_scale
             yield run if tile is None else (lambda x: vae.tiled(run, x, tile * per_latent, scale))
 
     def decode(self, latents: np.ndarray, tiles: int | str = "auto", decoder: str = "full") -> list[Image.Image]:
@@ -732,6 +741,22 @@ class Pipeline:
             np.random.default_rng(config.seed + i).standard_normal((c, h, w), dtype=np.float32)
             for i in range(config.n)
         ])
+
+    def upscale(self, image: Image.Image | str | Path, prompt: str = "", negative_prompt: str = "",
+                noise_level: int = upscale_.DEFAULT_NOISE_LEVEL, steps: int = upscale_.DEFAULT_STEPS,
+                guidance: float = upscale_.DEFAULT_GUIDANCE, seed: int | None = 0,
+                sampler: str = upscale_.DEFAULT_SAMPLER, tile: int | None = upscale_.DEFAULT_TILE,
+                vae_tiles: int | str = "auto", callback: Callable[[int, int], None] | None = None,
+                latents: np.ndarray | None = None, noise: np.ndarray | None = None) -> Image.Image:
+        """Enlarge `image` 4x with an x4 upscaler folder (runtime/upscale.py; diffusers'
+        StableDiffusionUpscalePipeline): the prompt describes the picture, `noise_level` (0 to
+        the model's max_noise_level, 350) how much of the input's detail the model may redraw,
+        `tile` the UNet's tile side in input pixels (None: one piece). Returns a (4 W, 4 H) RGB
+        image with its parameters in info["parameters"]. InputError for a folder that is not an
+        upscaler or values out of range."""
+        config = upscale_.UpscaleConfig(prompt, negative_prompt, noise_level, steps, guidance, seed, sampler, tile,
+                                       vae_tiles)
+        return upscale_.upscale(self, load_image(image, "image"), config, callback, latents, noise)
 
     @property
     def has_safety_checker(self) -> bool:
@@ -843,6 +868,9 @@ class Pipeline:
         image's info["nsfw_content_detected"] (bool, diffusers' name); ModelFolderError before
         sampling when the folder has none. Marking follows checking, as in the reference script.
         """
+        if upscale_.is_upscaler(self.config.path):
+            raise InputError(f"{self.name} is the x4 upscaler: it enlarges an image (`sdonnx upscale IMAGE --model "
+                             f"{self.config.path}`, Pipeline.upscale) and does not generate from a prompt alone")
         if mask_image is not None and init_image is None:
             raise InputError("mask_image needs an init_image to repaint")
         if mask_image is not None and not self.is_inpainting:
