@@ -77,6 +77,9 @@ def generate(
         None, "--strength", help="With --init-image: how much to change it, 0 to 1 (default 0.75)."),
     mask: Optional[Path] = typer.Option(
         None, "--mask", help="With --init-image and an inpainting model: repaint where the mask is white."),
+    depth_map: Optional[Path] = typer.Option(
+        None, "--depth-map", help="With --init-image and a depth-to-image model: follow this depth map (an image of the "
+                                  "init image's size, brighter = nearer) instead of the one the model estimates."),
     n: int = typer.Option(1, "-n", min=1, max=MAX_BATCH, help="Images per batch."),
     n_iter: int = typer.Option(1, "--n-iter", min=1, max=MAX_BATCHES,
                                help="Batches to run; image j of the run uses seed + j."),
@@ -144,10 +147,14 @@ def generate(
     preview_file = output.preview_path(preview) if preview is not None else None
     if preview_file is not None and Path(out).suffix and preview_file.resolve() == Path(out).expanduser().resolve():
         raise InputError(f"--preview {preview} is also --out: name another file for the preview")
+    if preview_file is not None and safety_checker:
+        raise InputError("--preview shows each picture before the safety checker sees it; leave out --preview "
+                         "or --safety-checker")
     if eta is not None:  # its sampler may be the model's default, known after loading; its range is known now
         check_number("eta", eta, 0, 1)
-    if init_image is None and (strength is not None or mask is not None):
-        raise InputError(f"{'--strength' if strength is not None else '--mask'} needs --init-image")
+    if init_image is None and (strength is not None or mask is not None or depth_map is not None):
+        given = "--strength" if strength is not None else "--mask" if mask is not None else "--depth-map"
+        raise InputError(f"{given} needs --init-image")
     mark = watermark_text if watermark_text is not None else watermark
     if isinstance(mark, str):
         from sdonnx.runtime.watermark import message_bits
@@ -163,6 +170,11 @@ def generate(
         image_options["strength"] = strength
     if mask is not None:
         image_options["mask_image"] = load_image(mask, "mask image", MASK_BACKGROUND)
+    if depth_map is not None:
+        from sdonnx.runtime.depth import load_depth_map
+
+        load_depth_map(depth_map)  # a bad file fails before the model loads
+        image_options["depth_map"] = depth_map
     # LoRA files are found (or refused) before the model loads.
     lora_dir, embeddings_dir = folder_option("--lora-dir", lora_dir), folder_option("--embeddings-dir", embeddings_dir)
     loras = [adapters.parse_lora_option(spec) for spec in lora or []]
@@ -243,6 +255,7 @@ def upscale(
     provider: str = typer.Option("auto", "--provider", help=f"One of: {', '.join(PROVIDER_CHOICES)}."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, max=MAX_THREADS,
                                           help="CPU threads (default: all physical cores)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Print load, per-step and decode times."),
 ) -> None:
     """Enlarge an image 4x with Stable Diffusion's x4 upscaler, in tiles when it is large."""
     from rich.console import Console
@@ -268,12 +281,25 @@ def upscale(
                          "`sdonnx export` and pass that folder")
     picture = load_image(image, "image")
     folder = output.prepare_folder(out)
+    start = time.perf_counter()
     pipe = Pipeline.load(model, provider=provider, threads=threads)
+    times = [time.perf_counter()]
+    if verbose:
+        typer.echo(f"loaded {pipe.config.path} on {pipe.config.provider} in {times[0] - start:.1f} s")
+
+    def on_step(step: int, total: int) -> None:
+        times.append(time.perf_counter())
+        progress.update(task, completed=step, total=total)
+        if verbose:
+            typer.echo(f"step {step}/{total}: {times[-1] - times[-2]:.1f} s")
+
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   transient=True, console=Console(stderr=True), disable=not sys.stderr.isatty()) as progress:
         task = progress.add_task(f"upscaling {picture.width}x{picture.height}", total=None)
         result = pipe.upscale(picture, prompt, negative, noise_level, steps, guidance, seed, sampler, tile_side,
-                              vae_tiles, callback=lambda step, total: progress.update(task, completed=step, total=total))
+                              vae_tiles, callback=on_step)
+    if verbose:
+        typer.echo(f"VAE decode {time.perf_counter() - times[-1]:.1f} s, total {time.perf_counter() - start:.1f} s")
     written = output.save_image(result, paths[0] if paths else None, folder, seed, suffix="-x4")
     typer.echo(f"wrote {written} ({result.width}x{result.height}, seed {seed})")
 
@@ -508,7 +534,13 @@ def watermark_embed(
     output.refuse_existing([out])
     if output.image_suffix(out) is None:
         raise InputError(f"{out}: name an image file ending in .png, .jpg or .webp")
-    marked = watermark.embed(load_image(image, "image"), text)
+    from PIL import Image, ImageOps
+
+    load_image(image, "image")  # a missing or unreadable file: one line
+    with Image.open(image) as opened:  # read again keeping its transparency, which load_image flattens
+        picture = ImageOps.exif_transpose(opened)
+        picture.load()
+    marked = watermark.embed(picture, text)
     written = output.save_image(marked, out, out.parent, 0)
     typer.echo(f"wrote {written} ({8 * len(text.encode())} bits)")
 

@@ -426,7 +426,9 @@ class Worker:
         preview = None
         # At most one preview per step, only when a poll asked for one since the last, and
         # never the full VAE: TAESD or the linear latent-to-RGB map (Pipeline.preview).
-        if self.preview_wanted.is_set() and step < total:
+        # With the safety checker no preview is made: it would show the picture before the
+        # checker sees it.
+        if self.preview_wanted.is_set() and step < total and not self.options.get("safety_checker"):
             self.preview_wanted.clear()
             try:
                 preview = _b64_png(self.pipe.preview(denoised))
@@ -654,7 +656,7 @@ def create_app(pipe: Pipeline, api_key: str | None = None, max_queue: int = MAX_
         raise InputError(f"{pipe.name} has no safety checker to serve with")
     if cache_interval > 1:
         pipe.use_deep_cache()
-    if watermark:
+    if watermark is not False:
         from sdonnx.runtime.watermark import message_bits, require
 
         require()  # PyWavelets installed, before the server says it serves

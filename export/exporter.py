@@ -268,7 +268,7 @@ def _write_record(tmp: Path, config: ExportConfig, seconds: float, parity: list[
                 **({"weight_map": mapped[part.name]} if part.name in (mapped or {}) else {}),
                 **({"parity": by_part[part.name]} if part.name in by_part else {}),
             }
-            for part in (*parts.PARTS, parts.SAFETY_CHECKER)
+            for part in (*parts.PARTS, parts.SAFETY_CHECKER, parts.DEPTH_ESTIMATOR)
             if (tmp / part.onnx_path).is_file()
         },
     }
@@ -432,7 +432,11 @@ def _export_into(tmp: Path, config: ExportConfig, start: float, log: Callable[[s
             mapped[part.name] = write_weight_map(tmp / part.onnx_path, _torch_weights(source / part.name))
     from sdonnx.export import deep_cache, unet_stages, vae_stages
 
-    for part in (parts.VAE_DECODER, parts.VAE_ENCODER):  # tiles that equal the whole decode (runtime/vae.py)
+    # Tiles that equal the whole decode (runtime/vae.py); not for the x4 upscaler, whose VAE's
+    # mid-block attends over the whole latent (262,144 positions for a 2048x2048 output): its
+    # stages would compute that exactly and take the better part of an hour on a CPU, where
+    # blended tiles attend within each tile (tests/benchmarks/upscale.py).
+    for part in (parts.VAE_DECODER, parts.VAE_ENCODER) if not upscale else ():
         if (tmp / part.onnx_path).is_file():
             vae_stages.try_write_stages(tmp / part.onnx_path, log)
     if (tmp / parts.UNET.onnx_path).is_file() and not upscale:  # for --low-memory (runtime/unet_stages.py)
@@ -455,6 +459,13 @@ def _export_into(tmp: Path, config: ExportConfig, start: float, log: Callable[[s
 
     if safety_checker.has_safety_checker(source):  # optional (sdonnx generate --safety-checker)
         extra_parity[parts.SAFETY_CHECKER.name] = safety_checker.export_safety_checker(source, tmp, config.opset, log)
+    from sdonnx.export import depth
+
+    if depth.is_depth_source(source) and depth.fixed_size(source):  # depth-to-image: the init image's depth
+        extra_parity[parts.DEPTH_ESTIMATOR.name] = depth.export_depth_estimator(source, tmp, config.opset, log)
+    elif depth.is_depth_source(source):
+        log("  depth_estimator: not exported (its feature extractor keeps each image's aspect ratio, and sdonnx "
+            "exports DPT at one size); give --depth-map when generating")
     seconds = time.perf_counter() - start
     _write_record(tmp, config, seconds, parity, source_record, fused, mapped, extra_parity)
     return ExportResult(out, seconds, parity)

@@ -89,13 +89,14 @@ def measure(model: Path | None, provider: str, precision: str, width: int | None
     _, c, h, w = config.latent_shape
     rows = len(context)
     sample = np.random.default_rng(0).standard_normal((rows, c, h, w), dtype=np.float32)
-    if pipe.is_inpainting:
-        sample = np.concatenate([sample, np.zeros((rows, c + 1, h, w), np.float32)], axis=1)
+    if pipe.unet_channels > c:  # inpainting, depth-to-image, the x4 upscaler: their extra input channels
+        sample = np.concatenate([sample, np.zeros((rows, pipe.unet_channels - c, h, w), np.float32)], axis=1)
     cond = guidance_embedding(8.5, pipe.guidance_embedding_dim) if distilled else None
+    labels = 20 if "class_labels" in getattr(pipe.unet, "input_types", {}) else None  # the upscaler's noise level
     start = time.perf_counter()
-    pipe._unet(sample, 500.0, context, timestep_cond=cond)
+    pipe._unet(sample, 500.0, context, timestep_cond=cond, class_labels=labels)
     first_step_s = time.perf_counter() - start
-    unet_s = _timed(lambda: pipe._unet(sample, 500.0, context, timestep_cond=cond), repeats)
+    unet_s = _timed(lambda: pipe._unet(sample, 500.0, context, timestep_cond=cond, class_labels=labels), repeats)
     vae_s = _timed(lambda: pipe.decode(sample[:1, : parts.LATENT_CHANNELS]), repeats)
     return BenchResult(provider, precision, load_s, text_s, first_step_s, unet_s, vae_s, peak_rss_gb(),
                        width, height)

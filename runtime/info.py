@@ -71,7 +71,8 @@ def _describe(path: Path, record: dict) -> str:
         lines.append("recommended: " + ", ".join(f"{k} {v}" for k, v in record["defaults"].items())
                      + " (used when a generation does not say)")
     total = 0
-    for part in parts.PARTS + tuple(p for p in (*parts.TINY_PARTS, parts.SAFETY_CHECKER) if p.file(path)):
+    for part in parts.PARTS + tuple(p for p in (*parts.TINY_PARTS, parts.SAFETY_CHECKER, parts.DEPTH_ESTIMATOR)
+                                    if p.file(path)):
         model_file = part.file(path)
         if model_file is None:
             lines.append(f"{part.name}: absent")

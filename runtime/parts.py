@@ -87,6 +87,10 @@ TINY_PARTS = (TINY_VAE_DECODER, TINY_VAE_ENCODER)
 # the source's feature extractor settings (preprocessor_config.json).
 SAFETY_CHECKER = Part("safety_checker", ("clip_input",), "has_nsfw_concepts", required=False)
 SAFETY_CHECKER_OUTPUTS = ("concept_scores", "special_scores", "has_nsfw_concepts")
+# Depth-to-image's depth estimator (export/depth.py, runtime/depth.py), optional: DPT's
+# preprocessed image in, relative inverse depth (1, H, W) out; its folder also holds the
+# source's feature extractor settings.
+DEPTH_ESTIMATOR = Part("depth_estimator", ("pixel_values",), "predicted_depth", required=False)
 
 
 def model_files(path: Path) -> list[Path]:

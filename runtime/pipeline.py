@@ -29,6 +29,7 @@ from sdonnx.runtime.precision import precise_sigmas
 from sdonnx.runtime import deep_cache, samplers, unet_stages, vae
 from sdonnx.runtime import safety_checker as safety_checker_
 from sdonnx.runtime import upscale as upscale_
+from sdonnx.runtime import depth as depth_
 from sdonnx.runtime import watermark as watermark_
 from sdonnx.runtime.schedules import (
     Schedule,
@@ -652,8 +653,8 @@ class Pipeline:
             except ModelFolderError:
                 staged = False  # (a damaged plan: the rule below, and _vae names the damage if it tiles)
             if staged:
-                return vae.tile_latent(STAGED_AUTO_TILE, 0, height, width)
-        return vae.tile_latent(tiles, self.vae_tile_size // parts.VAE_SCALE, height, width)
+                return vae.tile_latent(STAGED_AUTO_TILE, 0, height, width, self.vae_scale)
+        return vae.tile_latent(tiles, self.vae_tile_size // self.vae_scale, height, width, self.vae_scale)
 
     @property
     def has_tiny_vae(self) -> bool:
@@ -780,6 +781,11 @@ class Pipeline:
         return watermark_.SD2_MESSAGE if unet.get("cross_attention_dim") == 1024 else watermark_.SD1_MESSAGE
 
     @property
+    def is_depth(self) -> bool:
+        """Depth-to-image UNets take 5 channels: latents and the depth map."""
+        return self.unet_channels == parts.LATENT_CHANNELS + 1
+
+    @property
     def is_inpainting(self) -> bool:
         """Inpainting UNets take 9 channels: latents, mask, masked-image latents."""
         return self.unet_channels == parts.LATENT_CHANNELS * 2 + 1
@@ -823,7 +829,7 @@ class Pipeline:
                  on_step: Callable[[int, int, np.ndarray], None] | None = None,
                  vae_tiles: int | str = "auto", loras: Sequence = (), decoder: str = "full",
                  cache_interval: int = 1, watermark: bool | str = False,
-                 safety_checker: bool = False) -> list[Image.Image]:
+                 safety_checker: bool = False, depth_map: Image.Image | str | Path | None = None) -> list[Image.Image]:
         """Generate `n` images; `latents` (n, 4, H/8, W/8) of unit noise replaces the seeded noise.
 
         Steps, guidance and sampler default to the model's `defaults` (20, 7.5, euler unless
@@ -867,6 +873,9 @@ class Pipeline:
         filter, not a guarantee) on every image, blacks out those it flags and sets each
         image's info["nsfw_content_detected"] (bool, diffusers' name); ModelFolderError before
         sampling when the folder has none. Marking follows checking, as in the reference script.
+        A depth-to-image model (a UNet of 5 channels, StableDiffusionDepth2ImgPipeline) needs an
+        `init_image` and follows its depth: estimated by the folder's depth_estimator, or
+        `depth_map` (an image of the init image's size, brighter = nearer; runtime/depth.py).
         """
         if upscale_.is_upscaler(self.config.path):
             raise InputError(f"{self.name} is the x4 upscaler: it enlarges an image (`sdonnx upscale IMAGE --model "
@@ -878,6 +887,15 @@ class Pipeline:
                 "mask_image needs an inpainting model (a UNet taking 9 channels); "
                 f"{self.name}'s UNet takes {self.unet_channels}"
             )
+        if depth_map is not None and not self.is_depth:
+            raise InputError(f"a depth map needs a depth-to-image model (a UNet taking 5 channels); "
+                             f"{self.name}'s takes {self.unet_channels}")
+        if self.is_depth and init_image is None:
+            raise InputError(f"{self.name} is a depth-to-image model: it needs an init image, whose depth it "
+                             "keeps (--init-image; init_image= in the API, init_images in A1111's img2img)")
+        if self.is_depth and depth_map is None and parts.DEPTH_ESTIMATOR.file(self.config.path) is None:
+            raise ModelFolderError(f"{self.name} has no depth estimator ({parts.DEPTH_ESTIMATOR.onnx_path}): give "
+                                   "--depth-map, or export the model from a folder with depth_estimator/")
         if self.is_inpainting and (init_image is None or mask_image is None):
             raise InputError(f"{self.name} is an inpainting model: it needs an init image and a mask "
                              "(white = repaint)")
@@ -927,7 +945,7 @@ class Pipeline:
         self._decoder_part(config.decoder)  # a missing TAESD is said before sampling, not after
         chosen = SAMPLERS[config.sampler]
         schedule_, x, conditioning = self._start(config, np.asarray(latents, dtype=np.float32),
-                                                 init_image, mask_image)
+                                                 init_image, mask_image, depth_map)
         context = self.encode_context(steering)
         options = {**schedule_.sampler_kwargs, "noise": self.sampler_noise(config, x.shape),
                    "prediction_type": self.scheduler.prediction_type}
@@ -987,7 +1005,7 @@ class Pipeline:
         return images
 
     def _start(self, config: GenerationConfig, noise: np.ndarray, init_image: Image.Image | None,
-               mask_image) -> tuple[Schedule, np.ndarray, np.ndarray | None]:
+               mask_image, depth_map=None) -> tuple[Schedule, np.ndarray, np.ndarray | None]:
         """The schedule, the starting x in sigma space, and an inpainting UNet's extra channels.
 
         txt2img: scaled noise. img2img: the encoded image plus noise at the tail's first sigma
@@ -997,12 +1015,37 @@ class Pipeline:
         schedule = config.schedule_for(self.scheduler)
         if init_image is None:
             return schedule, noise * schedule.noise_scale, None
+        depth = self._depth(config, init_image, depth_map) if self.is_depth else None
         with self.using(parts.VAE_ENCODER):  # loaded once for both encodes of inpainting
-            return self._start_from_image(config, schedule, noise, init_image, mask_image)
+            return self._start_from_image(config, schedule, noise, init_image, mask_image, depth)
+
+    def _depth(self, config: GenerationConfig, init_image: Image.Image, depth_map) -> np.ndarray:
+        """A depth model's fifth UNet channel (n, 1, H/8, W/8) for the init image as it is
+        generated (scaled and cropped to the size asked): from `depth_map` (the init image's
+        size, scaled and cropped the same way) or the folder's depth estimator."""
+        if depth_map is None:
+            fitted = fit(init_image, config.width, config.height)
+            with self.using(parts.DEPTH_ESTIMATOR) as estimator:
+                folder = self.config.path / parts.DEPTH_ESTIMATOR.name
+                name = parts.DEPTH_ESTIMATOR.inputs[0]
+                pixels = depth_.estimator_input(fitted, folder).astype(estimator.dtype(name))
+                depth = estimator(**{name: pixels})[parts.DEPTH_ESTIMATOR.output][0]
+        else:
+            depth = depth_.load_depth_map(depth_map)
+            if depth.shape != (init_image.height, init_image.width):
+                raise InputError(f"the depth map is {depth.shape[1]}x{depth.shape[0]} but the init image is "
+                                 f"{init_image.width}x{init_image.height}; they must be the same size")
+            if (init_image.width, init_image.height) != (config.width, config.height):
+                depth = np.asarray(fit(Image.fromarray(depth, "F"), config.width, config.height), np.float32)
+        cond = depth_.conditioning(depth, config.height // parts.VAE_SCALE, config.width // parts.VAE_SCALE)
+        return np.repeat(cond, config.n, axis=0)
 
     def _start_from_image(self, config: GenerationConfig, schedule: Schedule, noise: np.ndarray,
-                          init_image: Image.Image, mask_image) -> tuple[Schedule, np.ndarray, np.ndarray | None]:
+                          init_image: Image.Image, mask_image,
+                          depth: np.ndarray | None = None) -> tuple[Schedule, np.ndarray, np.ndarray | None]:
         pixels = to_pixels(fit(init_image, config.width, config.height))
+        if depth is not None:
+            return schedule, self.encode_image(pixels, config.vae_tiles, config.decoder) + noise * schedule.sigmas[0], depth
         if mask_image is None:
             return schedule, self.encode_image(pixels, config.vae_tiles, config.decoder) + noise * schedule.sigmas[0], None
         mask_image = load_image(mask_image, "mask image", MASK_BACKGROUND)

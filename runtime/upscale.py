@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from sdonnx.runtime import parts
-from sdonnx.runtime.checks import MAX_GUIDANCE, check_number, is_int, shown
+from sdonnx.runtime.checks import MAX_GUIDANCE, MAX_SIDE, check_number, is_int, shown
 from sdonnx.runtime.schedules import check_steps
 from sdonnx.runtime.errors import InputError, ModelFolderError
 
@@ -143,14 +143,17 @@ def low_res_noise_scale(pipe: "Pipeline", noise_level: int) -> tuple[float, floa
 
 def max_noise_level(pipe: "Pipeline") -> int:
     """The model's max_noise_level (model_index.json; 350 when it does not say), at most its
-    UNet's last class label (num_class_embeds - 1)."""
+    UNet's last class label (num_class_embeds - 1) and its low-resolution schedule's last step."""
     index = pipe.config.path / "model_index.json"
     level = parts.config_field(parts.read_json(index), "max_noise_level", DEFAULT_MAX_NOISE_LEVEL,
                                lambda v: is_int(v) and 0 <= v <= 1000, index, "a whole number from 0 to 1000")
     unet = pipe.config.path / parts.UNET.name / "config.json"
     labels = parts.config_field(parts.read_json(unet), "num_class_embeds", level + 1,
                                 lambda v: is_int(v) and v > 0, unet, "a positive whole number")
-    return min(level, labels - 1)
+    schedule = pipe.config.path / LOW_RES_SCHEDULER / "scheduler_config.json"
+    steps = parts.config_field(parts.read_json(schedule), "num_train_timesteps", level + 1,
+                               lambda v: is_int(v) and v > 0, schedule, "a positive whole number")
+    return min(level, labels - 1, steps - 1)
 
 
 def upscale(pipe: "Pipeline", image: Image.Image, config: UpscaleConfig,
@@ -174,6 +177,9 @@ def upscale(pipe: "Pipeline", image: Image.Image, config: UpscaleConfig,
                          "with `sdonnx export` and pass that folder")
     config = config.validate(max_noise_level(pipe))
     width, height = image.size
+    if max(width, height) * SCALE > MAX_SIDE:
+        raise InputError(f"the image is {width}x{height}: upscaled 4x it would be over the {MAX_SIDE}-pixel side "
+                         f"sdonnx draws; crop or scale it to {MAX_SIDE // SCALE} pixels a side or less first")
     padded_w, padded_h = -(-width // UNET_MULTIPLE) * UNET_MULTIPLE, -(-height // UNET_MULTIPLE) * UNET_MULTIPLE
     generation = GenerationConfig(config.prompt, config.negative_prompt, config.steps, config.guidance, config.seed,
                                   padded_w * SCALE, padded_h * SCALE, config.sampler).validate()

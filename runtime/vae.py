@@ -96,13 +96,15 @@ def check_tiles(value) -> int | str:
     return int(value)
 
 
-def tile_latent(tiles: int | str, default_tile: int, height: int, width: int) -> int | None:
+def tile_latent(tiles: int | str, default_tile: int, height: int, width: int,
+                scale: int = parts.VAE_SCALE) -> int | None:
     """The tile side in latent pixels for a (height, width) latent, or None for one piece:
     "auto" tiles above `default_tile` (the VAE's training size, diffusers' rule), "off" never,
-    a number of pixels always when the latent is larger than one tile."""
+    a number of pixels (`scale` pixels per latent pixel) always when the latent is larger than
+    one tile."""
     if tiles == "off":
         return None
-    size = default_tile if tiles == "auto" else int(tiles) // parts.VAE_SCALE
+    size = default_tile if tiles == "auto" else int(tiles) // scale
     return size if max(height, width) > size else None
 
 

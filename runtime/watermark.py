@@ -214,6 +214,7 @@ def find(image: Image.Image, length: int | None = None) -> Decoded:
     """The watermark of `image`: of `length` bits, or when None the length of the messages
     Stable Diffusion's scripts embed (KNOWN_MESSAGES) whose bits agree best. Raises InputError
     when the image carries no mark (Decoded.found), naming the share measured."""
+    _check_size(image.width, image.height)
     lengths = [length] if length is not None else [
         n for n in sorted({8 * len(m.encode()) for m in KNOWN_MESSAGES}, reverse=True)
         if n <= capacity(image.width, image.height)]

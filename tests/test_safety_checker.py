@@ -170,6 +170,10 @@ def test_refusals(tiny_pipeline, tmp_path):
                           "--safety-checker", "-o", str(tmp_path / "x.png")], capture_output=True, text=True)
     assert run.returncode == 2 and run.stderr.count("\n") == 1 and "has no safety checker" in run.stderr
     assert not (tmp_path / "x.png").exists()
+    run = subprocess.run([sys.executable, "-m", "sdonnx.cli.app", "generate", PROMPT, "--steps", "1",
+                          "--safety-checker", "--preview", str(tmp_path / "p.png"), "-o", str(tmp_path / "x.png")],
+                         capture_output=True, text=True)
+    assert run.returncode == 2 and "leave out --preview or --safety-checker" in run.stderr
     from sdonnx.cli.server import create_app
 
     with pytest.raises(InputError, match="no safety checker"):
@@ -200,3 +204,15 @@ def test_cli_and_server_report_flags(checked_folder, checked_pipeline, tmp_path)
         assert [d["nsfw_content_detected"] for d in reply.body["data"]] == flags.tolist()
     finally:
         server.stop()
+
+
+def test_server_makes_no_preview_the_checker_has_not_seen(tiny_pipeline):
+    pytest.importorskip("fastapi")
+    from sdonnx.cli.server import Worker
+
+    denoised = np.zeros((1, 4, 8, 8), np.float32)
+    for options, expect_preview in (({}, True), ({"safety_checker": True}, False)):
+        worker = Worker(tiny_pipeline, 1, options)
+        worker.preview_wanted.set()
+        worker._on_step(1, 4, denoised)
+        assert (worker.preview is not None) == expect_preview

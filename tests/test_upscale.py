@@ -142,6 +142,8 @@ def test_refusals(upscaler, tiny_pipeline):
         upscaler.upscale(low_res(32, 32), noise_level=100)  # the tiny UNet has 100 class labels
     with pytest.raises(InputError, match="UNet tile must be a multiple of 8"):
         upscaler.upscale(low_res(32, 32), tile=20)
+    with pytest.raises(InputError, match="the image is 2056x16: upscaled 4x it would be over the 8192-pixel side"):
+        upscaler.upscale(Image.new("RGB", (2056, 16)))
 
 
 def sdonnx(*args):

@@ -129,6 +129,8 @@ def test_refusals():
         watermark.embed(small)
     with pytest.raises(InputError, match="at least 65,536 pixels"):
         watermark.find(small)
+    with pytest.raises(InputError, match="at least 65,536 pixels"):
+        watermark.find(Image.new("RGB", (32, 32)))  # too small for any known text's length
     image = Image.fromarray(textured(256, 256, 0))
     with pytest.raises(InputError, match="takes 1032 bits.*holds 1024; shorten the text to 128 bytes"):
         watermark.embed(image, "x" * 129)
@@ -180,6 +182,12 @@ def test_cli_watermark_round_trip(tmp_path):
     assert "'StableDiffusionV1'" in sdonnx("watermark", "decode", again).stdout
     run = sdonnx("watermark", "embed", plain, again)
     assert run.returncode == 2 and "already exists" in run.stderr
+    rgba = Image.open(plain).convert("RGBA")
+    rgba.putalpha(200)
+    rgba.save(tmp_path / "rgba.png")
+    assert sdonnx("watermark", "embed", tmp_path / "rgba.png", tmp_path / "rgba-marked.png").returncode == 0
+    marked_rgba = Image.open(tmp_path / "rgba-marked.png")
+    assert marked_rgba.mode == "RGBA" and np.asarray(marked_rgba)[..., 3].min() == 200
     run = sdonnx("generate", "x", "--steps", "1", "--size", "256x256", "--watermark-text", "y" * 200,
                  "-o", tmp_path / "long.png")
     assert run.returncode == 2 and "shorten the text" in run.stderr
