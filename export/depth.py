@@ -11,13 +11,12 @@ runtime/depth.py; the UNet, VAE and text encoder go through optimum as for any S
 from __future__ import annotations
 
 import json
-import shutil
-import warnings
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
+from sdonnx.export.torch_parts import copy_configs, export_module, run_exported
 from sdonnx.runtime import parts
 from sdonnx.runtime.depth import DEPTH_PIPELINE, PREPROCESSOR_CONFIG, input_size
 from sdonnx.runtime.errors import ModelFolderError
@@ -43,18 +42,14 @@ def export_depth_estimator(source: Path, out: Path, opset: int | None = None,
     """Export `source`'s depth estimator into the folder being written at `out`, checked
     against torch on a random picture (max abs diff <= RELATIVE_TOLERANCE x the depth's range).
     Returns the parity figures. Raises ModelFolderError when it disagrees."""
-    import onnx
-    import onnxruntime as ort
     import torch
     from transformers import DPTForDepthEstimation
-
-    from sdonnx.export.weights import save_part
 
     model = DPTForDepthEstimation.from_pretrained(source / parts.DEPTH_ESTIMATOR.name, local_files_only=True)
     model = model.float().eval()
 
     class Estimator(torch.nn.Module):
-        def __init__(self):
+        def __init__(self, model):
             super().__init__()
             self.model = model
 
@@ -65,28 +60,20 @@ def export_depth_estimator(source: Path, out: Path, opset: int | None = None,
     height, width = input_size(config)
     example = np.random.default_rng(0).uniform(-1, 1, (1, 3, height, width)).astype(np.float32)
     folder = out / parts.DEPTH_ESTIMATOR.name
-    folder.mkdir(parents=True, exist_ok=True)
     target = folder / parts.ONNX_FILE
-    (name,) = parts.DEPTH_ESTIMATOR.inputs
-    module = Estimator().eval()
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        # The feature extractor always gives this size: the position embeddings are resized to
-        # it once, at export, and the graph's input is fixed but for the batch.
-        torch.onnx.export(module, (torch.from_numpy(example),), str(target), input_names=[name],
-                          output_names=[parts.DEPTH_ESTIMATOR.output], opset_version=opset or 17, dynamo=False,
-                          dynamic_axes={name: {0: "batch"}, parts.DEPTH_ESTIMATOR.output: {0: "batch"}})
-        reference = module(torch.from_numpy(example)).numpy()
-    del module, model
-    save_part(onnx.load(str(target)), target)
-    ours = ort.InferenceSession(str(target), providers=["CPUExecutionProvider"]).run(None, {name: example})[0]
+    inputs = {parts.DEPTH_ESTIMATOR.inputs[0]: example}
+    # The feature extractor always gives this size (fixed_size): the position embeddings are
+    # resized to it once, at export, and the graph's input is fixed but for the batch.
+    (reference,) = export_module(Estimator(model).eval(), inputs, target, [parts.DEPTH_ESTIMATOR.output],
+                                 {name: {0: "batch"} for name in (*inputs, parts.DEPTH_ESTIMATOR.output)}, opset)
+    del model
+    (ours,) = run_exported(target, inputs)
     diff = float(np.abs(ours.astype(np.float64) - reference).max())
     tolerance = RELATIVE_TOLERANCE * max(float(np.ptp(reference)), 1e-6)
     if not diff <= tolerance:
         raise ModelFolderError(f"the depth estimator's export disagrees with torch: max abs diff {diff:.3g} > "
                                f"{tolerance:.3g}; the export was not written")
-    shutil.copyfile(source / "feature_extractor" / PREPROCESSOR_CONFIG, folder / PREPROCESSOR_CONFIG)
-    (folder / "config.json").write_text((source / parts.DEPTH_ESTIMATOR.name / "config.json").read_text())
+    copy_configs(source, parts.DEPTH_ESTIMATOR.name, folder, PREPROCESSOR_CONFIG)
     log(f"  depth_estimator: max abs diff {diff:.2e} (tolerance {tolerance:.1e})")
     return {"max_abs_diff": diff, "tolerance": tolerance, "input_shape": list(example.shape)}
 

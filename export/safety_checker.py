@@ -12,12 +12,12 @@ concept scores above 0. The feature extractor's settings go beside it for runtim
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
+from sdonnx.export.torch_parts import copy_configs, export_module, run_exported
 from sdonnx.runtime import parts
 from sdonnx.runtime.errors import ModelFolderError
 from sdonnx.runtime.safety_checker import PREPROCESSOR_CONFIG
@@ -60,12 +60,7 @@ def export_safety_checker(source: Path, out: Path, opset: int | None = None,
     (out/safety_checker/model.onnx + preprocessor_config.json), checked against torch on
     random input (max abs diff of the scores <= TOLERANCE). Returns the parity figures.
     Raises ModelFolderError when the export disagrees with torch."""
-    import onnx
-    import onnxruntime as ort
-    import torch
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
-
-    from sdonnx.export.weights import save_part
 
     checker = StableDiffusionSafetyChecker.from_pretrained(source / parts.SAFETY_CHECKER.name,
                                                            local_files_only=True).float().eval()
@@ -73,25 +68,18 @@ def export_safety_checker(source: Path, out: Path, opset: int | None = None,
     side = checker.config.vision_config.image_size
     example = np.random.default_rng(0).standard_normal((2, 3, side, side), dtype=np.float32)
     folder = out / parts.SAFETY_CHECKER.name
-    folder.mkdir(parents=True, exist_ok=True)
     target = folder / parts.ONNX_FILE
+    inputs = {parts.SAFETY_CHECKER.inputs[0]: example}
     names = parts.SAFETY_CHECKER_OUTPUTS
-    with torch.no_grad():
-        torch.onnx.export(module, (torch.from_numpy(example),), str(target), input_names=list(parts.SAFETY_CHECKER.inputs),
-                          output_names=list(names), opset_version=opset or 17, dynamo=False,
-                          dynamic_axes={parts.SAFETY_CHECKER.inputs[0]: {0: "batch"},
-                                        **{name: {0: "batch"} for name in names}})
-        reference = [t.numpy() for t in module(torch.from_numpy(example))]
+    reference = export_module(module, inputs, target, names,
+                              {name: {0: "batch"} for name in (*inputs, *names)}, opset)
     del module, checker
-    save_part(onnx.load(str(target)), target)
-    ours = ort.InferenceSession(str(target), providers=["CPUExecutionProvider"]).run(
-        None, {parts.SAFETY_CHECKER.inputs[0]: example})
+    ours = run_exported(target, inputs)
     diff = max(float(np.abs(a.astype(np.float64) - b).max()) for a, b in zip(ours[:2], reference[:2]))
     if not diff <= TOLERANCE or not np.array_equal(ours[2], reference[2]):
         raise ModelFolderError(f"the safety checker's export disagrees with torch: max abs diff of its scores "
                                f"{diff:.3g} (tolerance {TOLERANCE}); the export was not written")
-    shutil.copyfile(source / "feature_extractor" / PREPROCESSOR_CONFIG, folder / PREPROCESSOR_CONFIG)
-    (folder / "config.json").write_text((source / parts.SAFETY_CHECKER.name / "config.json").read_text())
+    copy_configs(source, parts.SAFETY_CHECKER.name, folder, PREPROCESSOR_CONFIG)
     log(f"  safety_checker: max abs diff {diff:.2e} (tolerance {TOLERANCE:.0e})")
     return {"max_abs_diff": diff, "tolerance": TOLERANCE, "input_shape": list(example.shape)}
 

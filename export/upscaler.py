@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import warnings
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from sdonnx.export.parity import PartParity, _compare
+from sdonnx.export.torch_parts import export_module, run_exported
 from sdonnx.runtime import parts
 from sdonnx.runtime.upscale import LOW_RES_SCHEDULER, UPSCALE_PIPELINE
 
@@ -32,25 +32,12 @@ def is_upscaler(source: Path) -> bool:
     return parts.read_json(source / "model_index.json").get("_class_name") == UPSCALE_PIPELINE
 
 
-def _export(module, example: dict, target: Path, output: str, dynamic: dict, opset: int | None) -> None:
-    import torch
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(module, tuple(torch.from_numpy(v) for v in example.values()), str(target),
-                          input_names=list(example), output_names=[output], opset_version=opset or 17,
-                          dynamo=False, dynamic_axes={**dynamic, output: dynamic[next(iter(example))]})
-
-
-def _check(name: str, module, example: dict, target: Path, output: str) -> PartParity:
-    import onnxruntime as ort
+def _check(name: str, module, example: dict, target: Path) -> PartParity:
     import torch
 
     with torch.no_grad():
         reference = module(*(torch.from_numpy(v) for v in example.values())).numpy()
-    ours = ort.InferenceSession(str(target), providers=["CPUExecutionProvider"]).run([output], example)[0]
-    return _compare(name, reference, ours, next(iter(example.values())).shape)
+    return _compare(name, reference, run_exported(target, example)[0], next(iter(example.values())).shape)
 
 
 def _modules(source: Path):
@@ -102,14 +89,10 @@ def export_upscaler(source: Path, tmp: Path, opset: int | None = None,
     """Write the upscaler's parts (text_encoder, unet, vae_decoder), their configs, the
     tokenizer and both schedulers from the diffusers folder `source` into `tmp` (the folder
     the exporter checks with check_upscaler and renames into place)."""
-    import onnx
-
-    from sdonnx.export.weights import save_part
-
     for part, module, example, dynamic, config in _modules(source):
         target = tmp / part.onnx_path
-        _export(module, example, target, part.output, dynamic, opset)
-        save_part(onnx.load(str(target)), target)
+        export_module(module, example, target, [part.output],
+                      {**dynamic, part.output: dynamic[next(iter(example))]}, opset)
         (target.parent / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
         log(f"  wrote {part.name}")
     for sub in ("tokenizer", "scheduler", LOW_RES_SCHEDULER):
@@ -120,5 +103,5 @@ def export_upscaler(source: Path, tmp: Path, opset: int | None = None,
 def check_upscaler(source: Path, folder: Path) -> list[PartParity]:
     """Max abs difference per part, torch (source) against ONNX Runtime (the exported
     `folder`), on random inputs: CHECK_SIDE latents, a CFG pair."""
-    return [_check(part.name, module, example, folder / part.onnx_path, part.output)
+    return [_check(part.name, module, example, folder / part.onnx_path)
             for part, module, example, _, _ in _modules(source)]
