@@ -255,6 +255,8 @@ def upscale(
     provider: str = typer.Option("auto", "--provider", help=f"One of: {', '.join(PROVIDER_CHOICES)}."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, max=MAX_THREADS,
                                           help="CPU threads (default: all physical cores)."),
+    precision: str = typer.Option("auto", "--precision",
+                                  help="fp32, bf16 (openvino) or auto: bf16 where the provider and CPU do it."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Print load, per-step and decode times."),
 ) -> None:
     """Enlarge an image 4x with Stable Diffusion's x4 upscaler, in tiles when it is large."""
@@ -282,7 +284,7 @@ def upscale(
     picture = load_image(image, "image")
     folder = output.prepare_folder(out)
     start = time.perf_counter()
-    pipe = Pipeline.load(model, provider=provider, threads=threads)
+    pipe = Pipeline.load(model, provider=provider, threads=threads, precision=precision)
     times = [time.perf_counter()]
     if verbose:
         typer.echo(f"loaded {pipe.config.path} on {pipe.config.provider} in {times[0] - start:.1f} s")

@@ -27,9 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sdonnx.export.ldm_layout import EMA_PREFIX, OPEN_CLIP_PREFIX, TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX
+from sdonnx.runtime import parts
 from sdonnx.runtime.errors import InputError, ModelFolderError, SdonnxError
 from sdonnx.runtime.pipeline import default_model_path
 from sdonnx.runtime.schedules import PREDICTION_TYPES
+from sdonnx.runtime.upscale import UPSCALE_PIPELINE
 
 CONFIGS = Path(__file__).parent / "configs"
 CONTEXT_KEY = UNET_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
@@ -48,7 +50,7 @@ class Checkpoint:
     """What a single file holds, read from its tensors before anything heavy runs."""
 
     path: Path
-    family: str  # "sd1", "sd2" (configs/<family>.json) or "custom" (configs from `config`)
+    family: str  # "sd1", "sd2", "x4" (configs/<family>.json) or "custom" (configs from `config`)
     inpainting: bool  # a 9-channel UNet
     prediction_type: str | None  # None: the configs' own (custom)
     image_size: int | None  # native size in pixels; None: the configs' own
@@ -160,7 +162,10 @@ def inspect(path: Path, shapes: dict[str, tuple[int, ...]], config: Path | None 
     if image_size is not None and (image_size < 64 or image_size % 64):
         raise InputError(f"--image-size must be a multiple of 64 pixels (512, 768 ...), got {image_size}")
     channels = int(shapes[CONV_IN_KEY][1])
-    context = int(shapes[CONTEXT_KEY][1]) if CONTEXT_KEY in shapes else None
+    # (The x4 upscaler's first level has no attention: its first cross-attention is further in.)
+    context_key = CONTEXT_KEY if CONTEXT_KEY in shapes else next(
+        (k for k in keys if k.startswith(UNET_PREFIX) and k.endswith("transformer_blocks.0.attn2.to_k.weight")), None)
+    context = int(shapes[context_key][1]) if context_key else None
     has_vae = any(k.startswith(VAE_PREFIX) for k in keys)
     has_ema = EMA_PREFIX + CONV_IN_KEY[len("model."):].replace(".", "") in shapes  # not just model_ema.decay
     inpainting = channels == 9
@@ -171,14 +176,18 @@ def inspect(path: Path, shapes: dict[str, tuple[int, ...]], config: Path | None 
         return Checkpoint(path, "custom", inpainting, chosen, image_size,
                           f"UNet of {channels} input channels, {context}-d text context{said}, configs from "
                           f"{config}, {extras}", has_vae, has_ema)
-    if context not in (768, 1024) or channels not in (4, 9):
+    if context not in (768, 1024) or channels not in (4, 9) and (channels, context) != (7, 1024):
         raise ModelFolderError(
             f"{path}: a {context or 'missing'}-d text context and {channels} UNet input channels match no bundled family "
-            "(SD 1.x: 768, SD 2.x: 1024; 4 channels, 9 for inpainting); pass --config with a diffusers folder "
-            "of its configs")
+            "(SD 1.x: 768, SD 2.x: 1024; 4 channels, 9 for inpainting, 7 for SD 2's x4 upscaler); pass --config "
+            "with a diffusers folder of its configs")
     text_prefix = TEXT_PREFIX if context == 768 else OPEN_CLIP_PREFIX
     if not any(k.startswith(text_prefix) for k in keys):
         raise ModelFolderError(f"{path} has no {text_prefix}* text encoder; it is not a whole checkpoint")
+    if channels == 7:  # x4-upscaler-ema: its own configs, v-prediction, 128-pixel latents
+        return Checkpoint(path, "x4", False, None, None,
+                          f"SD x4 upscaler, 7-channel UNet, 1024-d OpenCLIP ViT-H text encoder, {extras}",
+                          has_vae, has_ema)
     kind = "inpainting, " if inpainting else ""
     if context == 768:
         return Checkpoint(path, "sd1", inpainting, chosen or "epsilon", image_size or 512,
@@ -270,7 +279,8 @@ def to_diffusers(path: Path, out: Path, *, config: Path | None = None, vae: Path
     the autoencoder. Raises ModelFolderError/InputError naming what is wrong.
     """
     import torch
-    from diffusers import AutoencoderKL, StableDiffusionInpaintPipeline, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (StableDiffusionInpaintPipeline, StableDiffusionPipeline, StableDiffusionUpscalePipeline,
+                           UNet2DConditionModel)
 
     checkpoint = inspect(path, read_shapes(path), config, prediction_type, image_size)
     log(f"{path.name}: {checkpoint.description}")
@@ -281,7 +291,9 @@ def to_diffusers(path: Path, out: Path, *, config: Path | None = None, vae: Path
     configs = out.with_name(out.name + "-configs")
     try:
         config_folder(checkpoint, configs, config)
-        pipeline_class = StableDiffusionInpaintPipeline if checkpoint.inpainting else StableDiffusionPipeline
+        named = parts.read_json(configs / "model_index.json").get("_class_name")
+        pipeline_class = (StableDiffusionUpscalePipeline if named == UPSCALE_PIPELINE
+                          else StableDiffusionInpaintPipeline if checkpoint.inpainting else StableDiffusionPipeline)
         components = {}
         if extract_ema:
             unet_tensors = {k: v for k, v in _ema_as_model(read_tensors(path)).items() if k.startswith(UNET_PREFIX)}

@@ -42,6 +42,7 @@ def unet_to_ldm(state: dict, config: dict) -> dict:
         "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
         "mid_block.resnets.0": "middle_block.0", "mid_block.attentions.0": "middle_block.1",
         "mid_block.resnets.1": "middle_block.2",
+        "class_embedding": "label_emb",  # the x4 upscaler's noise-level embedding (num_class_embeds)
     }
     for i in range(levels):
         for j in range(per):

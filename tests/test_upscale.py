@@ -163,3 +163,54 @@ def test_cli_equals_api_and_refuses_other_folders(upscaler, upscaler_folder, tin
     run = sdonnx("upscale", tmp_path / "low.png", "--model", tiny_onnx, "-o", tmp_path / "other.png")
     assert run.returncode == 2 and run.stderr.count("\n") == 1 and "is not an x4 upscaler" in run.stderr
     assert not (tmp_path / "other.png").exists()
+
+
+def test_openvino_draws_the_cpu_picture(upscaler, upscaler_folder):
+    pytest.importorskip("openvino")
+    from sdonnx.runtime import Pipeline
+
+    image = low_res(40, 32, 6)
+    cpu = upscaler.upscale(image, PROMPT, steps=3, seed=8, tile=24)
+    openvino = Pipeline.load(upscaler_folder, provider="openvino", precision="fp32").upscale(
+        image, PROMPT, steps=3, seed=8, tile=24)
+    assert psnr(np.asarray(openvino, np.float64), np.asarray(cpu, np.float64)) >= 60
+
+
+def test_single_file_checkpoint_exports_the_same_upscaler(upscaler_source, upscaler, tmp_path):
+    """The x4 upscaler as the original code saves it (x4-upscaler-ema's LDM layout, OpenCLIP
+    text encoder), exported with the tiny model's configs: the same pictures as the folder."""
+    from sdonnx.export.exporter import ExportConfig, export
+    from sdonnx.export.ldm_layout import write_single_file
+    from sdonnx.runtime import Pipeline
+
+    single = write_single_file(upscaler_source, tmp_path / "x4-tiny.safetensors", text_encoder="open_clip")
+    export(ExportConfig(single, tmp_path / "onnx", config=upscaler_source))
+    image = low_res(40, 32, 7)
+    ours = Pipeline.load(tmp_path / "onnx", provider="cpu").upscale(image, PROMPT, steps=3, seed=9, tile=None)
+    assert np.array_equal(np.asarray(ours), np.asarray(upscaler.upscale(image, PROMPT, steps=3, seed=9, tile=None)))
+
+
+def test_bundled_configs_recognise_the_x4_architecture(tmp_path):
+    """A checkpoint of x4-upscaler-ema's shapes (built on the meta device: no weights) is
+    recognised as the x4 upscaler and given the bundled configs, which build its architecture."""
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+
+    from sdonnx.export import checkpoints
+    from sdonnx.export.ldm_layout import UNET_PREFIX, unet_to_ldm
+    from sdonnx.export.synthetic import UPSCALER_PRESETS
+
+    with init_empty_weights():
+        unet = UNet2DConditionModel(sample_size=128, in_channels=7, out_channels=4, **UPSCALER_PRESETS["x4"][0])
+    shapes = {UNET_PREFIX + k: tuple(v.shape) for k, v in unet_to_ldm(unet.state_dict(), dict(unet.config)).items()}
+    shapes.update({"cond_stage_model.model.token_embedding.weight": (49408, 1024),
+                   "first_stage_model.decoder.conv_out.weight": (3, 128, 3, 3)})
+    found = checkpoints.inspect(tmp_path / "x4-upscaler-ema.safetensors", shapes)
+    assert found.family == "x4" and found.description.startswith("SD x4 upscaler")
+    folder = checkpoints.config_folder(found, tmp_path / "configs")
+    with init_empty_weights():
+        built = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
+    assert {k: tuple(v.shape) for k, v in built.state_dict().items()} == \
+        {k: tuple(v.shape) for k, v in unet.state_dict().items()}
+    assert json.loads((folder / "model_index.json").read_text())["_class_name"] == upscale.UPSCALE_PIPELINE
+    assert json.loads((folder / "vae" / "config.json").read_text())["scaling_factor"] == 0.08333
