@@ -271,12 +271,15 @@ def upscale(
     if tile != "off" and not (tile.isascii() and tile.isdecimal()):
         raise InputError(f"--tile must be a side in input pixels (a multiple of 8) or off, got {tile!r}")
     tile_side = None if tile == "off" else int(tile)
-    seed = random_seed() if seed is None or seed == -1 else seed
     UpscaleConfig(prompt, negative, noise_level, steps, guidance, seed, sampler, tile_side, vae_tiles).validate(1000)
+    from sdonnx.runtime import providers
+
+    providers.resolve_precision(providers.resolve(provider), precision)  # before the folder is looked at
     out = output.out_path(out)
     paths = output.output_paths(out, 1)
     output.refuse_existing(paths)
     check_model_folder(model)
+    seed = random_seed() if seed is None or seed == -1 else seed
     if not is_upscaler(model):
         raise InputError(f"{model} is not an x4 upscaler (its model_index.json does not name "
                          "StableDiffusionUpscalePipeline); export stabilityai/stable-diffusion-x4-upscaler with "

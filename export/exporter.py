@@ -17,6 +17,7 @@ import re
 import shutil
 import signal
 import struct
+import sys
 import threading
 import time
 import warnings
@@ -289,8 +290,11 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
 def _interruptible():
     """Turn SIGINT/SIGTERM into KeyboardInterrupt, and remember them.
 
-    Torch's exporter runs finalizers and C code in which a KeyboardInterrupt can be swallowed
-    ("Exception ignored in ..."), so the flag is checked again before anything is renamed.
+    Torch's exporter and the libraries it loads run finalizers and C code in which a
+    KeyboardInterrupt can be swallowed ("Exception ignored in ..."), so the flag is checked
+    again before anything is renamed; Python's report of such a swallowed interrupt (a
+    traceback on stderr, from a `regex` object's __del__ for instance) is left out, since the
+    interrupt is not lost: the flag holds it.
     """
     received: list[int] = []
     if threading.current_thread() is not threading.main_thread():
@@ -301,10 +305,16 @@ def _interruptible():
         received.append(signum)
         raise KeyboardInterrupt
 
+    def unraisable(report) -> None:
+        if not (received and isinstance(report.exc_value, KeyboardInterrupt)):
+            hook(report)
+
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    hook, sys.unraisablehook = sys.unraisablehook, unraisable
     try:
         yield received
     finally:
+        sys.unraisablehook = hook
         for sig, old in previous.items():
             signal.signal(sig, old)
 

@@ -64,7 +64,16 @@ class UpscaleConfig:
     vae_tiles: int | str = "auto"
 
     def validate(self, max_noise_level: int) -> "UpscaleConfig":
+        from sdonnx.runtime import vae
+        from sdonnx.runtime.pipeline import SAMPLERS
+
         check_steps(self.steps)
+        if self.sampler not in SAMPLERS:
+            raise InputError(f"unknown sampler {self.sampler!r}; choose one of: {', '.join(SAMPLERS)}")
+        if self.seed is not None and (not is_int(self.seed) or not -1 <= self.seed < 2**63):
+            raise InputError(f"seed must be a whole number from 0 to 2^63 - 1, or -1 for a random one; "
+                             f"got {shown(self.seed)}")
+        vae.check_tiles(self.vae_tiles)
         check_number("guidance", self.guidance, 0, MAX_GUIDANCE)
         if not is_int(self.noise_level) or not 0 <= self.noise_level <= max_noise_level:
             raise InputError(f"noise level must be a whole number from 0 to {max_noise_level} (this model's "

@@ -13,7 +13,7 @@ from sdonnx.cli.app import app, main
 
 BAD_VALUES = ("", "-5", "nan", "inf", "-inf", "1e400", "9" * 30, "abc", "1.5")
 # Options whose every value above is a legitimate text (nothing to refuse), and flags.
-FREE_TEXT = {"--negative", "--api-key"}
+FREE_TEXT = {"--negative", "--api-key", "--prompt", "--watermark-text"}
 # Values of BAD_VALUES that are fine for an option (they end in the missing model's error).
 VALID = {("--guidance", "1.5"), ("--default-guidance", "1.5"), ("--min-psnr", "1.5")}
 # Any non-empty text names a folder here (a new output folder, or the missing model itself), or
@@ -32,6 +32,7 @@ def base_args(command: str, tmp_path) -> list[str]:
         "bench": ["bench", missing],
         "serve": ["serve", "--model", missing, "--port", "0"],
         "info": ["info", missing],
+        "upscale": ["upscale", str(tmp_path / "low.png"), "--model", missing, "--out", str(tmp_path / "big.png")],
     }[command]
 
 
@@ -52,7 +53,7 @@ def run(monkeypatch, capsys, args: list[str]) -> tuple[int, str]:
 
 def test_the_walk_covers_every_command():
     commands = {name for name, _ in options()}
-    assert commands == {"generate", "export", "quantize", "bench", "serve"}  # info takes no option
+    assert commands == {"generate", "export", "quantize", "bench", "serve", "upscale"}  # info takes no option
     assert sum(1 for _ in options()) >= 35
 
 
