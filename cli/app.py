@@ -218,6 +218,14 @@ def generate(
             image_seed = image.info["seed"]
             written = output.save_image(image, paths[batch * n + i] if paths else None, folder, image_seed)
             typer.echo(f"wrote {written} (seed {image_seed})")
+            if isinstance(mark, str) or mark is True:
+                from sdonnx.runtime import watermark as watermark_module
+
+                text = mark if isinstance(mark, str) else pipe.watermark_message
+                if written.suffix.lower() != ".png" or not watermark_module.reads_back(image, text):
+                    typer.secho(f"warning: the invisible watermark in {written} will not read back "
+                                + ("(JPEG and WebP erase it)" if written.suffix.lower() != ".png" else
+                                   "(the method fails on some pictures)"), err=True, fg=typer.colors.YELLOW)
             if image.info.get("nsfw_content_detected"):
                 typer.secho(f"the safety checker flagged {written} (seed {image_seed}): it was blacked out",
                             err=True, fg=typer.colors.YELLOW)
@@ -241,8 +249,8 @@ def upscale(
     prompt: str = typer.Option("", "--prompt", "-p", help="What the picture shows (guides the detail drawn)."),
     negative: str = typer.Option("", "--negative", help="Negative prompt."),
     noise_level: int = typer.Option(20, "--noise-level", min=0, max=1000,
-                                    help="Noise added to the input, 0 to the model's max (350): higher lets the "
-                                         "model redraw more of the input's detail."),
+                                    help="Noise added to the input, 0 to the model's max_noise_level (350 for SD's "
+                                         "x4 upscaler): higher lets the model redraw more of the input's detail."),
     steps: int = typer.Option(20, "--steps", help="Sampler steps (diffusers defaults to 75)."),
     guidance: float = typer.Option(9.0, "--guidance", "-g", help="Classifier-free guidance scale; <= 1 disables it."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed; -1 or omitted: a random one."),
@@ -528,7 +536,7 @@ def watermark_decode(
 @watermark_app.command("embed")
 def watermark_embed(
     image: Path = typer.Argument(..., help="An image of at least 256x256."),
-    out: Path = typer.Argument(..., help="The image to write (.png, .jpg or .webp; never overwritten)."),
+    out: Path = typer.Argument(..., help="The PNG to write (never overwritten; JPEG would erase the mark)."),
     text: str = typer.Option("StableDiffusionV1", "--text",
                              help="The text to embed (default: Stable Diffusion 1.x scripts' text)."),
 ) -> None:
@@ -537,8 +545,9 @@ def watermark_embed(
     from sdonnx.runtime.images import load_image
 
     output.refuse_existing([out])
-    if output.image_suffix(out) is None:
-        raise InputError(f"{out}: name an image file ending in .png, .jpg or .webp")
+    if output.image_suffix(out) != ".png":
+        raise InputError(f"{out}: write the marked image as .png (JPEG and lossy WebP erase the mark: "
+                         "tests/benchmarks/results/watermark.md)")
     from PIL import Image, ImageOps
 
     load_image(image, "image")  # a missing or unreadable file: one line
@@ -548,6 +557,10 @@ def watermark_embed(
     marked = watermark.embed(picture, text)
     written = output.save_image(marked, out, out.parent, 0)
     typer.echo(f"wrote {written} ({8 * len(text.encode())} bits)")
+    if not watermark.reads_back(marked, text):
+        typer.secho(f"warning: the mark in {written} does not read back exactly: the method fails on some pictures "
+                    "(too few blocks per bit, or blocks without a clear largest coefficient)", err=True,
+                    fg=typer.colors.YELLOW)
 
 
 @app.command()

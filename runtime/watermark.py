@@ -41,6 +41,9 @@ KNOWN_MESSAGES = (SD1_MESSAGE, SD2_MESSAGE)
 # picture neighbouring blocks vote alike.
 ON_GRID = 0.05
 MIN_ON_GRID = 0.35
+# A mark read at its own length has its bits' blocks agree 0.8-1 (JPEG-free); at a wrong length
+# the blocks of a "bit" carry different bits and agree about 0.2-0.4.
+MIN_AGREEMENT = 0.5
 
 # OpenCV's 8-bit BGR<->YUV (cv::COLOR_BGR2YUV, COLOR_YUV2BGR; modules/imgproc color_yuv): ITU-R
 # BT.601 luma, U = 0.492 (B - Y) and V = 0.877 (R - Y) offset by 128, in 14-bit fixed point,
@@ -186,6 +189,13 @@ def embed(image: Image.Image, message: str | bytes = SD1_MESSAGE) -> Image.Image
     return marked
 
 
+def reads_back(image: Image.Image, message: str | bytes) -> bool:
+    """Whether `image` decodes to exactly `message`'s bits: the dwtDct method fails on some
+    pictures (a block whose largest coefficient is barely the largest), whoever embeds."""
+    bits = message_bits(message)
+    return np.array_equal(decode(image, len(bits)).bits, bits)
+
+
 def decode(image: Image.Image, length: int) -> Decoded:
     """Read a `length`-bit dwtDct watermark from `image` (at least 256x256): each bit is 1
     where the mean of its blocks' votes exceeds 127/255, as the package decides. InputError
@@ -223,6 +233,10 @@ def find(image: Image.Image, length: int | None = None) -> Decoded:
         raise InputError(f"no invisible watermark found in this {image.width}x{image.height} image: "
                          f"{best.on_grid:.0%} of its blocks are where a mark puts them, a marked image has "
                          f"{MIN_ON_GRID:.0%} or more (JPEG below quality 90 and resizing erase the mark)")
+    if length is not None and best.confidence < MIN_AGREEMENT:
+        raise InputError(f"this image carries an invisible watermark, but read as {length} bits its blocks agree "
+                         f"only {best.confidence:.0%} (a mark read at its own length: {MIN_AGREEMENT:.0%} or more); "
+                         "the length is probably not the mark's")
     if length is None and best.text not in KNOWN_MESSAGES:
         raise InputError(f"this image carries an invisible watermark ({best.on_grid:.0%} of its blocks where a mark "
                          "puts them) but not one of Stable Diffusion's texts; give its --length in bits "

@@ -111,6 +111,9 @@ def test_negative_controls():
     with pytest.raises(InputError, match="not one of Stable Diffusion's texts"):
         watermark.find(marked)
     assert watermark.find(marked, 32).text == "SDV3"
+    with pytest.raises(InputError, match="read as 40 bits its blocks agree only .* the length is probably not"):
+        watermark.find(marked, 40)
+    assert watermark.reads_back(marked, "SDV3") and not watermark.reads_back(marked, "SDV4")
 
 
 def test_embed_keeps_size_alpha_and_changes_little():
@@ -182,6 +185,11 @@ def test_cli_watermark_round_trip(tmp_path):
     assert "'StableDiffusionV1'" in sdonnx("watermark", "decode", again).stdout
     run = sdonnx("watermark", "embed", plain, again)
     assert run.returncode == 2 and "already exists" in run.stderr
+    run = sdonnx("watermark", "embed", plain, tmp_path / "marked.jpg")
+    assert run.returncode == 2 and "write the marked image as .png" in run.stderr
+    run = sdonnx("generate", "a harbour at dusk", "--steps", "2", "--size", "256x256", "--seed", "1", "--watermark",
+                 "-o", tmp_path / "marked-lossy.jpg")
+    assert run.returncode == 0 and "JPEG and WebP erase it" in run.stderr
     rgba = Image.open(plain).convert("RGBA")
     rgba.putalpha(200)
     rgba.save(tmp_path / "rgba.png")
