@@ -221,7 +221,7 @@ def generate(
             if isinstance(mark, str) or mark is True:
                 from sdonnx.runtime import watermark as watermark_module
 
-                text = mark if isinstance(mark, str) else pipe.watermark_message
+                text = pipe.watermark_text(mark)
                 if written.suffix.lower() != ".png" or not watermark_module.reads_back(image, text):
                     typer.secho(f"warning: the invisible watermark in {written} will not read back "
                                 + ("(JPEG and WebP erase it)" if written.suffix.lower() != ".png" else
@@ -273,13 +273,14 @@ def upscale(
 
     from sdonnx.runtime import Pipeline
     from sdonnx.runtime.images import load_image
-    from sdonnx.runtime.pipeline import check_model_folder, random_seed
-    from sdonnx.runtime.upscale import UpscaleConfig, is_upscaler
+    from sdonnx.runtime.pipeline import check_model_folder
+    from sdonnx.runtime.upscale import UpscaleConfig, check_upscaler
 
     if tile != "off" and not (tile.isascii() and tile.isdecimal()):
         raise InputError(f"--tile must be a side in input pixels (a multiple of 8) or off, got {tile!r}")
     tile_side = None if tile == "off" else int(tile)
-    UpscaleConfig(prompt, negative, noise_level, steps, guidance, seed, sampler, tile_side, vae_tiles).validate(1000)
+    seed = UpscaleConfig(prompt, negative, noise_level, steps, guidance, seed, sampler, tile_side,
+                         vae_tiles).validate(1000).seed
     from sdonnx.runtime import providers
 
     providers.resolve_precision(providers.resolve(provider), precision)  # before the folder is looked at
@@ -287,11 +288,7 @@ def upscale(
     paths = output.output_paths(out, 1)
     output.refuse_existing(paths)
     check_model_folder(model)
-    seed = random_seed() if seed is None or seed == -1 else seed
-    if not is_upscaler(model):
-        raise InputError(f"{model} is not an x4 upscaler (its model_index.json does not name "
-                         "StableDiffusionUpscalePipeline); export stabilityai/stable-diffusion-x4-upscaler with "
-                         "`sdonnx export` and pass that folder")
+    check_upscaler(model)
     picture = load_image(image, "image")
     folder = output.prepare_folder(out)
     start = time.perf_counter()
@@ -493,11 +490,7 @@ def serve(
             raise InputError(f"--safety-checker: {pipe.name} has no safety checker; export it from a diffusers folder "
                              "that has safety_checker/ and feature_extractor/")
         mark = watermark_text if watermark_text is not None else watermark
-        if mark is not False:
-            from sdonnx.runtime.watermark import message_bits, require
-
-            require()
-            message_bits(pipe.watermark_message if mark is True else mark)
+        pipe.watermark_text(mark)  # (create_app checks it again, after the server says it serves)
     except BaseException:
         sock.close()
         raise

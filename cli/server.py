@@ -373,7 +373,8 @@ class Worker:
     """
 
     def __init__(self, pipe: Pipeline, max_queue: int = MAX_QUEUE, options: dict | None = None):
-        # The server's own generate() options, the same for every request (cache_interval, watermark).
+        # The server's own generate() options, the same for every request (cache_interval,
+        # watermark, safety_checker).
         self.pipe, self.options = pipe, options or {}
         self.jobs: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
         self.lock = threading.Lock()
@@ -656,11 +657,7 @@ def create_app(pipe: Pipeline, api_key: str | None = None, max_queue: int = MAX_
         raise InputError(f"{pipe.name} has no safety checker to serve with")
     if cache_interval > 1:
         pipe.use_deep_cache()
-    if watermark is not False:
-        from sdonnx.runtime.watermark import message_bits, require
-
-        require()  # PyWavelets installed, before the server says it serves
-        message_bits(pipe.watermark_message if watermark is True else watermark)
+    pipe.watermark_text(watermark)  # an empty text, or PyWavelets missing
     if not importlib.util.find_spec("python_multipart"):
         raise InputError(f"sdonnx serve needs python-multipart (for /v1/images/edits): {install_hint('serve')}")
     app = FastAPI(title="sdonnx", version="0.1.0", redoc_url=None,

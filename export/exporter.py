@@ -417,9 +417,10 @@ def _export_into(tmp: Path, config: ExportConfig, start: float, log: Callable[[s
     gc.collect()  # what converting a single file left in reference cycles, before the peak
     trim_heap()
     from sdonnx.export import upscaler
+    from sdonnx.runtime.upscale import is_upscaler
 
-    upscale = upscaler.is_upscaler(source)
-    if upscale:  # optimum has no exporter for it; its parts are checked as they are written
+    upscale = is_upscaler(source)  # (its model_index.json names the pipeline, in the source as in the export)
+    if upscale:  # optimum has no exporter for it; check_upscaler checks its parts below
         log(f"exporting the x4 upscaler {source} with torch's ONNX exporter")
         upscaler.export_upscaler(source, tmp, config.opset, log)
     else:

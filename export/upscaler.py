@@ -21,15 +21,10 @@ import numpy as np
 from sdonnx.export.parity import PartParity, _compare
 from sdonnx.export.torch_parts import export_module, run_exported
 from sdonnx.runtime import parts
-from sdonnx.runtime.upscale import LOW_RES_SCHEDULER, UPSCALE_PIPELINE
+from sdonnx.runtime.upscale import LOW_RES_SCHEDULER
 
 # The check's sizes: latents of CHECK_SIDE (a multiple of the UNet's 8), two rows (a CFG pair).
 CHECK_SIDE = 16
-
-
-def is_upscaler(source: Path) -> bool:
-    """Whether a diffusers folder holds StableDiffusionUpscalePipeline."""
-    return parts.read_json(source / "model_index.json").get("_class_name") == UPSCALE_PIPELINE
 
 
 def _check(name: str, module, example: dict, target: Path) -> PartParity:

@@ -76,6 +76,7 @@ def measure(model: Path | None, provider: str, precision: str, width: int | None
             repeats: int = 3, cache_dir: Path | None = None, threads: int | None = None) -> BenchResult:
     """Measure in this process (see `run` for one process per provider)."""
     from sdonnx.runtime.pipeline import GenerationConfig, Pipeline, guidance_embedding
+    from sdonnx.runtime.upscale import DEFAULT_NOISE_LEVEL
 
     start = time.perf_counter()
     pipe = Pipeline.load(model, provider=provider, precision=precision, cache_dir=cache_dir, threads=threads)
@@ -92,7 +93,7 @@ def measure(model: Path | None, provider: str, precision: str, width: int | None
     if pipe.unet_channels > c:  # inpainting, depth-to-image, the x4 upscaler: their extra input channels
         sample = np.concatenate([sample, np.zeros((rows, pipe.unet_channels - c, h, w), np.float32)], axis=1)
     cond = guidance_embedding(8.5, pipe.guidance_embedding_dim) if distilled else None
-    labels = 20 if "class_labels" in getattr(pipe.unet, "input_types", {}) else None  # the upscaler's noise level
+    labels = DEFAULT_NOISE_LEVEL if pipe.is_upscaler else None  # the x4 upscaler's noise level, its class label
     start = time.perf_counter()
     pipe._unet(sample, 500.0, context, timestep_cond=cond, class_labels=labels)
     first_step_s = time.perf_counter() - start

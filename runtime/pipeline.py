@@ -321,6 +321,7 @@ class Pipeline:
         levels = parts.config_field(vae_config, "block_out_channels", (0,) * 4,
                                     lambda v: isinstance(v, list) and 1 <= len(v) <= 8, vae_file, "a list of widths")
         self.vae_scale = 2 ** (len(levels) - 1)
+        self.is_upscaler = upscale_.is_upscaler(path)  # x4: `upscale`, not `generate`
         vae_size = parts.config_field(vae_config, "sample_size", 0,
                                       lambda v: is_int(v) and 0 <= v <= 8192, vae_file, "a whole number of pixels")
         # Pixels per side decoded in one piece by vae_tiles="auto" (above: tiles of this side).
@@ -772,6 +773,17 @@ class Pipeline:
         with self.using(parts.SAFETY_CHECKER) as model:
             return safety_checker_.check(model, images, self.config.path / parts.SAFETY_CHECKER.name)
 
+    def watermark_text(self, watermark: bool | str | None) -> str | None:
+        """The text a `watermark` option asks for: None for False or None, the family's
+        `watermark_message` for True, else the text itself. InputError for an empty text,
+        SdonnxError with the install command when PyWavelets is missing."""
+        if watermark is False or watermark is None:
+            return None
+        text = self.watermark_message if watermark is True else watermark
+        watermark_.require()
+        watermark_.message_bits(text)
+        return text
+
     @property
     def watermark_message(self) -> str:
         """The invisible watermark text Stable Diffusion's reference scripts embed for this
@@ -877,7 +889,7 @@ class Pipeline:
         `init_image` and follows its depth: estimated by the folder's depth_estimator, or
         `depth_map` (an image of the init image's size, brighter = nearer; runtime/depth.py).
         """
-        if upscale_.is_upscaler(self.config.path):
+        if self.is_upscaler:
             raise InputError(f"{self.name} is the x4 upscaler: it enlarges an image (`sdonnx upscale IMAGE --model "
                              f"{self.config.path}`, Pipeline.upscale) and does not generate from a prompt alone")
         if mask_image is not None and init_image is None:
@@ -930,7 +942,7 @@ class Pipeline:
             raise ModelFolderError(
                 f"{self.name} has no safety checker ({parts.SAFETY_CHECKER.onnx_path}); sdonnx export writes one "
                 "when the source folder has safety_checker/ and feature_extractor/")
-        mark = self.watermark_message if watermark is True else None if watermark in (False, None) else watermark
+        mark = self.watermark_text(watermark)
         if mark is not None:
             watermark_.check_fits(mark, width, height)
         if isinstance(loras, (str, Path, adapters.LoraUse)):

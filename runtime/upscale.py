@@ -24,8 +24,7 @@ import numpy as np
 from PIL import Image
 
 from sdonnx.runtime import parts
-from sdonnx.runtime.checks import MAX_GUIDANCE, MAX_SIDE, check_number, is_int, shown
-from sdonnx.runtime.schedules import check_steps
+from sdonnx.runtime.checks import MAX_SIDE, is_int, shown
 from sdonnx.runtime.errors import InputError, ModelFolderError
 
 if TYPE_CHECKING:
@@ -64,17 +63,12 @@ class UpscaleConfig:
     vae_tiles: int | str = "auto"
 
     def validate(self, max_noise_level: int) -> "UpscaleConfig":
-        from sdonnx.runtime import vae
-        from sdonnx.runtime.pipeline import SAMPLERS
+        """This config with its seed drawn when None or -1; InputError for a value out of range
+        (steps, guidance, sampler, seed and VAE tiles as GenerationConfig.validate checks them)."""
+        from sdonnx.runtime.pipeline import GenerationConfig
 
-        check_steps(self.steps)
-        if self.sampler not in SAMPLERS:
-            raise InputError(f"unknown sampler {self.sampler!r}; choose one of: {', '.join(SAMPLERS)}")
-        if self.seed is not None and (not is_int(self.seed) or not -1 <= self.seed < 2**63):
-            raise InputError(f"seed must be a whole number from 0 to 2^63 - 1, or -1 for a random one; "
-                             f"got {shown(self.seed)}")
-        vae.check_tiles(self.vae_tiles)
-        check_number("guidance", self.guidance, 0, MAX_GUIDANCE)
+        seed = GenerationConfig(self.prompt, self.negative_prompt, self.steps, self.guidance, self.seed,
+                                sampler=self.sampler, vae_tiles=self.vae_tiles).validate().seed
         if not is_int(self.noise_level) or not 0 <= self.noise_level <= max_noise_level:
             raise InputError(f"noise level must be a whole number from 0 to {max_noise_level} (this model's "
                              f"max_noise_level), got {shown(self.noise_level)}")
@@ -82,12 +76,22 @@ class UpscaleConfig:
                                       or not MIN_TILE <= self.tile <= 4096):
             raise InputError(f"the UNet tile must be a multiple of {UNET_MULTIPLE} from {MIN_TILE} to 4096 "
                              f"input pixels, got {shown(self.tile)}")
-        return self
+        return replace(self, seed=seed)
 
 
 def is_upscaler(folder) -> bool:
-    """Whether a model folder holds the x4 upscaler (its model_index.json says so)."""
+    """Whether a model folder (or the diffusers folder it is exported from) holds the x4
+    upscaler: its model_index.json says so."""
     return parts.read_json(folder / "model_index.json").get("_class_name") == UPSCALE_PIPELINE
+
+
+def check_upscaler(folder) -> None:
+    """InputError, saying what to export, unless `folder` holds the x4 upscaler."""
+    if not is_upscaler(folder):
+        raise InputError(f"{folder} is not an x4 upscaler (its model_index.json names "
+                         f"{parts.read_json(folder / 'model_index.json').get('_class_name')!r}, not "
+                         f"{UPSCALE_PIPELINE}); export stabilityai/stable-diffusion-x4-upscaler with "
+                         "`sdonnx export` and pass that folder")
 
 
 def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
@@ -179,11 +183,7 @@ def upscale(pipe: "Pipeline", image: Image.Image, config: UpscaleConfig,
     from sdonnx.runtime.infotext import infotext
     from sdonnx.runtime.pipeline import SAMPLERS, GenerationConfig
 
-    if not is_upscaler(pipe.config.path):
-        raise InputError(f"{pipe.name} is not an x4 upscaler (its model_index.json names "
-                         f"{parts.read_json(pipe.config.path / 'model_index.json').get('_class_name')!r}); export "
-                         "stabilityai/stable-diffusion-x4-upscaler (or another StableDiffusionUpscalePipeline) "
-                         "with `sdonnx export` and pass that folder")
+    check_upscaler(pipe.config.path)
     config = config.validate(max_noise_level(pipe))
     width, height = image.size
     if max(width, height) * SCALE > MAX_SIDE:

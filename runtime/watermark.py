@@ -178,7 +178,6 @@ def embed(image: Image.Image, message: str | bytes = SD1_MESSAGE) -> Image.Image
     n_rows, n_cols = approx.shape[0] // BLOCK, approx.shape[1] // BLOCK
     approx[: n_rows * BLOCK, : n_cols * BLOCK] = blocks.reshape(n_rows, n_cols, BLOCK, BLOCK).transpose(
         0, 2, 1, 3).reshape(n_rows * BLOCK, n_cols * BLOCK)
-    u = u.copy()
     u[:height, :width] = np.clip(np.round(pywt.idwt2((approx, details), "haar")), 0, 255)
     out = rgb.copy()
     out[:height, :width] = _to_rgb(y[:height, :width], u[:height, :width], v[:height, :width])
@@ -232,7 +231,7 @@ def find(image: Image.Image, length: int | None = None) -> Decoded:
     if not best.found:
         raise InputError(f"no invisible watermark found in this {image.width}x{image.height} image: "
                          f"{best.on_grid:.0%} of its blocks are where a mark puts them, a marked image has "
-                         f"{MIN_ON_GRID:.0%} or more (JPEG below quality 90 and resizing erase the mark)")
+                         f"{MIN_ON_GRID:.0%} or more (JPEG, resizing and crops off the top or left erase a mark)")
     if length is not None and best.confidence < MIN_AGREEMENT:
         raise InputError(f"this image carries an invisible watermark, but read as {length} bits its blocks agree "
                          f"only {best.confidence:.0%} (a mark read at its own length: {MIN_AGREEMENT:.0%} or more); "

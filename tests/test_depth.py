@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import OUTPUT_GAIN, TIME_GAIN, psnr
+from conftest import OUTPUT_GAIN, TIME_GAIN, _export, psnr
 from sdonnx.runtime import depth, parts
 from sdonnx.runtime.errors import InputError
 
@@ -29,11 +29,7 @@ def depth_source(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def depth_folder(depth_source, tmp_path_factory):
-    from sdonnx.export.exporter import ExportConfig, export
-
-    out = tmp_path_factory.mktemp("depth-export") / "onnx"
-    export(ExportConfig(depth_source, out))
-    return out
+    return _export(depth_source, tmp_path_factory, "depth-export")
 
 
 @pytest.fixture(scope="module")

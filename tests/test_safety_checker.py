@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import _export
 from sdonnx.runtime import parts
 from sdonnx.runtime import safety_checker as runtime_checker
 from sdonnx.runtime.errors import InputError, ModelFolderError
@@ -100,11 +101,7 @@ def checked_source(tmp_path_factory, tiny_pipeline):
 
 @pytest.fixture(scope="module")
 def checked_folder(checked_source, tmp_path_factory):
-    from sdonnx.export.exporter import ExportConfig, export
-
-    out = tmp_path_factory.mktemp("safety-export") / "onnx"
-    export(ExportConfig(checked_source, out))
-    return out
+    return _export(checked_source, tmp_path_factory, "safety-export")
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import psnr
+from conftest import _export, psnr
 from sdonnx.runtime import parts, upscale
 from sdonnx.runtime.errors import InputError
 
@@ -28,11 +28,7 @@ def upscaler_source(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def upscaler_folder(upscaler_source, tmp_path_factory):
-    from sdonnx.export.exporter import ExportConfig, export
-
-    out = tmp_path_factory.mktemp("upscaler-export") / "onnx"
-    export(ExportConfig(upscaler_source, out))
-    return out
+    return _export(upscaler_source, tmp_path_factory, "upscaler-export")
 
 
 @pytest.fixture(scope="module")
