@@ -315,6 +315,134 @@ def upscale(
 
 
 @app.command()
+def batch(
+    jobs: Path = typer.Argument(..., help="A JSON Lines file: one job per line, such as {\"prompt\": \"a red circle\", "
+                                          "\"seed\": 1, \"steps\": 20, \"size\": \"512x512\"} (fields: prompt, "
+                                          "negative_prompt, seed, steps, guidance, size or width and height, sampler, "
+                                          "schedule, eta, n, name)."),
+    out: str = typer.Option(..., "--out", "-o", help="Folder for the images and results.jsonl; running the same "
+                                                      "command again draws only what is missing."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="ONNX model folder (default: the embedded model)."),
+    ray_address: Optional[str] = typer.Option(
+        None, "--ray", help="Run on a Ray cluster (pip install 'sdonnx[ray]'): auto (the cluster this machine joined, "
+                            "or $RAY_ADDRESS), local (start one here for this run), or the head's HOST:PORT."),
+    workers: Optional[int] = typer.Option(
+        None, "--workers", min=1, max=10_000, help="With --ray: workers, each holding the model "
+                                                   "(default: the cluster's CPUs / --threads)."),
+    ship_model: bool = typer.Option(
+        False, "--ship-model", help="With --ray: send the model folder to the nodes through Ray's object store "
+                                    "(default: every node reads --model's path, which must hold the same folder)."),
+    provider: str = typer.Option("auto", "--provider", help=f"One of: {', '.join(PROVIDER_CHOICES)}."),
+    precision: str = typer.Option("auto", "--precision",
+                                  help="fp32, bf16 (openvino) or auto: bf16 where the provider and CPU do it."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, max=MAX_THREADS,
+                                          help="CPU threads per worker (default: all physical cores here; 1 per "
+                                               "worker with --ray)."),
+    lora_dir: Optional[str] = typer.Option(
+        None, "--lora-dir", help="Where <lora:NAME:SCALE> in a prompt is looked up (on every node with --ray; "
+                                 "default $SDONNX_LORA_DIR, else ~/.local/share/sdonnx/loras)."),
+    embeddings_dir: Optional[str] = typer.Option(
+        None, "--embeddings-dir", help="Textual-inversion embeddings (on every node with --ray; default "
+                                       "$SDONNX_EMBEDDINGS_DIR, else ~/.local/share/sdonnx/embeddings)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Name every image written, and where it was drawn."),
+) -> None:
+    """Draw every image of a jobs file into a folder, here or on a Ray cluster; resumable.
+
+    Each image is what `sdonnx generate` draws with its job's settings, written as
+    NAME.png (a job's "name") or LINE-SEED.png, with one line in OUT/results.jsonl."""
+    import importlib.util
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from sdonnx.cli import batch as batch_
+    from sdonnx.runtime import providers
+    from sdonnx.runtime.pipeline import check_model_folder, default_model_path
+
+    out = output.out_path(out)
+    if output.image_suffix(out) is not None:
+        raise InputError(f"--out {out}: a batch writes many images; give a folder")
+    if ray_address is None and (workers is not None or ship_model):
+        raise InputError(f"{'--workers' if workers is not None else '--ship-model'} needs --ray "
+                         "(without it one worker runs in this process; --ray local starts a cluster on this machine)")
+    if ray_address is not None and not ray_address.strip():
+        raise InputError("--ray is empty; give auto, local, or the cluster's address (HOST:PORT)")
+    providers.resolve_precision(providers.resolve(provider), precision)
+    lora_dir, embeddings_dir = folder_option("--lora-dir", lora_dir), folder_option("--embeddings-dir", embeddings_dir)
+    if ray_address is not None and importlib.util.find_spec("ray") is None:
+        raise InputError(f"--ray needs Ray: {install_hint('ray')}")
+    tasks, errors = batch_.read_jobs(jobs)
+    folder_path = (model or default_model_path()).expanduser()
+    check_model_folder(folder_path)
+    errors += batch_.check_sizes(tasks, folder_path)
+    if errors:
+        for message in errors[:20]:
+            typer.secho(f"{jobs}: {message}", err=True, fg=typer.colors.RED)
+        more = f" (the first 20 shown)" if len(errors) > 20 else ""
+        raise InputError(f"{len(errors)} bad lines in {jobs}{more}; nothing was drawn")
+    folder = output.prepare_folder(out)
+    results = batch_.Results(folder)
+    todo, done, stale = results.plan(tasks, folder)
+    if stale:
+        typer.secho(f"{len(stale)} images listed in {results.path} are gone; they are drawn again", err=True,
+                    fg=typer.colors.YELLOW)
+    if not todo:
+        typer.echo(f"all {len(tasks)} images of {jobs} are in {folder} already; nothing to draw")
+        return
+    options = {"provider": provider, "precision": precision, "lora_dir": lora_dir, "embeddings_dir": embeddings_dir}
+    failed: list[str] = []
+    start = time.perf_counter()
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  transient=True, console=Console(stderr=True), disable=not sys.stderr.isatty()) as progress:
+        bar = progress.add_task("loading", total=len(todo))
+
+        def drawn(image: batch_.Drawn) -> None:
+            path = results.write(image, folder)
+            progress.update(bar, advance=1, description="drawing")
+            if verbose:
+                typer.echo(f"wrote {path} (line {image.record['line']}, seed {image.record['seed']}, "
+                           f"{image.record['seconds']:.2f} s on {image.record['worker']})")
+
+        def refused(task: batch_.Task, reason: str) -> None:
+            failed.append(f"line {task.line} ({task.file}): {reason}")
+            progress.update(bar, advance=1)
+
+        def note(message: str) -> None:
+            progress.console.print(f"[yellow]{message}[/yellow]")
+
+        if ray_address is None:
+            drawer = batch_.Drawer()
+            loaded = drawer.load(str(folder_path), {**options, "threads": threads})
+            if verbose:
+                typer.echo(f"loaded {loaded['model']} on {loaded['provider']} ({loaded['precision']})")
+            progress.update(bar, description="drawing")
+            for task in todo:
+                try:
+                    image = drawer.draw(task)
+                except SdonnxError as e:
+                    refused(task, str(e))
+                else:
+                    drawn(image)
+            used = "1 worker here"
+        else:
+            from sdonnx.cli import cluster
+
+            cluster.connect(ray_address, verbose)
+            count = cluster.run_batch(todo, folder_path.resolve(), workers=workers, threads=threads or 1,
+                                      ship_model=ship_model, options=options, on_drawn=drawn, on_failed=refused,
+                                      on_note=note)
+            used = f"{count} Ray worker{'s' if count > 1 else ''}"
+    seconds = time.perf_counter() - start
+    written = len(todo) - len(failed)
+    typer.echo(f"drew {written} images in {seconds:.1f} s with {used} into {folder}"
+               + (f" ({len(done)} were there already)" if done else "") + f"; one line each in {results.path}")
+    if failed:
+        for message in failed[:20]:
+            typer.secho(message, err=True, fg=typer.colors.RED)
+        raise InputError(f"{len(failed)} images were not drawn; fix their jobs and run the same command again")
+
+
+@app.command()
 def export(
     source: Path = typer.Argument(..., help="A single-file checkpoint (.safetensors, .ckpt) or a diffusers folder; "
                                             "with --tiny-vae alone, an exported folder to add TAESD to."),
@@ -464,6 +592,16 @@ def serve(
     embeddings_dir: Optional[str] = typer.Option(
         None, "--embeddings-dir", help="Textual-inversion embeddings, used where a prompt names them "
                                        "(default $SDONNX_EMBEDDINGS_DIR, else ~/.local/share/sdonnx/embeddings)."),
+    ray_address: Optional[str] = typer.Option(
+        None, "--ray", help="Serve from a Ray cluster through Ray Serve (pip install 'sdonnx[ray]'): auto (the "
+                            "cluster this machine joined, or $RAY_ADDRESS), local (start one here), or HOST:PORT. "
+                            "The API and page are the same; --queue then counts per replica."),
+    replicas: Optional[int] = typer.Option(
+        None, "--replicas", min=1, max=10_000, help="With --ray: replicas, each holding the model and generating one "
+                                                    "request at a time (default: the cluster's CPUs / --threads)."),
+    ship_model: bool = typer.Option(
+        False, "--ship-model", help="With --ray: send the model folder to the nodes through Ray's object store "
+                                    "(default: every node reads --model's path, which must hold the same folder)."),
 ) -> None:
     """Serve one model: OpenAI's images API, AUTOMATIC1111's /sdapi/v1, and a web page at /."""
     import importlib.util
@@ -480,6 +618,12 @@ def serve(
     if not host.strip():
         raise InputError("--host is empty; give an address such as 127.0.0.1 (this machine) or 0.0.0.0 (the network)")
     lora_dir, embeddings_dir = folder_option("--lora-dir", lora_dir), folder_option("--embeddings-dir", embeddings_dir)
+    if ray_address is None and (replicas is not None or ship_model):
+        raise InputError(f"{'--replicas' if replicas is not None else '--ship-model'} needs --ray")
+    mark = watermark_text if watermark_text is not None else watermark
+    if ray_address is not None:
+        return _serve_on_ray(ray_address, model, host, port, provider, precision, threads, api_key, queue, low_memory,
+                             cache_interval, safety_checker, mark, lora_dir, embeddings_dir, replicas, ship_model)
     sock = server.bind(host, port)
     try:
         pipe = Pipeline.load(model, provider=provider, threads=threads, precision=precision, low_memory=low_memory,
@@ -489,7 +633,6 @@ def serve(
         if safety_checker and not pipe.has_safety_checker:
             raise InputError(f"--safety-checker: {pipe.name} has no safety checker; export it from a diffusers folder "
                              "that has safety_checker/ and feature_extractor/")
-        mark = watermark_text if watermark_text is not None else watermark
         pipe.watermark_text(mark)  # (create_app checks it again, after the server says it serves)
     except BaseException:
         sock.close()
@@ -502,6 +645,48 @@ def serve(
         typer.secho("warning: listening beyond this machine without --api-key: anyone who can reach "
                     "the port can generate", err=True, fg=typer.colors.YELLOW)
     server.serve(pipe, sock, api_key, queue, cache_interval, mark, safety_checker)
+
+
+def _serve_on_ray(address: str, model: Path | None, host: str, port: int, provider: str, precision: str,
+                  threads: int | None, api_key: str | None, queue: int, low_memory: bool, cache_interval: int,
+                  safety_checker: bool, mark: bool | str, lora_dir: Path | None, embeddings_dir: Path | None,
+                  replicas: int | None, ship_model: bool) -> None:
+    """`sdonnx serve --ray`: the same app, one per replica, behind Ray Serve's proxy (cli/cluster.py)."""
+    import importlib.util
+
+    from sdonnx.cli import server
+    from sdonnx.runtime import providers
+    from sdonnx.runtime.pipeline import check_model_folder, default_model_path
+
+    if not address.strip():
+        raise InputError("--ray is empty; give auto, local, or the cluster's address (HOST:PORT)")
+    if importlib.util.find_spec("ray") is None:
+        raise InputError(f"--ray needs Ray Serve: {install_hint('ray')}")
+    providers.resolve_precision(providers.resolve(provider), precision)
+    if isinstance(mark, str):
+        from sdonnx.runtime.watermark import message_bits
+
+        message_bits(mark)
+    folder = (model or default_model_path()).expanduser().resolve()
+    check_model_folder(folder)
+    sock = server.bind(host, port)  # a taken port fails here, at once; Ray's proxy binds it next
+    port = sock.getsockname()[1]
+    sock.close()
+    from sdonnx.cli import cluster
+
+    cluster.connect(address)
+    url, count = cluster.serve_app(
+        folder, host=host, port=port, replicas=replicas, threads=threads or 1, queue=queue, ship_model=ship_model,
+        options={"provider": provider, "precision": precision, "low_memory": low_memory, "lora_dir": lora_dir,
+                 "embeddings_dir": embeddings_dir},
+        app_options={"api_key": api_key, "cache_interval": cache_interval, "watermark": mark,
+                     "safety_checker": safety_checker})
+    typer.echo(f"serving {folder.name} on {url} from {count} Ray Serve replica{'s' if count > 1 else ''}"
+               + (" with an API key" if api_key else "") + "; Ctrl-C stops")
+    if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+        typer.secho("warning: listening beyond this machine without --api-key: anyone who can reach "
+                    "the port can generate", err=True, fg=typer.colors.YELLOW)
+    cluster.wait_serving()
 
 
 watermark_app = typer.Typer(help="Stable Diffusion's invisible watermark (DWT, as the invisible-watermark package).",

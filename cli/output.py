@@ -9,6 +9,7 @@ EXIF UserComment, as AUTOMATIC1111's web UI writes them (its "PNG info" tab read
 from __future__ import annotations
 
 import errno
+import io
 import os
 import re
 import secrets
@@ -102,6 +103,13 @@ def _next_number(folder: Path) -> int:
     return max(numbers, default=-1) + 1
 
 
+def encode(image: Image.Image, suffix: str = ".png") -> bytes:
+    """The file `save_image` would write for `image`, as bytes (its parameters inside)."""
+    buffer = io.BytesIO()
+    _encode(image, buffer, suffix)
+    return buffer.getvalue()
+
+
 def save_image(image: Image.Image, path: Path | None, folder: Path, seed: int, suffix: str = "") -> Path:
     """Write `image` (its info["parameters"] inside) to `path`, or to the next free number in
     `folder` as PNG; returns the path written.
@@ -110,15 +118,27 @@ def save_image(image: Image.Image, path: Path | None, folder: Path, seed: int, s
     as any other file, and are hard-linked into place, which fails rather than overwrite: a
     full disk or a crash leaves no partial image and no temporary file behind.
     """
-    target_dir = path.parent if path else folder
     fmt = path.suffix.lower() if path else ".png"
+    return _place(lambda f: _encode(image, f, fmt), fmt, path,
+                  lambda: folder / f"{_next_number(folder):05d}-{seed}{suffix}.png", folder)
+
+
+def save_encoded(data: bytes, path: Path) -> Path:
+    """Write the encoded image `data` to `path` as `save_image` writes: all or nothing,
+    never over an existing file (InputError)."""
+    return _place(lambda f: f.write(data), path.suffix.lower(), path, None, path.parent)
+
+
+def _place(write, fmt: str, path: Path | None, numbered, folder: Path) -> Path:
+    """`write(file)` into a temporary file, hard-linked to `path` or to `numbered()`."""
+    target_dir = path.parent if path else folder
     tmp = target_dir / f".sdonnx-{secrets.token_hex(6)}{fmt}.tmp"
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         with os.fdopen(fd, "wb") as f:
-            _encode(image, f, fmt)
+            write(f)
         while True:
-            final = path or folder / f"{_next_number(folder):05d}-{seed}{suffix}.png"
+            final = path or numbered()
             try:
                 os.link(tmp, final)
                 return final

@@ -39,7 +39,7 @@ from sdonnx.runtime import adapters
 from sdonnx.runtime.errors import InputError, SdonnxError, install_hint
 from sdonnx.runtime.images import INIT_BACKGROUND, MASK_BACKGROUND, default_size, load_image
 from sdonnx.runtime.checks import MAX_GUIDANCE
-from sdonnx.runtime.pipeline import SAMPLERS, GenerationConfig, Pipeline, random_seed
+from sdonnx.runtime.pipeline import SAMPLERS, GenerationConfig, Pipeline, find_sampler, random_seed
 
 MAX_BODY_BYTES = 16 * 2**20
 MAX_QUEUE = 4
@@ -138,19 +138,6 @@ def openai_mask(data: bytes) -> Image.Image:
     if not (alpha == 0).any():
         raise InputError("mask: no transparent pixel; OpenAI's masks are transparent (alpha 0) where to edit")
     return Image.fromarray(np.where(alpha == 0, 255, 0).astype(np.uint8), "L")
-
-
-def find_sampler(name: str) -> tuple[str, bool]:
-    """(sampler key, Karras?) from an A1111 sampler name ("Euler a", "DPM++ 2M Karras") or ours."""
-    wanted = name.strip().lower()
-    karras = wanted.endswith(" karras")
-    if karras:
-        wanted = wanted[: -len(" karras")]
-    for key, sampler in SAMPLERS.items():
-        if wanted in (key, sampler.label.lower()):
-            return key, karras
-    known = ", ".join(s.label for s in SAMPLERS.values())
-    raise ValueError(f"unknown sampler {name!r}; choose one of: {known}")
 
 
 def _known_sampler(name: str | None) -> str | None:

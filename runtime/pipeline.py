@@ -71,6 +71,20 @@ SAMPLERS = {
     "lcm": Sampler("LCM", samplers.sample_lcm, lcm_schedule, "LCMScheduler"),
 }
 SCHEDULES = ("default", "karras")
+
+
+def find_sampler(name: str) -> tuple[str, bool]:
+    """(sampler key, Karras?) from an A1111 sampler name ("Euler a", "DPM++ 2M Karras") or
+    sdonnx's ("euler_a"); ValueError naming the known ones for any other."""
+    wanted = name.strip().lower()
+    karras = wanted.endswith(" karras")
+    if karras:
+        wanted = wanted[: -len(" karras")]
+    for key, sampler in SAMPLERS.items():
+        if wanted in (key, sampler.label.lower()):
+            return key, karras
+    known = ", ".join(s.label for s in SAMPLERS.values())
+    raise ValueError(f"unknown sampler {name!r}; choose one of: {known}")
 # An LCM-distilled model's settings when its folder does not say (diffusers'
 # LatentConsistencyModelPipeline defaults: 4 steps, guidance 8.5, its LCMScheduler).
 LCM_DEFAULTS = {"sampler": "lcm", "steps": 4, "guidance": 8.5}
