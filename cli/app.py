@@ -365,8 +365,8 @@ def batch(
     if ray_address is None and (workers is not None or ship_model):
         raise InputError(f"{'--workers' if workers is not None else '--ship-model'} needs --ray "
                          "(without it one worker runs in this process; --ray local starts a cluster on this machine)")
-    if ray_address is not None and not ray_address.strip():
-        raise InputError("--ray is empty; give auto, local, or the cluster's address (HOST:PORT)")
+    if ray_address is not None:
+        batch_.check_ray_address(ray_address)
     providers.resolve_precision(providers.resolve(provider), precision)
     lora_dir, embeddings_dir = folder_option("--lora-dir", lora_dir), folder_option("--embeddings-dir", embeddings_dir)
     if ray_address is not None and importlib.util.find_spec("ray") is None:
@@ -375,6 +375,7 @@ def batch(
     folder_path = (model or default_model_path()).expanduser()
     check_model_folder(folder_path)
     errors += batch_.check_sizes(tasks, folder_path)
+    errors.sort(key=lambda message: int(message.split()[1].rstrip(":")))  # "line N: ..."
     if errors:
         for message in errors[:20]:
             typer.secho(f"{jobs}: {message}", err=True, fg=typer.colors.RED)
@@ -658,8 +659,9 @@ def _serve_on_ray(address: str, model: Path | None, host: str, port: int, provid
     from sdonnx.runtime import providers
     from sdonnx.runtime.pipeline import check_model_folder, default_model_path
 
-    if not address.strip():
-        raise InputError("--ray is empty; give auto, local, or the cluster's address (HOST:PORT)")
+    from sdonnx.cli.batch import check_ray_address
+
+    check_ray_address(address)
     if importlib.util.find_spec("ray") is None:
         raise InputError(f"--ray needs Ray Serve: {install_hint('ray')}")
     providers.resolve_precision(providers.resolve(provider), precision)

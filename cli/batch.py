@@ -44,6 +44,15 @@ JOB_FIELDS = ("prompt", "negative_prompt", "seed", "steps", "guidance", "width",
 ALIASES = {"negative": "negative_prompt", "cfg_scale": "guidance", "sampler_name": "sampler",
            "scheduler": "schedule", "batch_size": "n"}
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+RAY_ADDRESS = re.compile(r"(ray://)?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9.-]*):\d{1,5}")
+
+
+def check_ray_address(value: str) -> str:
+    """`--ray`'s value: auto, local, or a cluster's HOST:PORT (ray://HOST:PORT for Ray Client);
+    InputError for anything else, before Ray is imported."""
+    if value in ("auto", "local") or RAY_ADDRESS.fullmatch(value):
+        return value
+    raise InputError(f"--ray takes auto, local, or the head node's HOST:PORT (such as 10.0.0.5:6379), got {value!r}")
 
 
 @dataclass(frozen=True)

@@ -41,8 +41,6 @@ def connect(address: str, verbose: bool = False) -> None:
     """Join the Ray cluster at `address` ("auto": the one this machine belongs to, or
     $RAY_ADDRESS; HOST:PORT or ray://HOST:10001), or with "local" start one on this machine
     for this process only. InputError when there is none."""
-    if not address.strip():
-        raise InputError("--ray is empty; give auto, local, or the cluster's address (HOST:PORT)")
     options = {"log_to_driver": verbose, "logging_level": "INFO" if verbose else "WARNING",
                "configure_logging": verbose}
     try:
@@ -83,7 +81,7 @@ def model_on_node(path: str, expected: str, shipped: dict | None) -> str:
         folder = Path(path)
         if folder.is_dir() and fingerprint(folder) == expected:
             return path
-        raise ModelFolderError(f"node {ray.util.get_node_ip_address()} does not see the model folder {path} "
+        raise ModelFolderError(f"the node at {ray.util.get_node_ip_address()} does not see the model folder {path} "
                                "(or holds another model there): put it on a path every node sees, or add --ship-model")
     root = (cache.resolve_root(None) or Path.home() / ".cache" / "sdonnx") / "ray-models"
     target = root / expected
@@ -108,6 +106,8 @@ class BatchWorker(Drawer):
     """A Drawer that finds its model folder on its node first (model_on_node)."""
 
     def start(self, model: str, expected: str, shipped: dict | None, options: dict) -> dict:
+        context = ray.get_runtime_context()
+        self.where = f"{ray.util.get_node_ip_address()} node {context.get_node_id()[:8]} pid {os.getpid()}"
         return self.load(model_on_node(model, expected, shipped), options)
 
 
