@@ -7,7 +7,7 @@ Serve replica. The only module that imports Ray.
 The model folder reaches a node one of two ways: read from `--model`'s path, which every node
 must see holding the same folder (checked by `fingerprint`), or with `--ship-model` through
 Ray's object store, one object per file, unpacked once per node into
-~/.cache/sdonnx/ray-models/FINGERPRINT (`model_on_node`).
+~/.cache/sdonnx/ray-models/FINGERPRINT/NAME (`model_on_node`).
 
 Batches are exactly-once on the output because only the driver (the `sdonnx batch` process)
 writes: actors return PNG bytes. A job whose actor died (its process killed, its node lost) is
@@ -89,7 +89,7 @@ def model_on_node(path: str, expected: str, shipped: dict | None) -> str:
         tmp = root / f".{expected}-{secrets.token_hex(6)}"
         try:
             for relative, ref in shipped.items():
-                file = tmp / relative
+                file = tmp / Path(path).name / relative  # the folder's name is the model's name in every PNG
                 file.parent.mkdir(parents=True, exist_ok=True)
                 file.write_bytes(ray.get(ref))
             try:
@@ -99,7 +99,7 @@ def model_on_node(path: str, expected: str, shipped: dict | None) -> str:
                     raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    return str(target)
+    return str(target / Path(path).name)
 
 
 class BatchWorker(Drawer):

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import ctypes
 import os
+import secrets
 import shutil
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 CLONE_NEWNET = 0x40000000
@@ -73,19 +75,28 @@ class LoopbackNamespace:
 class RayCluster:
     """`ray start --head` and a second `ray start --address` node, separate processes with
     `cpus` CPUs each, inside `namespace`; `address` is the head's 127.0.0.1:PORT. The nodes'
-    environment is this process's plus `env` (their workers inherit it)."""
+    environment, `self.env`, is this process's plus `env` (their workers inherit it); drivers
+    need it too."""
 
     def __init__(self, namespace: LoopbackNamespace, cpus: int = 1, env: dict | None = None, port: int = 6380):
         self.namespace = namespace
         # Ray's socket paths must stay short: a temp folder of its own under /tmp.
         self.temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
-        self.env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **(env or {})}
+        # Ray 2.60 authenticates every connection with a token; this cluster's own, given to its
+        # nodes and to the drivers the tests start (`env`), so no file under ~/.ray is involved.
+        self.env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
+                    "RAY_AUTH_TOKEN": secrets.token_hex(32), **(env or {})}
         self.address = f"127.0.0.1:{port}"
         common = ["--num-cpus", str(cpus), "--disable-usage-stats"]
         try:
             self._ray("start", "--head", "--port", str(port), "--include-dashboard", "false",
                       "--temp-dir", self.temp_dir, *common)
             self._ray("start", "--address", self.address, *common)
+            deadline = time.monotonic() + 60
+            while self.nodes() < 2:  # the second node registers shortly after `ray start` returns
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the second Ray node did not join within 60 s")
+                time.sleep(0.5)
         except BaseException:
             self.stop()
             raise

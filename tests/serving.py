@@ -44,7 +44,33 @@ class Reply:
         return self.body.get("detail", "") if isinstance(self.body, dict) else ""
 
 
-class Server:
+class Client:
+    """HTTP requests to a server at `url` (http://HOST:PORT)."""
+
+    def __init__(self, url: str):
+        self.url = url.rstrip("/")
+
+    def request(self, method: str, path: str, body=None, headers: dict | None = None,
+                raw: bytes | None = None, timeout: float = 300) -> Reply:
+        data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+        headers = headers or {}
+        request = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)
+        if data is not None and not any(k.lower() == "content-type" for k in headers):
+            request.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                return Reply(response.status, response.read().decode(errors="replace"), dict(response.headers))
+        except urllib.error.HTTPError as e:
+            return Reply(e.code, e.read().decode(errors="replace"), dict(e.headers))
+
+    def get(self, path: str, **kw) -> Reply:
+        return self.request("GET", path, **kw)
+
+    def post(self, path: str, body=None, **kw) -> Reply:
+        return self.request("POST", path, body if body is not None else {}, **kw)
+
+
+class Server(Client):
     """`sdonnx serve --port 0 ARGS...` in a child process; `url` once it listens."""
 
     def __init__(self, *args: str, timeout: float = 120):
@@ -67,25 +93,6 @@ class Server:
             raise RuntimeError("sdonnx serve did not start:\n" + "".join(self.output))
         # Keep draining the pipe so the child never blocks on a full one.
         threading.Thread(target=lambda: self.output.extend(self.process.stdout), daemon=True).start()
-
-    def request(self, method: str, path: str, body=None, headers: dict | None = None,
-                raw: bytes | None = None, timeout: float = 300) -> Reply:
-        data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
-        headers = headers or {}
-        request = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)
-        if data is not None and not any(k.lower() == "content-type" for k in headers):
-            request.add_header("Content-Type", "application/json")
-        try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
-                return Reply(response.status, response.read().decode(errors="replace"), dict(response.headers))
-        except urllib.error.HTTPError as e:
-            return Reply(e.code, e.read().decode(errors="replace"), dict(e.headers))
-
-    def get(self, path: str, **kw) -> Reply:
-        return self.request("GET", path, **kw)
-
-    def post(self, path: str, body=None, **kw) -> Reply:
-        return self.request("POST", path, body if body is not None else {}, **kw)
 
     def peak_rss_mb(self) -> float:
         """The server process's peak resident memory (Linux VmHWM)."""
