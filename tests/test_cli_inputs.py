@@ -33,7 +33,14 @@ def base_args(command: str, tmp_path) -> list[str]:
         "serve": ["serve", "--model", missing, "--port", "0"],
         "info": ["info", missing],
         "upscale": ["upscale", str(tmp_path / "low.png"), "--model", missing, "--out", str(tmp_path / "big.png")],
+        "batch": ["batch", str(jobs_file(tmp_path)), "--model", missing, "--out", str(tmp_path / "out")],
     }[command]
+
+
+def jobs_file(tmp_path):
+    path = tmp_path / "jobs.jsonl"
+    path.write_text('{"prompt": "a red circle", "seed": 1}\n')
+    return path
 
 
 def options():
@@ -53,7 +60,7 @@ def run(monkeypatch, capsys, args: list[str]) -> tuple[int, str]:
 
 def test_the_walk_covers_every_command():
     commands = {name for name, _ in options()}
-    assert commands == {"generate", "export", "quantize", "bench", "serve", "upscale"}  # info takes no option
+    assert commands == {"generate", "export", "quantize", "bench", "serve", "upscale", "batch"}  # info: no option
     assert sum(1 for _ in options()) >= 35
 
 
