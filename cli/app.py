@@ -379,7 +379,7 @@ def batch(
     if errors:
         for message in errors[:20]:
             typer.secho(f"{jobs}: {message}", err=True, fg=typer.colors.RED)
-        more = f" (the first 20 shown)" if len(errors) > 20 else ""
+        more = " (the first 20 shown)" if len(errors) > 20 else ""
         raise InputError(f"{len(errors)} bad lines in {jobs}{more}; nothing was drawn")
     folder = output.prepare_folder(out)
     results = batch_.Results(folder)
@@ -422,6 +422,8 @@ def batch(
                     image = drawer.draw(task)
                 except SdonnxError as e:
                     refused(task, str(e))
+                except Exception as e:  # as a Ray worker's: the job fails, the batch goes on
+                    refused(task, f"{type(e).__name__}: {e}")
                 else:
                     drawn(image)
             used = "1 worker here"

@@ -22,6 +22,7 @@ This module does not import Ray; cli/cluster.py runs the same `Drawer`s as Ray a
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -29,14 +30,17 @@ import re
 import secrets
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from sdonnx.cli import output
 from sdonnx.runtime.checks import check_number, is_int
-from sdonnx.runtime.errors import InputError, SdonnxError
+from sdonnx.runtime.errors import InputError
 
 RESULTS = "results.jsonl"
+LOCK = ".sdonnx-batch.lock"
+JOB_CHUNK = "sdonnx-job"  # the PNG text chunk holding the image's job, for recovering its line
+SCHEDULES = {"default": "default", "automatic": "default", "karras": "karras"}  # A1111's names too
 MAX_IMAGES_PER_JOB = 64  # `sdonnx generate -n`'s bound
 # A job's fields, and the other names (A1111's, the CLI's) that mean the same.
 JOB_FIELDS = ("prompt", "negative_prompt", "seed", "steps", "guidance", "width", "height", "size", "sampler",
@@ -66,7 +70,7 @@ class Task:
     line: int
     file: str
     request: dict
-    settings: dict = field(hash=False)
+    settings: dict
 
 
 @dataclass(frozen=True)
@@ -116,13 +120,20 @@ def parse_job(text: str, line: int) -> list[Task]:
     for key in ("steps", "width", "height", "n"):
         if key in given and not is_int(given[key]):
             raise InputError(f"{key!r} must be a whole number, got {given[key]!r}")
+    if isinstance(given.get("schedule"), str):
+        if given["schedule"].strip().lower() not in SCHEDULES:
+            raise InputError(f"unknown schedule {given['schedule']!r}; choose default (A1111's Automatic) or karras")
+        given["schedule"] = SCHEDULES[given["schedule"].strip().lower()]
     if isinstance(given.get("sampler"), str):
         try:
             given["sampler"], karras = find_sampler(given["sampler"])
         except ValueError as e:
             raise InputError(str(e)) from None
+        if karras and given.get("schedule", "karras") != "karras":
+            raise InputError(f"sampler {job.get('sampler', job.get('sampler_name'))!r} names Karras sigmas but the "
+                             f"schedule is {given['schedule']!r}; leave out one of them")
         if karras:
-            given.setdefault("schedule", "karras")
+            given["schedule"] = "karras"
     n = given.pop("n", 1)
     if not 1 <= n <= MAX_IMAGES_PER_JOB:
         raise InputError(f"\"n\" (images of this job) must be 1 to {MAX_IMAGES_PER_JOB}, got {n}")
@@ -199,6 +210,14 @@ class Results:
 
     def __init__(self, folder: Path):
         self.path = folder / RESULTS
+        # One writer per folder: a second `sdonnx batch` into it would draw the same images.
+        self._lock = open(folder / LOCK, "a")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            raise InputError(f"another sdonnx batch is writing into {folder}; wait for it, or choose another --out") \
+                from None
         self.records: dict[str, dict] = {}
         self.torn = False
         if self.path.exists():
@@ -243,24 +262,25 @@ class Results:
         return todo, done, stale
 
     def recover(self, task: Task, folder: Path) -> None:
-        """The line of an image that was placed but not recorded, from the PNG's parameters;
-        an InputError for a file sdonnx batch did not write."""
+        """The line of an image that was placed but not recorded, from the job kept in the PNG
+        (JOB_CHUNK); an InputError for a file that is not this job's image."""
         from PIL import Image
 
         path = folder / task.file
         try:
             with Image.open(path) as image:
-                parameters = image.info.get("parameters")
-        except OSError:
-            parameters = None
-        if not parameters or not parameters.startswith(task.request["prompt"]) \
-                or f"Seed: {task.request['seed']}," not in parameters:
+                job, parameters = image.info.get(JOB_CHUNK), image.info.get("parameters")
+            same = job is not None and json.loads(job) == task.request
+        except (OSError, ValueError):
+            same = False
+        if not same:
             raise InputError(f"{path} exists but is not line {task.line}'s image; it was not overwritten "
                              "(choose another --out, or move it away)")
         self.append({"file": task.file, "line": task.line, "job": task.request, "parameters": parameters,
                      "recovered": True})
 
     def append(self, record: dict) -> None:
+        """Add one image's line, on disk before this returns."""
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
             f.flush()
@@ -281,6 +301,11 @@ class Results:
         """Place the image, then record it: after a crash the image exists with or without its
         line, never the line without its image."""
         path = output.save_encoded(drawn.png, folder / drawn.file)
+        directory = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(directory)  # the image's name on disk before its line
+        finally:
+            os.close(directory)
         self.append(drawn.record)
         return path
 
@@ -306,7 +331,7 @@ class Drawer:
         """The image of `task` as `sdonnx generate` draws it, as PNG bytes with its record."""
         start = time.perf_counter()
         [image] = self.pipe.generate(**task.settings)
-        png = output.encode(image)
+        png = output.encode(image, {JOB_CHUNK: json.dumps(task.request, ensure_ascii=False)})
         return Drawn(task.file, png, {
             "file": task.file, "line": task.line, "job": task.request, "seed": image.info["seed"],
             "width": image.width, "height": image.height, "parameters": image.info["parameters"],

@@ -26,14 +26,15 @@ from pathlib import Path
 from typing import Callable
 
 import ray
-from ray import serve
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import RayError, RayTaskError
 
 from sdonnx.cli.batch import Drawer, Drawn, Task
 from sdonnx.runtime import cache
 from sdonnx.runtime.errors import InputError, ModelFolderError, SdonnxError
 
 MAX_ATTEMPTS = 3  # tries per job when workers die under it
+START_TIMEOUT = 900  # seconds without any worker ready (placed and its model loaded) before giving up
+SAMPLE = 2**20  # bytes read from each end of a large file for its fingerprint
 SERVE_APP = "sdonnx"
 
 
@@ -44,8 +45,8 @@ def connect(address: str, verbose: bool = False) -> None:
     options = {"log_to_driver": verbose, "logging_level": "INFO" if verbose else "WARNING",
                "configure_logging": verbose}
     try:
-        if address == "local":
-            ray.init(include_dashboard=False, **options)
+        if address == "local":  # a new cluster, never $RAY_ADDRESS's or the last one started here
+            ray.init(address="local", include_dashboard=False, **options)
         else:
             ray.init(address=address, **options)
     except ConnectionError as e:
@@ -54,14 +55,20 @@ def connect(address: str, verbose: bool = False) -> None:
 
 
 def fingerprint(folder: Path) -> str:
-    """What identifies a model folder across nodes: its files' relative paths and sizes, and
-    the contents of its JSON files (configs, tokenizer, sdonnx.json); 16 hex digits."""
+    """What identifies a model folder across nodes (16 hex digits): its files' relative paths
+    and sizes, the whole of every file up to 2 MB (configs, tokenizer, sdonnx.json) and the
+    first and last MB of larger ones (two fine-tunes of one architecture differ there)."""
     digest = hashlib.sha256()
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        relative = path.relative_to(folder).as_posix()
-        digest.update(f"{relative}\0{path.stat().st_size}\0".encode())
-        if path.suffix == ".json":
-            digest.update(path.read_bytes())
+        size = path.stat().st_size
+        digest.update(f"{path.relative_to(folder).as_posix()}\0{size}\0".encode())
+        with open(path, "rb") as f:
+            if size <= 2 * SAMPLE:
+                digest.update(f.read())
+            else:
+                digest.update(f.read(SAMPLE))
+                f.seek(-SAMPLE, os.SEEK_END)
+                digest.update(f.read())
     return digest.hexdigest()[:16]
 
 
@@ -106,9 +113,21 @@ class BatchWorker(Drawer):
     """A Drawer that finds its model folder on its node first (model_on_node)."""
 
     def start(self, model: str, expected: str, shipped: dict | None, options: dict) -> dict:
-        context = ray.get_runtime_context()
-        self.where = f"{ray.util.get_node_ip_address()} node {context.get_node_id()[:8]} pid {os.getpid()}"
-        return self.load(model_on_node(model, expected, shipped), options)
+        """Load the model (model_on_node, then Drawer.load); returns Drawer.load's report
+        plus this worker's Ray node id ("node")."""
+        node = ray.get_runtime_context().get_node_id()
+        self.where = f"{ray.util.get_node_ip_address()} node {node[:8]} pid {os.getpid()}"
+        return {**self.load(model_on_node(model, expected, shipped), options), "node": node}
+
+
+def slots(threads: int, what: str) -> int:
+    """How many actors of `threads` CPUs the cluster's alive nodes hold (each on one node);
+    InputError when no node has that many CPUs (an actor would wait for one forever)."""
+    cpus = [node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"]]
+    if max(cpus, default=0) < threads:
+        raise InputError(f"no node of the Ray cluster has {threads} CPUs for a {what} (the largest has "
+                         f"{max(cpus, default=0):g}); lower --threads")
+    return sum(int(c // threads) for c in cpus)
 
 
 def _cause(error: Exception) -> Exception:
@@ -120,138 +139,183 @@ def run_batch(tasks: list[Task], model: Path, *, workers: int | None, threads: i
               options: dict, on_drawn: Callable[[Drawn], None], on_failed: Callable[[Task, str], None],
               on_note: Callable[[str], None]) -> int:
     """Draw `tasks` on the connected cluster with `workers` actors of `threads` CPUs each
-    (None: as many as the cluster's CPUs allow); `on_drawn` is called in this process for
-    every image, `on_failed` for a job the model refuses or that failed MAX_ATTEMPTS times,
-    `on_note` for a worker that died. Returns the number of workers used. InputError when
-    the model cannot be loaded on the cluster, or no worker can start."""
-    cpus = ray.cluster_resources().get("CPU", 0)
-    if cpus < threads:
-        raise InputError(f"the Ray cluster has {cpus:g} CPUs, fewer than --threads {threads} per worker")
-    count = workers or max(1, int(cpus // threads))
+    (None: as many as the nodes hold, `slots`); `on_drawn` is called in this process for every
+    image, `on_failed` for a job the model refuses or whose workers died MAX_ATTEMPTS times,
+    `on_note` when a worker dies. Returns the number of workers asked for. InputError when
+    the model cannot be loaded on the cluster, or no worker is ready within START_TIMEOUT."""
+    count = workers or max(1, slots(threads, "worker"))
     expected = fingerprint(model)
     shipped = ship(model) if ship_model else None
     Actor = ray.remote(num_cpus=threads, max_restarts=0)(BatchWorker)
 
-    def launch():
+    def launch() -> None:
         actor = Actor.remote()
-        return actor, actor.start.remote(str(model), expected, shipped, {**options, "threads": threads})
+        starting[actor.start.remote(str(model), expected, shipped, {**options, "threads": threads})] = actor
 
-    starting = dict(launch()[::-1] for _ in range(count))  # start ref -> actor
+    def replace(actor) -> None:
+        """A worker died: end it for good (an unreachable one may still hold its CPUs), drop the
+        idle workers of nodes that are gone with it, and start one more in its place."""
+        ray.kill(actor, no_restart=True)
+        alive = {node["NodeID"] for node in ray.nodes() if node["Alive"]}
+        for other in [a for a in idle if nodes.get(a) not in alive]:
+            idle.remove(other)
+            ray.kill(other, no_restart=True)
+            launch()
+        launch()
+
+    starting: dict = {}  # start ref -> actor
+    nodes: dict = {}  # actor -> its node's id
     idle: list = []
     running: dict = {}  # draw ref -> (actor, task)
     pending = deque(tasks)
     attempts: dict[str, int] = {}
+    for _ in range(count):
+        launch()
+    last_ready = time.monotonic()
     while pending or running:
         while idle and pending:
             actor, task = idle.pop(), pending.popleft()
             running[actor.draw.remote(task)] = (actor, task)
         if not running and not starting:
             raise InputError("no Ray worker could start; see `ray status` for the cluster's resources")
-        [ref], _ = ray.wait(list(running) + list(starting), num_returns=1)
+        done, _ = ray.wait(list(running) + list(starting), num_returns=1, timeout=10)
+        if not done:
+            if not running and time.monotonic() - last_ready > START_TIMEOUT:
+                raise InputError(f"no Ray worker was ready within {START_TIMEOUT // 60} minutes (placed on a node "
+                                 "with its model loaded); see `ray status` for the cluster's resources")
+            continue
+        ref = done[0]
         if ref in starting:
             actor = starting.pop(ref)
             try:
-                ray.get(ref)
-            except RayTaskError as e:
+                nodes[actor] = ray.get(ref)["node"]
+            except RayTaskError as e:  # the model cannot load there: another worker would fail the same way
                 cause = _cause(e)
-                if isinstance(cause, SdonnxError):  # the model cannot load: no other worker would do better
-                    raise type(cause)(str(cause)) from None
-                raise
-            except RayActorError:  # died while loading: try one more in its place
+                message = str(cause) if isinstance(cause, SdonnxError) else \
+                    f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
+                raise InputError(f"a Ray worker could not load the model: {message}") from None
+            except RayError:  # it died while loading
                 on_note("a worker died while loading the model; starting another")
-                if attempts.setdefault("(start)", 0) < MAX_ATTEMPTS * count:
-                    attempts["(start)"] += 1
-                    new, new_ref = launch()
-                    starting[new_ref] = new
+                attempts["(start)"] = attempts.get("(start)", 0) + 1
+                if attempts["(start)"] <= MAX_ATTEMPTS * count:
+                    replace(actor)
                 continue
             idle.append(actor)
+            last_ready = time.monotonic()
             continue
         actor, task = running.pop(ref)
         try:
             drawn = ray.get(ref)
-        except RayActorError as e:
+        except RayTaskError as e:  # the job itself failed; the worker is fine
+            cause = _cause(e)
+            on_failed(task, str(cause) if isinstance(cause, SdonnxError) else f"{type(cause).__name__}: {cause}")
+            idle.append(actor)
+            continue
+        except RayError as e:  # the worker died, or its node with the image in its object store
             tries = attempts[task.file] = attempts.get(task.file, 0) + 1
-            reason = str(e).splitlines()[0][:200]
             if tries < MAX_ATTEMPTS:
                 on_note(f"a worker died drawing line {task.line} ({task.file}); it is drawn again elsewhere")
                 pending.appendleft(task)
             else:
-                on_failed(task, f"its workers died {tries} times ({reason})")
-            new, new_ref = launch()
-            starting[new_ref] = new
-            continue
-        except RayTaskError as e:
-            cause = _cause(e)
-            on_failed(task, str(cause) if isinstance(cause, SdonnxError) else f"{type(cause).__name__}: {cause}")
-            idle.append(actor)
+                on_failed(task, f"its workers died {tries} times ({str(e).splitlines()[0][:200]})")
+            replace(actor)
             continue
         on_drawn(drawn)
         idle.append(actor)
     return count
 
 
-@serve.ingress()
-class Replica:
-    """One Ray Serve replica: a Pipeline behind the same app as `sdonnx serve`
-    (server.create_app), built on the replica after the model has loaded."""
+def replica_class():
+    """The Ray Serve replica class (Ray Serve imported here: `sdonnx batch --ray` needs only Ray)."""
+    from ray import serve
 
-    def __init__(self, model: str, expected: str, shipped: dict | None, options: dict, app_options: dict):
-        from sdonnx.runtime import Pipeline
+    @serve.ingress()
+    class Replica:
+        """One replica: a Pipeline behind the same app as `sdonnx serve` (server.create_app),
+        built on the replica once the model has loaded."""
 
-        self.pipe = Pipeline.load(model_on_node(model, expected, shipped), **options)
-        self.app_options = app_options
+        def __init__(self, model: str, expected: str, shipped: dict | None, options: dict, app_options: dict):
+            from sdonnx.runtime import Pipeline
 
-    def __serve_build_asgi_app__(self):
-        from sdonnx.cli import server
+            self.pipe = Pipeline.load(model_on_node(model, expected, shipped), **options)
+            self.app_options = app_options
 
-        return server.create_app(self.pipe, **self.app_options)
+        def __serve_build_asgi_app__(self):
+            from sdonnx.cli import server
+
+            return server.create_app(self.pipe, **self.app_options)
+
+    return Replica
 
 
 def serve_app(model: Path, *, host: str, port: int, replicas: int | None, threads: int, queue: int,
               ship_model: bool, options: dict, app_options: dict) -> tuple[str, int]:
-    """Deploy `replicas` replicas (None: the cluster's CPUs / `threads`) of `model` behind
-    Ray Serve's HTTP proxy on the head node at host:port; each replica generates one request
-    at a time with up to `queue` waiting on it, and Ray's router holds `queue` more per
-    replica before it answers 503. Returns (URL, replicas). Blocks until every replica has
-    loaded; InputError when they cannot."""
-    cpus = ray.cluster_resources().get("CPU", 0)
-    if cpus < threads:
-        raise InputError(f"the Ray cluster has {cpus:g} CPUs, fewer than --threads {threads} per replica")
-    count = replicas or max(1, int(cpus // threads))
+    """Deploy `replicas` replicas (None: as many as the nodes hold, `slots`) of `model` as the
+    Ray Serve app "sdonnx", behind Serve's HTTP proxy on the head node at host:port; each
+    replica generates one request at a time with up to `queue` waiting on it, and Ray's router
+    holds `queue` more per replica before it answers 503. Blocks until every replica has
+    loaded; returns (URL, replicas). InputError when Serve already runs on the cluster with its
+    proxy elsewhere, an sdonnx app is already deployed, or the replicas cannot start (the
+    app is then deleted)."""
+    from ray import serve
+    from ray.serve.context import _get_global_client
+    from ray.serve.exceptions import RayServeException
+
+    count = replicas or max(1, slots(threads, "replica"))
+    try:
+        running = _get_global_client()
+    except RayServeException:
+        running = None
+    if running is not None:
+        http = running.http_config
+        if (http.host, http.port) != (host, port):
+            raise InputError(f"Ray Serve already runs on this cluster with its HTTP proxy on {http.host}:{http.port}; "
+                             f"give --host {http.host} --port {http.port}, or stop it (`serve shutdown`)")
+        if SERVE_APP in serve.status().applications:
+            raise InputError(f"the Ray Serve app {SERVE_APP!r} already runs on this cluster; stop it first "
+                             f"(`serve delete {SERVE_APP}`)")
     expected = fingerprint(model)
     shipped = ship(model) if ship_model else None
     serve.start(http_options={"host": host, "port": port}, proxy_location="HeadOnly",
                 logging_config={"log_level": "WARNING"})
-    deployment = serve.deployment(Replica).options(
+    deployment = serve.deployment(replica_class()).options(
         name="sdonnx", num_replicas=count, ray_actor_options={"num_cpus": threads},
         max_ongoing_requests=queue + 1, max_queued_requests=queue * count, max_constructor_retry_count=1,
         health_check_timeout_s=600, graceful_shutdown_timeout_s=5)
     # The replica's own queue takes all that Ray lets through, so Ray's router is the one that refuses.
     app_options = {**app_options, "max_queue": queue + 1}
+    deployed = False
     try:
         serve.run(deployment.bind(str(model), expected, shipped, {**options, "threads": threads}, app_options),
                   name=SERVE_APP, route_prefix="/")
+        deployed = True
     except RuntimeError as e:
         message = str(e)
         for line in message.splitlines():
             if "Error:" in line and ("sdonnx" in line or "InputError" in line or "ModelFolderError" in line):
                 message = line.split("Error:", 1)[1]
                 break
-        serve.shutdown()
         raise InputError(f"the replicas did not start: {' '.join(message.split())[:500]}") from None
+    finally:
+        if not deployed:  # failed or interrupted: no half-started app stays behind holding CPUs
+            _delete()
     shown = f"[{host}]" if ":" in host else host
     return f"http://{shown}:{port}/", count
 
 
+def _delete() -> None:
+    from ray import serve
+
+    try:
+        serve.delete(SERVE_APP)
+    except Exception:  # the cluster may be gone already
+        pass
+
+
 def wait_serving() -> None:
-    """Block until Ctrl-C or SIGTERM, then take the app down."""
+    """Block until Ctrl-C or SIGTERM, then delete the app (Serve itself stays for others)."""
     try:
         while True:
             time.sleep(3600)
     finally:
-        try:
-            serve.delete(SERVE_APP)
-            serve.shutdown()
-        except Exception:  # the cluster may be gone already
-            pass
-
+        _delete()

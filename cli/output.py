@@ -85,12 +85,14 @@ def exif_user_comment(text: str) -> bytes:
     return exif.tobytes()
 
 
-def _encode(image: Image.Image, file, suffix: str) -> None:
+def _encode(image: Image.Image, file, suffix: str, text: dict[str, str] | None = None) -> None:
     parameters = image.info.get("parameters", "")
     kind = FORMATS[suffix]
     if kind == "PNG":
         info = PngInfo()
         info.add_text("parameters", parameters)
+        for key, value in (text or {}).items():
+            info.add_text(key, value)
         image.save(file, format="PNG", pnginfo=info)
     else:
         image.convert("RGB").save(file, format=kind, quality=JPEG_QUALITY, exif=exif_user_comment(parameters))
@@ -103,10 +105,11 @@ def _next_number(folder: Path) -> int:
     return max(numbers, default=-1) + 1
 
 
-def encode(image: Image.Image, suffix: str = ".png") -> bytes:
-    """The file `save_image` would write for `image`, as bytes (its parameters inside)."""
+def encode(image: Image.Image, text: dict[str, str] | None = None) -> bytes:
+    """The PNG file `save_image` would write for `image`, as bytes (its parameters inside),
+    with `text`'s keys and values as more text chunks."""
     buffer = io.BytesIO()
-    _encode(image, buffer, suffix)
+    _encode(image, buffer, ".png", text)
     return buffer.getvalue()
 
 
@@ -137,6 +140,8 @@ def _place(write, fmt: str, path: Path | None, numbered, folder: Path) -> Path:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         with os.fdopen(fd, "wb") as f:
             write(f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before it has its name: a crash never leaves a torn image named
         while True:
             final = path or numbered()
             try:
