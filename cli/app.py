@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import signal
 import sys
 import time
@@ -13,7 +12,7 @@ import typer
 
 from sdonnx.cli import output
 from sdonnx.runtime.errors import InputError, SdonnxError, install_hint
-from sdonnx.runtime.checks import MAX_THREADS, check_number, check_size
+from sdonnx.runtime.checks import MAX_THREADS, check_number, check_size, parse_size
 from sdonnx.runtime.pipeline import SAMPLERS, SCHEDULES
 from sdonnx.runtime.providers import CHOICES as PROVIDER_CHOICES
 
@@ -35,11 +34,9 @@ MAX_BATCH = 64
 MAX_BATCHES = 100_000
 
 
-def parse_size(size: str) -> tuple[int, int]:
-    match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", size)
-    if not match:
-        raise InputError(f"--size must look like 512x512 (width x height), got {size!r}")
-    return int(match[1]), int(match[2])
+def count_of(n: int, noun: str) -> str:
+    """The count and its noun: "1 image", "2 images"."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def folder_option(option: str, value: str | None) -> Path | None:
@@ -380,12 +377,12 @@ def batch(
         for message in errors[:20]:
             typer.secho(f"{jobs}: {message}", err=True, fg=typer.colors.RED)
         more = " (the first 20 shown)" if len(errors) > 20 else ""
-        raise InputError(f"{len(errors)} bad lines in {jobs}{more}; nothing was drawn")
+        raise InputError(f"{count_of(len(errors), 'bad line')} in {jobs}{more}; nothing was drawn")
     folder = output.prepare_folder(out)
     results = batch_.Results(folder)
     todo, done, stale = results.plan(tasks, folder)
     if stale:
-        typer.secho(f"{len(stale)} images listed in {results.path} are gone; they are drawn again", err=True,
+        typer.secho(f"{count_of(len(stale), 'image')} listed in {results.path} gone; drawn again", err=True,
                     fg=typer.colors.YELLOW)
     if not todo:
         typer.echo(f"all {len(tasks)} images of {jobs} are in {folder} already; nothing to draw")
@@ -434,15 +431,15 @@ def batch(
             count = cluster.run_batch(todo, folder_path.resolve(), workers=workers, threads=threads or 1,
                                       ship_model=ship_model, options=options, on_drawn=drawn, on_failed=refused,
                                       on_note=note)
-            used = f"{count} Ray worker{'s' if count > 1 else ''}"
+            used = count_of(count, "Ray worker")
     seconds = time.perf_counter() - start
     written = len(todo) - len(failed)
-    typer.echo(f"drew {written} images in {seconds:.1f} s with {used} into {folder}"
+    typer.echo(f"drew {count_of(written, 'image')} in {seconds:.1f} s with {used} into {folder}"
                + (f" ({len(done)} were there already)" if done else "") + f"; one line each in {results.path}")
     if failed:
         for message in failed[:20]:
             typer.secho(message, err=True, fg=typer.colors.RED)
-        raise InputError(f"{len(failed)} images were not drawn; fix their jobs and run the same command again")
+        raise InputError(f"{count_of(len(failed), 'image')} not drawn; fix the jobs and run the same command again")
 
 
 @app.command()

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sdonnx.cli import output
-from sdonnx.runtime.checks import check_number, is_int
+from sdonnx.runtime.checks import check_number, is_int, parse_size
 from sdonnx.runtime.errors import InputError
 
 RESULTS = "results.jsonl"
@@ -112,11 +112,7 @@ def parse_job(text: str, line: int) -> list[Task]:
     if "size" in given:
         if "width" in given or "height" in given:
             raise InputError("give \"size\" or \"width\" and \"height\", not both")
-        size = given.pop("size")
-        match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", size) if isinstance(size, str) else None
-        if not match:
-            raise InputError(f"\"size\" must look like \"512x512\" (width x height), got {size!r}")
-        given["width"], given["height"] = int(match[1]), int(match[2])
+        given["width"], given["height"] = parse_size(given.pop("size"), '"size"')
     for key in ("steps", "width", "height", "n"):
         if key in given and not is_int(given[key]):
             raise InputError(f"{key!r} must be a whole number, got {given[key]!r}")

@@ -52,6 +52,11 @@ def connect(address: str, verbose: bool = False) -> None:
     except ConnectionError as e:
         raise InputError(f"--ray {address}: no Ray cluster found ({str(e).splitlines()[0]}); start one with "
                          "`ray start --head`, or use --ray local") from None
+    except ray.exceptions.AuthenticationError:
+        raise InputError(f"--ray {address}: the cluster wants its token; set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN "
+                         "(or ~/.ray/auth_token) as on its nodes") from None
+    except (RayError, RuntimeError, ValueError) as e:
+        raise InputError(f"--ray {address}: cannot join the cluster ({str(e).splitlines()[0][:300]})") from None
 
 
 def fingerprint(folder: Path) -> str:

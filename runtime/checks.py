@@ -4,6 +4,7 @@ finite number in its range, or an InputError naming it and the range."""
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 
@@ -14,6 +15,14 @@ MAX_THREADS = 1024
 MAX_SIDE = 8192  # pixels; a 512x512 SD 1.5 image already needs 3-11 GB
 # AUTOMATIC1111's slider ends at 30; beyond a few hundred the picture is saturated noise.
 MAX_GUIDANCE = 100.0
+
+
+def parse_size(size, what: str = "--size") -> tuple[int, int]:
+    """(width, height) in pixels from "WIDTHxHEIGHT" text; InputError naming `what` otherwise."""
+    match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", size) if isinstance(size, str) else None
+    if not match:
+        raise InputError(f"{what} must look like 512x512 (width x height), got {size!r}")
+    return int(match[1]), int(match[2])
 
 
 def is_int(value) -> bool:

@@ -10,9 +10,10 @@ precision are kept (a server asked for ever new sizes would otherwise hold one c
 
 from __future__ import annotations
 
+import fcntl
 import os
-
 from collections import OrderedDict
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,24 @@ from sdonnx.runtime.parts import Part, model_files
 PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16"}
 MAX_COMPILED = 4
 
+
+
+@contextmanager
+def cache_lock(cache_dir: str | None):
+    """Hold the OpenVINO cache folder's lock while compiling: two processes compiling the same
+    model into one cache (two `sdonnx batch --ray` workers on a node, two servers) made
+    OpenVINO fail with "filesystem error: cannot set permissions ... .blob" as one replaced
+    the file the other was writing. The second now waits, then reads what the first wrote."""
+    if cache_dir is None:
+        yield
+        return
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    with open(Path(cache_dir) / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 class OpenVinoModel(PartModel):
     def __init__(self, path: Path, part: Part, precision: str = "fp32", threads: int | None = None,
@@ -112,7 +131,7 @@ class OpenVinoModel(PartModel):
         config = {**self.config, "INFERENCE_PRECISION_HINT": PRECISION_HINTS[precision]}
         # The compiled model holds its own copy of the weights: the file's pages are dropped
         # as compiling reads them (memory.py).
-        with releasing_file_pages(model_files(self.path)):
+        with releasing_file_pages(model_files(self.path)), cache_lock(config.get("CACHE_DIR")):
             self._compiled[key] = self.core.compile_model(model, "CPU", config)
         # Per precision: a bf16 run that moves some evaluations to fp32 (precision.py) holds
         # both for the same shapes, and must not push out the sizes in use.

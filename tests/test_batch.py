@@ -101,8 +101,8 @@ def test_resuming_after_losses_never_doubles_or_overwrites(tmp_path):
     (out / first[0]["file"]).unlink()
     done = sdonnx("batch", jobs, "--out", out, "--provider", "cpu")
     assert done.returncode == 0, done.stderr
-    assert "drew 1 images" in done.stdout and "2 were there already" in done.stdout
-    assert "1 images listed" in done.stderr
+    assert "drew 1 image " in done.stdout and "2 were there already" in done.stdout
+    assert "1 image listed" in done.stderr
     now = results(out)
     assert sorted(r["file"] for r in now) == sorted(kept) and len(now) == 3
     assert {f: (out / f).read_bytes() for f in kept} == kept  # redrawn identically

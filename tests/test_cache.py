@@ -146,3 +146,28 @@ def test_writing_an_entry_removes_those_of_deleted_models_and_dead_writers(tiny_
     assert sorted(json.loads((e / "stamp.json").read_text())["source"] for e in left
                   if ".partial-" not in e.name) == sorted(
         str((kept / part / "model.onnx").resolve()) for part in ("text_encoder", "unet", "vae_decoder", "vae_encoder"))
+
+
+def test_openvino_compiles_into_a_shared_cache_one_process_at_a_time(tiny_onnx, tmp_path):
+    """Two processes compiling into one OpenVINO cache raced (issue 25: two Ray workers on a
+    node failed with "cannot set permissions ... .blob"); a compile now waits for the lock."""
+    import fcntl
+    import subprocess
+    import sys
+    import time
+
+    pytest.importorskip("openvino")
+    code = ("import sys; from sdonnx.runtime import Pipeline; "
+            "Pipeline.load(sys.argv[1], provider='openvino', precision='fp32', cache_dir=sys.argv[2])"
+            ".generate('a red circle', steps=1, width=64, height=64); print('drawn')")
+    (tmp_path / "openvino").mkdir()
+    with open(tmp_path / "openvino" / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # as another process compiling
+        child = subprocess.Popen([sys.executable, "-c", code, str(tiny_onnx), str(tmp_path)],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(8)
+        assert child.poll() is None, child.communicate()  # waiting for the lock, not compiling
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    out, err = child.communicate(timeout=120)
+    assert child.returncode == 0 and "drawn" in out, err
+    assert any((tmp_path / "openvino").glob("*.blob"))

@@ -114,10 +114,23 @@ def test_shipping_the_model_through_the_object_store(cluster, namespace, tmp_pat
         assert (shipped / record["file"]).read_bytes() == (read / record["file"]).read_bytes()
 
 
+def test_a_job_the_model_refuses_on_a_worker_fails_alone(cluster, namespace, tmp_path):
+    jobs = write_jobs(tmp_path / "jobs.jsonl", [{"prompt": PROMPTS[0], "seed": 1, "steps": STEPS},
+                                                {"prompt": "x <lora:missing:1>", "seed": 2, "steps": STEPS}])
+    out = tmp_path / "out"
+    done = subprocess.run([*namespace.prefix, *SDONNX, "batch", str(jobs), "--out", str(out), "--ray", cluster.address,
+                           "--provider", "cpu", "--lora-dir", str(tmp_path / "loras")], capture_output=True, text=True,
+                          timeout=300, env=cluster.env)
+    assert done.returncode == 2
+    assert "line 2 (00002-2.png)" in done.stderr and "missing" in done.stderr and "Traceback" not in done.stderr
+    assert [r["file"] for r in results(out)] == ["00001-1.png"]
+
+
 def test_serve_on_two_replicas_answers_20_concurrent_requests(cluster, namespace, tmp_path):
     port = 8311
+    # --ship-model: the replicas load the folder shipped through the object store.
     command = [*namespace.prefix, *SDONNX, "serve", "--ray", cluster.address, "--replicas", "2", "--threads", "1",
-               "--port", str(port), "--queue", "10", "--provider", "cpu"]
+               "--port", str(port), "--queue", "10", "--provider", "cpu", "--ship-model"]
     served = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=cluster.env)
     lines: list[str] = []
     threading.Thread(target=lambda: lines.extend(served.stdout), daemon=True).start()

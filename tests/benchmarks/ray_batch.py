@@ -6,9 +6,9 @@ The same jobs file in turn through four runs of the real command, each into an e
     ray-1w      --ray local --workers 1 --threads 1
     ray-2w      --ray local --workers 2 --threads 1
 Ray runs inside a network namespace with only loopback (tests/ray_cluster.py), as the tests do.
-Per run: the command's wall time, and its steady rate: images per second between the first
-and the last image placed (file times), which leaves out start-up (Ray, model load,
-compilation). Ray's overhead per image is ray-1w's steady seconds per image minus local-1t's.
+Per run: the command's wall time, and its steady rate: images per second from the moment every
+worker has placed its first image to the last image placed (file times), which leaves out
+start-up (Ray, model load, compilation). Ray's overhead per image is ray-1w's steady seconds per image minus local-1t's.
 
     python tests/benchmarks/ray_batch.py [--preset tiny|sd15] [--images 8] [--size 256] [--steps 10] [--rounds 2]
 
@@ -58,7 +58,10 @@ def one_run(name: str, jobs: Path, model: Path | None, namespace: LoopbackNamesp
             raise SystemExit(f"{name} failed:\n{done.stderr}")
         records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
         placed = sorted((out / r["file"]).stat().st_mtime_ns for r in records)
-        steady = (placed[-1] - placed[0]) / 1e9 / (len(placed) - 1)
+        # From the moment every worker has placed its first image to the last image: with w
+        # workers the first w images end together, so (N - w) images in that span.
+        workers = int(RUNS[name][RUNS[name].index("--workers") + 1]) if "--workers" in RUNS[name] else 1
+        steady = (placed[-1] - placed[workers - 1]) / 1e9 / (len(placed) - workers)
         draw = statistics.median(r["seconds"] for r in records)
         return {"run": name, "wall": wall, "steady_s_per_image": steady, "draw_s": draw, "images": len(records)}
 
