@@ -22,7 +22,6 @@ This module does not import Ray; cli/cluster.py runs the same `Drawer`s as Ray a
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -207,9 +206,14 @@ class Results:
     def __init__(self, folder: Path):
         self.path = folder / RESULTS
         # One writer per folder: a second `sdonnx batch` into it would draw the same images.
+        # (Windows has no flock; there the hard links alone keep images from being overwritten.)
         self._lock = open(folder / LOCK, "a")
         try:
+            import fcntl
+
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:
+            pass
         except BlockingIOError:
             self._lock.close()
             raise InputError(f"another sdonnx batch is writing into {folder}; wait for it, or choose another --out") \

@@ -10,7 +10,6 @@ precision are kept (a server asked for ever new sizes would otherwise hold one c
 
 from __future__ import annotations
 
-import fcntl
 import os
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -34,7 +33,11 @@ def cache_lock(cache_dir: str | None):
     model into one cache (two `sdonnx batch --ray` workers on a node, two servers) made
     OpenVINO fail with "filesystem error: cannot set permissions ... .blob" as one replaced
     the file the other was writing. The second now waits, then reads what the first wrote."""
-    if cache_dir is None:
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; one process per cache folder there
+        fcntl = None
+    if cache_dir is None or fcntl is None:
         yield
         return
     Path(cache_dir).mkdir(parents=True, exist_ok=True)

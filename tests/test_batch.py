@@ -190,3 +190,13 @@ def test_jobs_file_errors(tmp_path):
         done = sdonnx("batch", jobs, *args)
         assert done.returncode == 2 and message in done.stderr, (args, done.stderr)
         assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_one_batch_at_a_time_writes_into_a_folder(tmp_path):
+    from sdonnx.cli.batch import Results
+
+    first = Results(tmp_path)
+    with pytest.raises(InputError, match="another sdonnx batch is writing into"):
+        Results(tmp_path)
+    del first  # its lock goes with it
+    Results(tmp_path)
