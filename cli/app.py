@@ -32,6 +32,8 @@ DEFAULT_OUT = Path("outputs")
 # Bounds of the command line's counts: past them a run is a typo, not a plan.
 MAX_BATCH = 64
 MAX_BATCHES = 100_000
+SHIP_MODEL_HELP = ("With --ray: send the model folder to the nodes through Ray's object store (default: every node "
+                   "reads --model's path, which must hold the same folder).")
 
 
 def count_of(n: int, noun: str) -> str:
@@ -326,9 +328,7 @@ def batch(
     workers: Optional[int] = typer.Option(
         None, "--workers", min=1, max=10_000, help="With --ray: workers, each holding the model "
                                                    "(default: the cluster's CPUs / --threads)."),
-    ship_model: bool = typer.Option(
-        False, "--ship-model", help="With --ray: send the model folder to the nodes through Ray's object store "
-                                    "(default: every node reads --model's path, which must hold the same folder)."),
+    ship_model: bool = typer.Option(False, "--ship-model", help=SHIP_MODEL_HELP),
     provider: str = typer.Option("auto", "--provider", help=f"One of: {', '.join(PROVIDER_CHOICES)}."),
     precision: str = typer.Option("auto", "--precision",
                                   help="fp32, bf16 (openvino) or auto: bf16 where the provider and CPU do it."),
@@ -599,9 +599,7 @@ def serve(
     replicas: Optional[int] = typer.Option(
         None, "--replicas", min=1, max=10_000, help="With --ray: replicas, each holding the model and generating one "
                                                     "request at a time (default: the cluster's CPUs / --threads)."),
-    ship_model: bool = typer.Option(
-        False, "--ship-model", help="With --ray: send the model folder to the nodes through Ray's object store "
-                                    "(default: every node reads --model's path, which must hold the same folder)."),
+    ship_model: bool = typer.Option(False, "--ship-model", help=SHIP_MODEL_HELP),
 ) -> None:
     """Serve one model: OpenAI's images API, AUTOMATIC1111's /sdapi/v1, and a web page at /."""
     import importlib.util
