@@ -652,7 +652,6 @@ def _serve_on_ray(address: str, model: Path | None, host: str, port: int, provid
     """`sdonnx serve --ray`: the same app, one per replica, behind Ray Serve's proxy (cli/cluster.py)."""
     import importlib.util
 
-    from sdonnx.cli import server
     from sdonnx.runtime import providers
     from sdonnx.runtime.pipeline import check_model_folder, default_model_path
 
@@ -668,9 +667,6 @@ def _serve_on_ray(address: str, model: Path | None, host: str, port: int, provid
         message_bits(mark)
     folder = (model or default_model_path()).expanduser().resolve()
     check_model_folder(folder)
-    sock = server.bind(host, port)  # a taken port fails here, at once; Ray's proxy binds it next
-    port = sock.getsockname()[1]
-    sock.close()
     from sdonnx.cli import cluster
 
     cluster.connect(address)

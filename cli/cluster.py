@@ -271,14 +271,23 @@ def serve_app(model: Path, *, host: str, port: int, replicas: int | None, thread
         running = _get_global_client()
     except RayServeException:
         running = None
-    if running is not None:
+    if running is not None:  # its proxy stays as it is: the app joins it
         http = running.http_config
-        if (http.host, http.port) != (host, port):
+        if http.host != host or port not in (0, http.port):
             raise InputError(f"Ray Serve already runs on this cluster with its HTTP proxy on {http.host}:{http.port}; "
                              f"give --host {http.host} --port {http.port}, or stop it (`serve shutdown`)")
         if SERVE_APP in serve.status().applications:
             raise InputError(f"the Ray Serve app {SERVE_APP!r} already runs on this cluster; stop it first "
                              f"(`serve delete {SERVE_APP}`)")
+        port = http.port
+    else:
+        # A taken port fails here, at once, where the proxy will bind it: on this machine when
+        # it is the head (the proxy runs there); port 0 picks one that is free here.
+        from sdonnx.cli import server
+
+        sock = server.bind(host, port)
+        port = sock.getsockname()[1]
+        sock.close()
     expected = fingerprint(model)
     shipped = ship(model) if ship_model else None
     serve.start(http_options={"host": host, "port": port}, proxy_location="HeadOnly",
@@ -312,7 +321,7 @@ def _delete() -> None:
     from ray import serve
 
     try:
-        serve.delete(SERVE_APP)
+        serve.delete(SERVE_APP, _blocking=False)  # Serve's controller takes the replicas down
     except Exception:  # the cluster may be gone already
         pass
 

@@ -156,7 +156,32 @@ def test_serve_on_two_replicas_answers_20_concurrent_requests(cluster, namespace
         replies = namespace.call(ask_all)
     finally:
         served.send_signal(signal.SIGINT)
-        served.wait(60)
+        try:
+            served.wait(120)
+        except subprocess.TimeoutExpired:
+            served.kill()
+            raise AssertionError("sdonnx serve --ray did not stop on SIGINT within 120 s:\n" + "".join(lines))
+    assert served.returncode == 130, "".join(lines)
+    # Serve's proxy outlives the app: the next `serve --ray` joins it (--port 0: its port), and
+    # one asking for another port is told which one it has.
+    base = [*namespace.prefix, *SDONNX, "serve", "--ray", cluster.address, "--replicas", "1", "--threads", "1",
+            "--provider", "cpu"]
+    elsewhere = subprocess.run([*base, "--port", str(port + 1)], capture_output=True, text=True, timeout=120,
+                               env=cluster.env)
+    assert elsewhere.returncode == 2 and f"proxy on 127.0.0.1:{port}; give --host 127.0.0.1 --port {port}" \
+        in elsewhere.stderr, elsewhere.stderr
+    again = subprocess.Popen([*base, "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             env=cluster.env)
+    try:
+        for line in again.stdout:
+            if "serving" in line:
+                assert f"on http://127.0.0.1:{port}/ from 1 Ray Serve replica;" in line
+                break
+        else:
+            raise AssertionError("the second sdonnx serve --ray did not start")
+    finally:
+        again.send_signal(signal.SIGINT)
+        again.wait(120)
     assert [r.status for r in replies] == [200] * 20, [r.text[:200] for r in replies if r.status != 200]
 
     single = Server("--threads", "1", "--provider", "cpu")
