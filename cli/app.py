@@ -327,7 +327,7 @@ def batch(
                             "or $RAY_ADDRESS), local (start one here for this run), or the head's HOST:PORT."),
     workers: Optional[int] = typer.Option(
         None, "--workers", min=1, max=10_000, help="With --ray: workers, each holding the model "
-                                                   "(default: the cluster's CPUs / --threads)."),
+                                                   "(default: as many as the nodes have room for at --threads CPUs each)."),
     ship_model: bool = typer.Option(False, "--ship-model", help=SHIP_MODEL_HELP),
     provider: str = typer.Option("auto", "--provider", help=f"One of: {', '.join(PROVIDER_CHOICES)}."),
     precision: str = typer.Option("auto", "--precision",
@@ -598,7 +598,7 @@ def serve(
                             "The API and page are the same; --queue then counts per replica."),
     replicas: Optional[int] = typer.Option(
         None, "--replicas", min=1, max=10_000, help="With --ray: replicas, each holding the model and generating one "
-                                                    "request at a time (default: the cluster's CPUs / --threads)."),
+                                                    "request at a time (default: as many as the nodes have room for)."),
     ship_model: bool = typer.Option(False, "--ship-model", help=SHIP_MODEL_HELP),
 ) -> None:
     """Serve one model: OpenAI's images API, AUTOMATIC1111's /sdapi/v1, and a web page at /."""
