@@ -323,7 +323,7 @@ def batch(
                                                       "command again draws only what is missing."),
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="ONNX model folder (default: the embedded model)."),
     ray_address: Optional[str] = typer.Option(
-        None, "--ray", help="Run on a Ray cluster (pip install 'sdonnx[ray]'): auto (the cluster this machine joined, "
+        None, "--ray", help="Run on a Ray cluster (needs the ray extra of sdonnx): auto (the cluster this machine joined, "
                             "or $RAY_ADDRESS), local (start one here for this run), or the head's HOST:PORT."),
     workers: Optional[int] = typer.Option(
         None, "--workers", min=1, max=10_000, help="With --ray: workers, each holding the model "
@@ -385,7 +385,7 @@ def batch(
         typer.secho(f"{count_of(len(stale), 'image')} listed in {results.path} gone; drawn again", err=True,
                     fg=typer.colors.YELLOW)
     if not todo:
-        typer.echo(f"all {len(tasks)} images of {jobs} are in {folder} already; nothing to draw")
+        typer.echo(f"all {count_of(len(tasks), 'image')} of {jobs} in {folder} already; nothing to draw")
         return
     options = {"provider": provider, "precision": precision, "lora_dir": lora_dir, "embeddings_dir": embeddings_dir}
     failed: list[str] = []
@@ -435,7 +435,7 @@ def batch(
     seconds = time.perf_counter() - start
     written = len(todo) - len(failed)
     typer.echo(f"drew {count_of(written, 'image')} in {seconds:.1f} s with {used} into {folder}"
-               + (f" ({len(done)} were there already)" if done else "") + f"; one line each in {results.path}")
+               + (f" ({count_of(len(done), 'image')} there already)" if done else "") + f"; one line each in {results.path}")
     if failed:
         for message in failed[:20]:
             typer.secho(message, err=True, fg=typer.colors.RED)
@@ -593,7 +593,7 @@ def serve(
         None, "--embeddings-dir", help="Textual-inversion embeddings, used where a prompt names them "
                                        "(default $SDONNX_EMBEDDINGS_DIR, else ~/.local/share/sdonnx/embeddings)."),
     ray_address: Optional[str] = typer.Option(
-        None, "--ray", help="Serve from a Ray cluster through Ray Serve (pip install 'sdonnx[ray]'): auto (the "
+        None, "--ray", help="Serve from a Ray cluster through Ray Serve (needs the ray extra of sdonnx): auto (the "
                             "cluster this machine joined, or $RAY_ADDRESS), local (start one here), or HOST:PORT. "
                             "The API and page are the same; --queue then counts per replica."),
     replicas: Optional[int] = typer.Option(

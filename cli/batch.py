@@ -188,7 +188,7 @@ def read_jobs(path: Path) -> tuple[list[Task], list[str]]:
         for task in found:
             if task.file in owner:
                 errors.append(f"line {number}: {task.file} is also line {owner[task.file]}'s image; "
-                              "give each job its own \"name\" or seed")
+                              "give each job its own \"name\"")
                 break
             owner[task.file] = number
         else:

@@ -20,6 +20,8 @@ import hashlib
 import os
 import secrets
 import shutil
+import signal
+import socket
 import time
 from collections import deque
 from pathlib import Path
@@ -44,6 +46,14 @@ def connect(address: str, verbose: bool = False) -> None:
     for this process only. InputError when there is none."""
     options = {"log_to_driver": verbose, "logging_level": "INFO" if verbose else "WARNING",
                "configure_logging": verbose}
+    if address not in ("auto", "local"):  # Ray retries a wrong address for minutes; say it at once
+        host, _, port = address.removeprefix("ray://").rpartition(":")
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
+        except OSError as e:
+            raise InputError(f"--ray {address}: nothing answers there ({e.strerror or e}); give the head node's "
+                             "HOST:PORT (`ray status` on it shows it), or use --ray local") from None
+    previous = signal.getsignal(signal.SIGTERM)
     try:
         if address == "local":  # a new cluster, never $RAY_ADDRESS's or the last one started here
             ray.init(address="local", include_dashboard=False, **options)
@@ -57,6 +67,8 @@ def connect(address: str, verbose: bool = False) -> None:
                          "(or ~/.ray/auth_token) as on its nodes") from None
     except (RayError, RuntimeError, ValueError) as e:
         raise InputError(f"--ray {address}: cannot join the cluster ({str(e).splitlines()[0][:300]})") from None
+    if callable(previous):  # Ray's own handler logs a stack trace and exits 15 instead of cleaning up
+        signal.signal(signal.SIGTERM, previous)
 
 
 def fingerprint(folder: Path) -> str:

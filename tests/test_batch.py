@@ -101,7 +101,7 @@ def test_resuming_after_losses_never_doubles_or_overwrites(tmp_path):
     (out / first[0]["file"]).unlink()
     done = sdonnx("batch", jobs, "--out", out, "--provider", "cpu")
     assert done.returncode == 0, done.stderr
-    assert "drew 1 image " in done.stdout and "2 were there already" in done.stdout
+    assert "drew 1 image " in done.stdout and "2 images there already" in done.stdout
     assert "1 image listed" in done.stderr
     now = results(out)
     assert sorted(r["file"] for r in now) == sorted(kept) and len(now) == 3
@@ -186,7 +186,8 @@ def test_jobs_file_errors(tmp_path):
     for args, message in [(["--out", tmp_path / "x.png"], "give a folder"),
                           (["--out", tmp_path / "o", "--workers", 2], "--workers needs --ray"),
                           (["--out", tmp_path / "o", "--ship-model"], "--ship-model needs --ray"),
-                          (["--out", tmp_path / "o", "--ray", "nowhere"], "--ray takes auto, local")]:
+                          (["--out", tmp_path / "o", "--ray", "nowhere"], "--ray takes auto, local"),
+                          (["--out", tmp_path / "o", "--ray", "127.0.0.1:1"], "nothing answers there")]:
         done = sdonnx("batch", jobs, *args)
         assert done.returncode == 2 and message in done.stderr, (args, done.stderr)
         assert len(done.stderr.strip().splitlines()) == 1
