@@ -107,7 +107,7 @@ def model_on_node(path: str, expected: str, shipped: dict | None) -> str:
             return path
         raise ModelFolderError(f"the node at {ray.util.get_node_ip_address()} does not see the model folder {path} "
                                "(or holds another model there): put it on a path every node sees, or add --ship-model")
-    root = (cache.resolve_root(None) or Path.home() / ".cache" / "sdonnx") / "ray-models"
+    root = (cache.resolve_root(None) or cache.default_root()) / "ray-models"  # (a copy is kept even with the cache off)
     target = root / expected
     if not target.is_dir():
         tmp = root / f".{expected}-{secrets.token_hex(6)}"
